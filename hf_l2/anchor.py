@@ -1,0 +1,90 @@
+"""Where θ₀ comes from and where it goes: pretrained weights on disk or the Hub, and the checkpoint file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# Saved next to optimizer.pt in every checkpoint, so that resume restores θ₀ instead of re-snapshotting it.
+ANCHOR_FILE = "l2_anchor.safetensors"
+
+
+def read_weights(path_or_repo_id: str) -> dict[str, torch.Tensor]:
+    """All tensors of a saved model: a local folder (safetensors, sharded or not, or pytorch_model.bin) or a Hub id."""
+    folder = path_or_repo_id
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(path_or_repo_id, allow_patterns=["*.safetensors", "*.json", "*.bin"])
+        except Exception as err:
+            raise ValueError(
+                f"`l2_anchor_path`: {path_or_repo_id!r} is neither a local folder nor a reachable Hub model "
+                f"({type(err).__name__}: {err}). Pass the folder your pretrained model was saved in."
+            ) from err
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    legacy = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(load_file(os.path.join(folder, shard)))
+        return weights
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise ValueError(
+        f"`l2_anchor_path`: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {folder!r}."
+    )
+
+
+def match_anchor(
+    parameters: dict[str, torch.Tensor],
+    names: list[str],
+    weights: dict[str, torch.Tensor],
+    base_model_prefix: str = "",
+    resizable: frozenset[str] = frozenset(),
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Pair each parameter name with a saved tensor; names absent from ``weights`` are new parameters.
+
+    A saved base model (``h.0...``) matches a model with a head (``transformer.h.0...``) through
+    ``base_model_prefix``. Only ``resizable`` parameters (the embeddings) may differ in their first dimension;
+    any other shape mismatch raises, listing the first offenders.
+    """
+    prefix = f"{base_model_prefix}." if base_model_prefix else ""
+    found, new, bad = {}, [], []
+    for name in names:
+        candidates = [name, name.removeprefix(prefix), prefix + name] if prefix else [name]
+        key = next((c for c in candidates if c in weights), None)
+        if key is None:
+            new.append(name)
+            continue
+        saved, shape = weights[key], tuple(parameters[name].shape)
+        same = tuple(saved.shape) == shape
+        resized = name in resizable and saved.dim() == len(shape) == 2 and saved.shape[1] == shape[1]
+        if not (same or resized):
+            bad.append(f"{name}: model {shape} vs anchor {tuple(saved.shape)}")
+            continue
+        found[name] = saved
+    if bad:
+        raise ValueError(
+            f"`l2_anchor_path`: {len(bad)} parameter shape(s) differ from the anchor, first: "
+            + "; ".join(bad[:5])
+            + ". Point `l2_anchor_path` at the checkpoint this model was fine-tuned from."
+        )
+    return found, new
+
+
+def save_anchor(anchors: dict[str, torch.Tensor], folder: str) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in anchors.items()}, os.path.join(folder, ANCHOR_FILE))
+
+
+def load_anchor(folder: str) -> dict[str, torch.Tensor] | None:
+    path = os.path.join(folder, ANCHOR_FILE)
+    return load_file(path) if os.path.isfile(path) else None

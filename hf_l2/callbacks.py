@@ -1,0 +1,131 @@
+"""`WeightNormCallback`: weight norms (and drift from a snapshot) at each logging step, for any Trainer."""
+
+from __future__ import annotations
+
+import re
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# First matching rule names the group; order matters ("attn.c_proj" is attention, "mlp.c_proj" is MLP).
+_TYPE_RULES = [
+    ("norm", re.compile(r"(^|[._])(ln|norm|layernorm|layer_norm|rmsnorm)[._\d]|norm(\.|$)", re.I)),
+    ("embeddings", re.compile(r"embed|(^|\.)(wte|wpe|shared)(\.|$)", re.I)),
+    ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|final_logits_bias)(\.|$)", re.I)),
+    ("attention", re.compile(r"attn|attention|(^|\.)(q|k|v|o|out|qkv)_proj(\.|$)", re.I)),
+    ("mlp", re.compile(r"mlp|(^|\.)(fc\d?|c_fc|ffn|feed_forward|up_proj|down_proj|gate_proj|wi|wo)(\.|$)", re.I)),
+]
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def parameter_group(name: str, group_by: str) -> str:
+    """Group of a parameter name: by kind of layer (`"type"`) or by block index (`"layer"`)."""
+    if group_by == "layer":
+        hit = _LAYER.search(name)
+        if hit:
+            return f"layer_{int(hit.group(1)):02d}"
+    return next((group for group, rule in _TYPE_RULES if rule.search(name)), "other")
+
+
+class WeightNormCallback(TrainerCallback):
+    """Adds `weights/norm[/<group>]` (and `weights/drift[/<group>]`, `weights/rel_drift`) to each training log.
+
+    Works with the stock `transformers.Trainer`. Reporting integrations (TensorBoard, W&B) only see keys added
+    by callbacks that run before them: `L2Trainer` puts this callback first by itself; with the stock Trainer
+    call `callback.attach(trainer)` instead of `add_callback`. `log_history` gets the keys either way.
+
+    Args:
+        group_by: `"type"` (embeddings, attention, mlp, norm, head, other) or `"layer"` (per block index).
+        track_drift: keep a snapshot of the trainable weights and log the distance to it.
+        reference: the weights to measure drift from (a model or a state dict); by default the weights at the
+            start of training. Pass it when resuming, or drift is measured from the resumed weights.
+        snapshot_dtype / snapshot_device: storage of the snapshot.
+    """
+
+    def __init__(
+        self,
+        group_by: str = "type",
+        track_drift: bool = False,
+        reference: nn.Module | dict[str, torch.Tensor] | None = None,
+        snapshot_dtype: torch.dtype = torch.float32,
+        snapshot_device: str | None = None,
+    ):
+        if group_by not in ("type", "layer"):
+            raise ValueError(f"`group_by` must be 'type' or 'layer', got {group_by!r}.")
+        self.group_by = group_by
+        self.track_drift = track_drift or reference is not None
+        self.snapshot_dtype = snapshot_dtype
+        self.snapshot_device = snapshot_device
+        self._snapshot: dict[str, torch.Tensor] | None = None
+        if reference is not None:
+            state = reference.state_dict() if isinstance(reference, nn.Module) else reference
+            self._snapshot = self._copy(state)
+
+    def _copy(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            n: t.detach().to(dtype=self.snapshot_dtype, device=self.snapshot_device or t.device, copy=True)
+            for n, t in tensors.items()
+        }
+
+    def attach(self, trainer) -> "WeightNormCallback":
+        """Register on a trainer ahead of its reporting callbacks, so TensorBoard and W&B get the norms."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.track_drift and self._snapshot is None:
+            if state.global_step > 0:
+                logger.warning("WeightNormCallback: resumed run without `reference`; drift is from resumed weights.")
+            self._snapshot = self._copy({n: p for n, p in model.named_parameters() if p.requires_grad})
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or "loss" not in logs or model is None:
+            return
+        values = self.measure(model)
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """Norms (and drift) of the trainable weights, globally and per group; one host sync."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0]
+        if not named:
+            return {}
+        groups = [parameter_group(n, self.group_by) for n, _ in named]
+        squares = {"norm": self._squares([p for _, p in named])}
+        if self._snapshot is not None:
+            pairs = [(i, p, self._snapshot[n]) for i, (n, p) in enumerate(named) if n in self._snapshot]
+            drift = torch.zeros(len(named), dtype=torch.float32, device=squares["norm"].device)
+            ref = torch.zeros_like(drift)
+            if pairs:
+                index = torch.tensor([i for i, _, _ in pairs], device=drift.device)
+                params = [p for _, p, _ in pairs]
+                anchors = [a.to(p.device) for _, p, a in pairs]
+                drift[index] = self._squares(torch._foreach_sub(params, anchors)).to(drift.device)
+                ref[index] = self._squares(anchors).to(drift.device)
+            squares["drift"], squares["ref"] = drift, ref
+        keys, sums = [], []
+        for kind, per_tensor in squares.items():
+            keys.append((kind, None))
+            sums.append(per_tensor.sum())
+            for group in sorted(set(groups)):
+                mask = torch.tensor([g == group for g in groups], device=per_tensor.device)
+                keys.append((kind, group))
+                sums.append(per_tensor[mask].sum())
+        numbers = dict(zip(keys, torch.stack(sums).sqrt().tolist()))
+        out = {}
+        for (kind, group), value in numbers.items():
+            if kind == "ref":
+                continue
+            out[f"weights/{kind}" + (f"/{group}" if group else "")] = value
+        if self._snapshot is not None and numbers[("ref", None)] > 0:
+            out["weights/rel_drift"] = numbers[("drift", None)] / numbers[("ref", None)]
+        return out
+
+    @staticmethod
+    def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()

@@ -1,0 +1,127 @@
+"""Training arguments with the L2 fields: `L2Config` (a `TrainingArguments`) and `L2Seq2SeqConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+from transformers.utils import logging
+
+from .penalty import compile_patterns
+
+logger = logging.get_logger(__name__)
+
+MODES = ("l2_sp", "l2", "none")
+IMPLS = ("grad", "loss")
+ANCHOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ANCHOR_DEVICES = ("param", "cpu")
+
+
+@dataclass
+class L2Config(TrainingArguments):
+    """[`~transformers.TrainingArguments`] plus an explicit L2 penalty Ω on top of the model loss.
+
+    Parameters:
+        l2_mode (`str`, defaults to `"l2_sp"`):
+            `"l2_sp"`: Ω = (α/2)·Σ‖θ − θ₀‖² over anchored parameters + (β/2)·Σ‖θ‖² over new ones (Li, Grandvalet
+            & Davoine, ICML 2018). `"l2"`: Ω = (α/2)·Σ‖θ‖², coupled through the optimizer (not AdamW's decoupled
+            `weight_decay`). `"none"`: exactly the stock Trainer.
+        l2_coef (`float`, defaults to `0.01`):
+            α ≥ 0.
+        l2_head_coef (`float`, defaults to `0.0`):
+            β ≥ 0, for new parameters (no pretrained counterpart) in `l2_sp` mode.
+        l2_head_params (`list[str]`, *optional*):
+            Regexes (`re.search` on parameter names) of parameters to treat as new, e.g. a fresh head.
+        l2_exclude (`list[str]`, *optional*):
+            Regexes of parameter names left out of the penalty.
+        l2_exclude_bias_and_norm (`bool`, defaults to `True`):
+            Leave biases and normalization weights out, by the Trainer's own weight-decay rule.
+        l2_impl (`str`, defaults to `"grad"`):
+            `"grad"`: add ∇Ω to the gradients once per optimizer step, after the last backward and before clipping.
+            `"loss"`: add Ω to the loss through autograd (required under DeepSpeed). Both give the same parameters.
+        l2_anchor_path (`str`, *optional*):
+            Folder or Hub id whose weights are θ₀; parameters absent there are new. Defaults to the weights the
+            model has when the trainer is built.
+        l2_anchor_dtype (`str`, defaults to `"float32"`):
+            Storage dtype of θ₀: `float32`, `bfloat16` or `float16` (the penalty is always computed in fp32).
+        l2_anchor_device (`str`, defaults to `"param"`):
+            `"param"`: θ₀ lives beside each parameter; `"cpu"`: in host memory, copied over at each step.
+    """
+
+    l2_mode: str = field(default="l2_sp", metadata={"help": "Penalty: l2_sp, l2 or none.", "choices": list(MODES)})
+    l2_coef: float = field(default=0.01, metadata={"help": "α ≥ 0: strength of the pull (toward θ₀ for l2_sp)."})
+    l2_head_coef: float = field(
+        default=0.0, metadata={"help": "β ≥ 0: plain L2 on new parameters (no pretrained counterpart), l2_sp only."}
+    )
+    l2_head_params: list[str] | None = field(
+        default=None, metadata={"help": "Regexes of parameter names to treat as new (e.g. a fresh head)."}
+    )
+    l2_exclude: list[str] | None = field(
+        default=None, metadata={"help": "Regexes of parameter names left out of the penalty."}
+    )
+    l2_exclude_bias_and_norm: bool = field(
+        default=True, metadata={"help": "Leave biases and norm weights out (the Trainer's weight-decay rule)."}
+    )
+    l2_impl: str = field(
+        default="grad",
+        metadata={
+            "help": "grad: add the penalty's gradient once per optimizer step before clipping; "
+            "loss: add the penalty to the loss (needed under DeepSpeed).",
+            "choices": list(IMPLS),
+        },
+    )
+    l2_anchor_path: str | None = field(
+        default=None, metadata={"help": "Folder or Hub id whose weights are θ₀ (default: the model's own at start)."}
+    )
+    l2_anchor_dtype: str = field(
+        default="float32", metadata={"help": "dtype θ₀ is stored in.", "choices": list(ANCHOR_DTYPES)}
+    )
+    l2_anchor_device: str = field(
+        default="param", metadata={"help": "param: θ₀ beside each parameter; cpu: in host memory.", "choices": list(ANCHOR_DEVICES)}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_l2_fields(self)
+
+    @property
+    def l2_enabled(self) -> bool:
+        return self.l2_mode != "none"
+
+
+@dataclass
+class L2Seq2SeqConfig(L2Config, Seq2SeqTrainingArguments):
+    """[`~transformers.Seq2SeqTrainingArguments`] with the fields of [`L2Config`]."""
+
+
+def _one_of(config, name: str, allowed) -> None:
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ValueError(f"`{name}`={value!r} is not one of {list(allowed)}.")
+
+
+def validate_l2_fields(config: L2Config) -> None:
+    """Reject bad values early, naming the field; warn about settings that are legal but likely unintended."""
+    _one_of(config, "l2_mode", MODES)
+    _one_of(config, "l2_impl", IMPLS)
+    _one_of(config, "l2_anchor_dtype", ANCHOR_DTYPES)
+    _one_of(config, "l2_anchor_device", ANCHOR_DEVICES)
+    for name in ("l2_coef", "l2_head_coef"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or value != value or value < 0:
+            raise ValueError(f"`{name}` must be a number ≥ 0, got {value!r}.")
+    for name in ("l2_head_params", "l2_exclude"):
+        if isinstance(getattr(config, name), str):
+            setattr(config, name, [getattr(config, name)])
+        compile_patterns(getattr(config, name), name)
+    if config.l2_mode == "l2" and config.weight_decay > 0:
+        logger.warning(
+            f"`l2_mode='l2'` with `weight_decay={config.weight_decay}` decays the weights twice (the penalty and "
+            "the optimizer's decoupled decay); set `weight_decay=0` unless you mean both."
+        )
+    if config.l2_mode == "l2" and (config.l2_head_params or config.l2_head_coef or config.l2_anchor_path):
+        logger.warning(
+            "`l2_head_params`, `l2_head_coef` and `l2_anchor_path` only apply to `l2_mode='l2_sp'`; "
+            "in `l2` mode every regularized parameter gets `l2_coef`."
+        )

@@ -1,0 +1,102 @@
+"""Tiny models and data built locally: nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 without dropout, so that runs are deterministic and comparable."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences with some padding (label -100), so per-batch token counts differ."""
+
+    def __init__(self, n: int = 16, length: int = 12, vocab_size: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab_size, (n, length), generator=g)
+        self.labels = self.ids.clone()
+        pad = torch.randint(length // 2, length + 1, (n,), generator=g)
+        for i, p in enumerate(pad.tolist()):
+            self.labels[i, p:] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class Regression(nn.Module):
+    """y ≈ X·w + b, loss ½·mean((ŷ − y)²); its forward takes no loss kwargs, so the Trainer divides by GA."""
+
+    def __init__(self, dim: int, w0: torch.Tensor | None = None):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim) if w0 is None else w0.clone())
+        self.head = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y):
+        pred = x @ self.w + self.head
+        return {"loss": 0.5 * ((pred - y) ** 2).mean()}
+
+
+class RegressionData(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def l2_args(tmp_path, **overrides):
+    from hf_l2 import L2Config
+
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return L2Config(**defaults)
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
