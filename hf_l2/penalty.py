@@ -201,6 +201,7 @@ class L2Penalty:
     def _factor(coef: float, scale: torch.Tensor | float):
         return scale * coef if isinstance(scale, torch.Tensor) else coef * scale
 
+    @torch.no_grad()
     def add_to_grads_(self, scale: torch.Tensor | None = None) -> None:
         """grad += ∇Ω (times ``scale``, the AMP loss scale, when given), in place, after backward.
 
