@@ -12,7 +12,7 @@ logger = logging.get_logger(__name__)
 
 # First matching rule names the group; order matters ("attn.c_proj" is attention, "mlp.c_proj" is MLP).
 _TYPE_RULES = [
-    ("norm", re.compile(r"(^|[._])(ln|norm|layernorm|layer_norm|rmsnorm)[._\d]|norm(\.|$)", re.I)),
+    ("layer_norm", re.compile(r"(^|[._])(ln|norm|layernorm|layer_norm|rmsnorm)[._\d]|norm(\.|$)", re.I)),
     ("embeddings", re.compile(r"embed|(^|\.)(wte|wpe|shared)(\.|$)", re.I)),
     ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|final_logits_bias)(\.|$)", re.I)),
     ("attention", re.compile(r"attn|attention|(^|\.)(q|k|v|o|out|qkv)_proj(\.|$)", re.I)),
@@ -22,7 +22,7 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def parameter_group(name: str, group_by: str) -> str:
-    """Group of a parameter name: by kind of layer (`"type"`) or by block index (`"layer"`)."""
+    """Group of a parameter name: by kind of layer (`"type"`) or by block index (`"layer"`, else by kind)."""
     if group_by == "layer":
         hit = _LAYER.search(name)
         if hit:
@@ -38,7 +38,7 @@ class WeightNormCallback(TrainerCallback):
     call `callback.attach(trainer)` instead of `add_callback`. `log_history` gets the keys either way.
 
     Args:
-        group_by: `"type"` (embeddings, attention, mlp, norm, head, other) or `"layer"` (per block index).
+        group_by: `"type"` (embeddings, attention, mlp, layer_norm, head, other) or `"layer"` (per block index).
         track_drift: keep a snapshot of the trainable weights and log the distance to it.
         reference: the weights to measure drift from (a model or a state dict); by default the weights at the
             start of training. Pass it when resuming, or drift is measured from the resumed weights.

@@ -1,0 +1,41 @@
+"""Two CPU processes (gloo) give the parameters of one process with the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TokenDataset, l2_args, max_rel_diff, params_of, tiny_gpt2
+from hf_l2 import L2Trainer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("impl", ["grad", "loss"])
+def test_two_process_ddp_equals_one_process(tmp_path, impl):
+    out = tmp_path / "ddp.pt"
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), worker, str(out), impl]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["world_size"] == 2
+
+    model = tiny_gpt2()  # 1 process × micro-batch 4 × GA 2 = 2 processes × 2 × 2: the whole dataset each step
+    args = l2_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                   l2_coef=1.0, l2_impl=impl, max_grad_norm=0.5)
+    single = L2Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))
+    single.train()
+    assert max_rel_diff(ddp["params"], params_of(model)) < 1e-6
+    ddp_log = [h for h in ddp["log"] if "l2/penalty" in h]
+    one_log = [h for h in single.state.log_history if "l2/penalty" in h]
+    assert ddp_log[-1]["l2/penalty"] == pytest.approx(one_log[-1]["l2/penalty"], rel=1e-5)
