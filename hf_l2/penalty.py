@@ -124,8 +124,10 @@ class L2Penalty:
         anchored: Sequence[str],
         new: Sequence[str],
         anchors: dict[str, torch.Tensor] | None = None,
+        anchors_on_cpu: bool = False,
     ):
         self.coef = float(coef)
+        self.anchors_on_cpu = anchors_on_cpu
         self.head_coef = float(head_coef)
         self.anchored_names = list(anchored)
         self.new_names = list(new)
@@ -143,7 +145,7 @@ class L2Penalty:
         self._new: list[tuple[torch.Tensor, int | None]] = []  # (param, first new row or None for all)
         for name in self.anchored_names:
             param, anchor = named_parameters[name], self.anchors[name]
-            if anchor.device != param.device and anchor.device.type != "cpu":
+            if anchor.device != param.device and not self.anchors_on_cpu:  # e.g. the model moved after the snapshot
                 anchor = self.anchors[name] = anchor.to(param.device)
             if anchor.shape == param.shape:
                 self._anchored.append((param, None))

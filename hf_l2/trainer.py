@@ -98,7 +98,7 @@ class L2PenaltyMixin:
                     logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
             else:
                 anchors = snapshot(parameters, anchored, dtype, device)
-            penalty = L2Penalty(args.l2_coef, args.l2_head_coef, anchored, new, anchors)
+            penalty = L2Penalty(args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu")
 
         count = lambda names: sum(parameters[n].numel() for n in names)  # noqa: E731
         logger.info(

@@ -246,3 +246,30 @@ def test_cli_flags_through_hf_argument_parser(tmp_path):
     assert (config.l2_coef, config.l2_exclude, config.l2_exclude_bias_and_norm, config.l2_impl) == (
         0.3, ["wpe", "lm_head"], False, "loss")
     assert "l2_coef" in HfArgumentParser(L2Config).format_help()
+
+
+def test_peft_lora_penalizes_only_trainable_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_coef=1.0), train_dataset=TokenDataset())
+    names = trainer._l2.anchored_names + trainer._l2.new_names
+    assert names and all("lora_" in n for n in names)
+    frozen_before = model.base_model.model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    trainer.train()
+    assert torch.equal(model.base_model.model.transformer.h[0].mlp.c_fc.weight, frozen_before)
+    assert [h for h in trainer.state.log_history if "loss" in h][-1]["l2/drift"] > 0
+
+
+def test_bf16_anchor_on_cpu_stays_close_to_fp32(tmp_path):
+    results = {}
+    for dtype, device in (("float32", "param"), ("bfloat16", "cpu")):
+        model = tiny_gpt2()
+        trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_coef=1.0, optim="sgd", learning_rate=0.1,
+                                                      l2_anchor_dtype=dtype, l2_anchor_device=device),
+                            train_dataset=TokenDataset())
+        assert {t.dtype for t in trainer._l2.anchors.values()} == {getattr(torch, dtype)}
+        trainer.train()
+        results[dtype] = params_of(model)
+    # bf16 keeps 8 bits of mantissa: θ₀ is off by ≤ 2⁻⁹ relative, and so is the pull, scaled by lr·α·steps.
+    assert 0 < max_rel_diff(results["bfloat16"], results["float32"]) < 1e-3
