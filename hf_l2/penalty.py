@@ -6,7 +6,8 @@ Nothing here knows about the Trainer, so every piece can be checked by hand on a
 
 For ``l2_mode="l2"`` every regularized tensor is "new" with coefficient α (no anchor is kept).
 Per-step work runs on lists of tensors with multi-tensor (``torch._foreach_*``) kernels, in chunks of
-bounded size so that the only full-size copy kept in memory is the anchor itself.
+bounded size: with ``add_to_grads_`` the only full-size copy kept in memory is the anchor itself. The in-loss
+form (``loss_term``) hands autograd a full-size ∇Ω, as any loss term's backward does.
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ class L2Penalty:
             if scale is not None:
                 torch._foreach_mul_(diff, scale)
             torch._foreach_add_(grads_a[sl], diff, alpha=self.coef)
+            del diff  # free this chunk before the next one is formed
         if new:
             if scale is not None:
                 new = torch._foreach_mul(new, scale)

@@ -1,0 +1,188 @@
+"""Time the L2-SP penalty's gradient alone: `L2Penalty` against the usual research-script loop and a plain copy.
+
+    python benchmarks/bench_penalty.py                                      # CPU defaults, ~1.5 min
+    python benchmarks/bench_penalty.py --device cuda --repeats 50 --warmup 5
+
+Shapes: GPT-2 small (124M) and Marian base (opus-mt-en-de), random weights built from their configs (nothing is
+downloaded). Regularized: every trainable tensor with ≥ 2 dimensions (about the L2Trainer's bias/norm exclusion).
+Variants, all adding to gradients that already hold a backward's result:
+
+- none: a no-op (timer floor); copy: ``dst.copy_(src)`` moving the same bytes as the ideal op (bandwidth ceiling);
+- grad: ``penalty.add_to_grads_()`` (``l2_impl="grad"``); grad-bf16-anchor: the same with θ₀ stored in bfloat16;
+  grad-cpu-anchor (CUDA only): θ₀ kept in host memory (``l2_anchor_device="cpu"``);
+- loss: ``penalty.loss_term().backward()`` (``l2_impl="loss"``);
+- naive: ``(sum((p - a).pow(2).sum() for p, a in ...) * α/2).backward()``.
+
+Every repeat runs each variant once, in turn, so that drifts in clock speed or load hit all of them alike.
+GB/s counts the bytes of the ideal op: read θ, read θ₀, read and write the gradient, each in its own dtype.
+The script writes (or replaces) its section of ``--out``, keyed by device type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
+
+from common import RESULTS, PeakMemory, default_device, environment, mib, synchronize, write_section
+from hf_l2.penalty import L2Penalty, snapshot
+
+COEF = 0.01  # L2Config's default α
+DRIFT = 1e-3  # std of the noise moving θ away from θ₀, as a few fine-tuning steps would
+
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config()),
+    "marian": lambda: MarianMTModel(
+        MarianConfig(
+            vocab_size=58101,  # Helsinki-NLP/opus-mt-en-de
+            d_model=512,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=8,
+            decoder_attention_heads=8,
+            encoder_ffn_dim=2048,
+            decoder_ffn_dim=2048,
+            max_position_embeddings=512,
+        )
+    ),
+}
+
+
+def ideal_bytes(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> int:
+    """Read θ, read θ₀, read and write the gradient."""
+    return sum(
+        p.numel() * (p.element_size() + a.element_size() + 2 * p.grad.element_size()) for p, a in zip(params, anchors)
+    )
+
+
+def variants(params: dict[str, torch.Tensor]) -> dict[str, tuple[Callable[[], object], int | None]]:
+    """Each variant's callable and the bytes its ideal op moves (None: no bandwidth to report)."""
+    names = list(params)
+    on_cuda = next(iter(params.values())).device.type == "cuda"
+    anchor_sets = {"grad": snapshot(params, names, torch.float32, None)}
+    anchor_sets["grad-bf16-anchor"] = snapshot(params, names, torch.bfloat16, None)
+    if on_cuda:  # on the CPU a host anchor is the grad variant itself
+        anchor_sets["grad-cpu-anchor"] = snapshot(params, names, torch.float32, "cpu")
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p), alpha=DRIFT)
+            p.grad = torch.randn_like(p)
+
+    thetas, thetas0 = list(params.values()), list(anchor_sets["grad"].values())
+    nbytes = ideal_bytes(thetas, thetas0)
+    # fp32 elements, half of the bytes read, half written; written once, as reading untouched pages costs nothing
+    src = torch.ones(nbytes // 8, device=thetas[0].device)
+    dst = torch.empty_like(src)
+    cases = {"none": (lambda: None, None), "copy": (lambda: dst.copy_(src), 2 * src.numel() * src.element_size())}
+    penalties = {variant: L2Penalty(COEF, 0.0, names, [], anchors) for variant, anchors in anchor_sets.items()}
+    for variant, penalty in penalties.items():
+        penalty.bind(params)
+        cases[variant] = (penalty.add_to_grads_, ideal_bytes(thetas, list(penalty.anchors.values())))
+
+    def naive():
+        (sum((p - a).pow(2).sum() for p, a in zip(thetas, thetas0)) * (COEF / 2)).backward()
+
+    cases["loss"] = (lambda: penalties["grad"].loss_term().backward(), nbytes)
+    cases["naive"] = (naive, nbytes)
+    return cases
+
+
+def call_times(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each timed call; each repeat calls every function once, in turn."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def bench_model(name: str, device: torch.device, warmup: int, repeats: int) -> str:
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2}
+    cases = variants(params)
+    fns = {v: fn for v, (fn, _) in cases.items()}
+    times = call_times(fns, device, warmup, repeats)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    peaks = {}
+    for v, fn in fns.items():
+        with PeakMemory(device) as mem:
+            fn()
+        peaks[v] = mem.delta
+
+    copy_gbs = cases["copy"][1] / median["copy"] / 1e9
+    numel = sum(p.numel() for p in params.values())
+    lines = [
+        f"### {name}: {len(params)} tensors, {numel / 1e6:.1f}M regularized values "
+        f"(model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)",
+        "",
+        "| variant | median ms | min ms | GB/s | % of copy GB/s | speedup vs naive | peak memory Δ MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v, (_, nbytes) in cases.items():
+        gbs = None if nbytes is None else nbytes / median[v] / 1e9
+        cells = [
+            v,
+            f"{median[v] * 1e3:.2f}",
+            f"{min(times[v]) * 1e3:.2f}",
+            "—" if gbs is None else f"{gbs:.1f}",
+            "—" if gbs is None else f"{100 * gbs / copy_gbs:.0f}%",
+            "—" if v in ("none", "copy") else f"{median['naive'] / median[v]:.1f}×",
+            mib(peaks[v]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines), flush=True)
+    del model, params, cases, fns
+    gc.collect()
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="shapes to time")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (default 1: on a shared VM a stolen vCPU stalls every 2-thread parallel region)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file whose section this run replaces")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+
+    tables = [bench_model(name, device, args.warmup, args.repeats) for name in args.models]
+    body = "\n\n".join(
+        [
+            f"## Penalty gradient alone (`bench_penalty.py`, {device.type})",
+            environment(
+                device,
+                f"α = {COEF}; {args.repeats} timed calls per variant after {args.warmup} warm-up; GB/s, % of copy "
+                "and speedup use the median",
+                f"peak memory Δ: {PeakMemory.label(device)}, over one more call",
+            ),
+            *tables,
+        ]
+    )
+    write_section(args.out, f"bench_penalty:{device.type}", body)
+
+
+if __name__ == "__main__":
+    main()

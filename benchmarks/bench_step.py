@@ -1,0 +1,171 @@
+"""Throughput of whole optimizer steps: stock `transformers.Trainer` vs `L2Trainer` (L2-SP, `l2_impl` grad and loss).
+
+    python benchmarks/bench_step.py                                         # CPU defaults, ~2 min
+    python benchmarks/bench_step.py --device cuda --bf16 --n_layer 12 --n_embd 768 --seq_len 1024 --steps 30
+
+A randomly initialized GPT-2 (GPT-2's vocabulary, the size given by the flags) trains on random tokens. Each round
+trains every variant once from the same weights, in a rotating order, so that drifts in clock speed or load hit
+all of them alike. tokens/s counts the steps after the first ``WARMUP`` ones, from the ``on_step_end`` times,
+and the median over rounds is reported. The script writes (or replaces) its section of ``--out``, keyed by device
+type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from common import RESULTS, PeakMemory, default_device, environment, mib, synchronize, write_section
+from hf_l2 import L2Config, L2Trainer
+
+WARMUP = 2  # untimed steps: the optimizer state and the anchor's first use are allocated there
+COEF = 0.01  # L2Config's default α
+
+VARIANTS = {
+    "stock Trainer": (Trainer, TrainingArguments, {}),
+    "L2Trainer grad": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "grad", "l2_coef": COEF}),
+    "L2Trainer loss": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "loss", "l2_coef": COEF}),
+}
+
+
+def gpt2_config(args: argparse.Namespace) -> GPT2Config:
+    return GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.seq_len)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq_len: int, vocab_size: int):
+        self.ids = torch.randint(vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of every optimizer step (after the device has finished it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+
+def run(variant: str, args: argparse.Namespace, device: torch.device, output_dir: str) -> tuple[float, int | None]:
+    """Train one variant from fresh weights; its tokens/s after warm-up and the peak memory growth."""
+    trainer_cls, args_cls, l2_fields = VARIANTS[variant]
+    torch.manual_seed(0)
+    config = gpt2_config(args)
+    model = GPT2LMHeadModel(config).to(device)  # on the device first, so that memory growth excludes the weights
+    training_args = args_cls(
+        output_dir=output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4,
+        bf16=args.bf16,
+        use_cpu=device.type == "cpu",
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=args.steps,  # one log, after the last timed step
+        disable_tqdm=True,
+        **l2_fields,
+    )
+    clock = StepClock(device)
+    with PeakMemory(device) as mem:
+        trainer = trainer_cls(
+            model=model,
+            args=training_args,
+            train_dataset=RandomTokens(args.steps * args.batch_size, args.seq_len, config.vocab_size),
+            callbacks=[clock],
+        )
+        trainer.train()
+    del trainer, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    timed_steps = len(clock.times) - WARMUP
+    return timed_steps * args.batch_size * args.seq_len / (clock.times[-1] - clock.times[WARMUP - 1]), mem.delta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
+    parser.add_argument("--n_embd", type=int, default=256, help="hidden size (64 per attention head, as in GPT-2)")
+    parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--steps", type=int, default=8, help=f"optimizer steps per run, the first {WARMUP} untimed")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every variant (the median is reported)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (default 1: on a shared VM a stolen vCPU stalls every 2-thread parallel region)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file whose section this run replaces")
+    args = parser.parse_args()
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must exceed the {WARMUP} warm-up steps")
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+
+    names = list(VARIANTS)
+    speed: dict[str, list[float]] = {v: [] for v in names}
+    peak: dict[str, list[int | None]] = {v: [] for v in names}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for r in range(args.rounds):
+            for v in names[r % len(names) :] + names[: r % len(names)]:
+                tokens_per_s, delta = run(v, args, device, output_dir)
+                speed[v].append(tokens_per_s)
+                peak[v].append(delta)
+                print(f"round {r}: {v}: {tokens_per_s:,.0f} tokens/s, peak memory Δ {mib(delta)} MiB", flush=True)
+
+    with torch.device("meta"):  # shapes only
+        n_params = sum(p.numel() for p in GPT2LMHeadModel(gpt2_config(args)).parameters())
+    stock = statistics.median(speed[names[0]])
+    lines = [
+        "| variant | tokens/s (median) | min–max | step time vs stock | peak memory Δ MiB (max) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for v in names:
+        med = statistics.median(speed[v])
+        worst = None if None in peak[v] else max(peak[v])
+        lines.append(
+            f"| {v} | {med:,.0f} | {min(speed[v]):,.0f}–{max(speed[v]):,.0f} | "
+            f"{'—' if v == names[0] else f'{100 * (stock / med - 1):+.1f}%'} | {mib(worst)} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    body = "\n\n".join(
+        [
+            f"## Whole optimizer steps (`bench_step.py`, {device.type})",
+            environment(
+                device,
+                f"GPT-2 with {args.n_layer} layers, width {args.n_embd} ({n_params / 1e6:.1f}M parameters), "
+                f"{args.batch_size} × {args.seq_len} tokens per step, {'bf16' if args.bf16 else 'fp32'}; "
+                f"{args.steps} steps per run, the first {WARMUP} untimed; {args.rounds} rounds; L2-SP, α = {COEF}",
+                f"peak memory Δ: {PeakMemory.label(device)}, from building the trainer (anchor included) to the end "
+                "of `train()`",
+            ),
+            table,
+        ]
+    )
+    write_section(args.out, f"bench_step:{device.type}", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Shared by the benchmark scripts: device description, timing sync, peak memory and the sections of RESULTS.md."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import platform
+import re
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+import hf_l2
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+PREAMBLE = (
+    "# Benchmarks\n\n"
+    "Written by the scripts in this folder, each replacing only its own section (one per script and device type): "
+    "do not edit by hand, rerun the command given in the section.\n"
+)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name} (torch threads: {torch.get_num_threads()})"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class PeakMemory:
+    """Peak memory growth inside a ``with`` block, in bytes as ``.delta`` (``None`` where it cannot be measured).
+
+    CUDA: the caching allocator's ``max_memory_allocated``. CPU (Linux only): the process's peak resident set
+    (VmHWM), reset through ``/proc/self/clear_refs`` once glibc has returned its free pages (``malloc_trim``).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.delta: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak RSS to the current RSS (Linux ≥ 4.0)
+            self.base = _status_kib("VmRSS")
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.delta = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.delta = (_status_kib("VmHWM") - self.base) * 1024
+
+    @staticmethod
+    def label(device: torch.device) -> str:
+        if device.type == "cuda":
+            return "growth of `torch.cuda.max_memory_allocated`"
+        return "growth of the process's peak RSS (VmHWM reset via `/proc/self/clear_refs`; n/a off Linux)"
+
+
+def mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f}"
+
+
+def environment(device: torch.device, *notes: str) -> str:
+    """Markdown list: device, versions, date, the exact command line, then ``notes``."""
+    items = [
+        f"device: {device_name(device)}",
+        f"torch {torch.__version__}, transformers {transformers.__version__}, hf_l2 {hf_l2.__version__}, "
+        f"python {platform.python_version()}",
+        f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"command: `{shlex.join(['python', *sys.argv])}`",
+        *notes,
+    ]
+    return "\n".join(f"- {item}" for item in items)
+
+
+def write_section(path: Path, key: str, body: str) -> None:
+    """Put ``body`` between ``<!-- key -->`` and ``<!-- /key -->`` in ``path``: replaces that section, or appends it."""
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    block = f"{start}\n{body.strip()}\n{end}\n"
+    text = path.read_text() if path.exists() else PREAMBLE
+    section = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if section.search(text):
+        text = section.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+    print(f"wrote section {key!r} of {path}")
