@@ -25,12 +25,11 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from common import RESULTS, PeakMemory, default_device, environment, mib, synchronize, write_section
+from common import PeakMemory, add_run_arguments, default_device, environment, mib, synchronize, write_section
 from hf_l2.penalty import L2Penalty, snapshot
 
 COEF = 0.01  # L2Config's default α
@@ -156,13 +155,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="shapes to time")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads on CPU (default 1: on a shared VM a stolen vCPU stalls every 2-thread parallel region)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file whose section this run replaces")
+    add_run_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -17,12 +17,11 @@ import gc
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from common import RESULTS, PeakMemory, default_device, environment, mib, synchronize, write_section
+from common import PeakMemory, add_run_arguments, default_device, environment, mib, synchronize, write_section
 from hf_l2 import L2Config, L2Trainer
 
 WARMUP = 2  # untimed steps: the optimizer state and the anchor's first use are allocated there
@@ -109,13 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help=f"optimizer steps per run, the first {WARMUP} untimed")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every variant (the median is reported)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads on CPU (default 1: on a shared VM a stolen vCPU stalls every 2-thread parallel region)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file whose section this run replaces")
+    add_run_arguments(parser)
     args = parser.parse_args()
     if args.steps <= WARMUP:
         parser.error(f"--steps must exceed the {WARMUP} warm-up steps")

@@ -121,3 +121,14 @@ def write_section(path: Path, key: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
     print(f"wrote section {key!r} of {path}")
+
+
+def add_run_arguments(parser) -> None:
+    """--threads and --out, shared by every benchmark script."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (default 1: on a shared VM a stolen vCPU stalls every 2-thread parallel region)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file whose section this run replaces")
