@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import GPT2Model, MarianConfig, MarianMTModel, Seq2SeqTrainer, Trainer
 
 from conftest import TokenDataset, l2_args, max_rel_diff, params_of, tiny_gpt2
@@ -13,13 +14,22 @@ from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, Weight
 from hf_l2.anchor import ANCHOR_FILE
 
 
+def penalized(name: str) -> bool:
+    """GPT-2's decayed weights, the Trainer's own no-decay rule written out: no biases, no LayerNorms."""
+    return "bias" not in name and ".ln_" not in name
+
+
 def omega_by_hand(model, anchor, alpha):
-    """Ω over GPT-2's decayed weights, from the Trainer's own no-decay rule written out: no biases, no LayerNorms."""
     return sum(
-        0.5 * alpha * (p.detach() - anchor[n]).pow(2).sum().item()
-        for n, p in model.named_parameters()
-        if "bias" not in n and ".ln_" not in n
+        0.5 * alpha * (p.detach() - anchor[n]).pow(2).sum().item() for n, p in model.named_parameters() if penalized(n)
     )
+
+
+def gpt2_from_checkpoint(checkpoint):
+    model = tiny_gpt2()
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    model.tie_weights()
+    return model
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
@@ -32,25 +42,19 @@ def test_resume_restores_the_anchor_and_matches_an_uninterrupted_run(tmp_path, i
 
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / ANCHOR_FILE).is_file()
-    from safetensors.torch import load_file
-
     saved = load_file(str(checkpoint / ANCHOR_FILE))
     start = params_of(tiny_gpt2())
     assert torch.equal(saved["transformer.wte.weight"], start["transformer.wte.weight"])
 
     # The natural mistake: rebuild the trainer from the checkpoint's weights. Its anchor must come from the file.
-    resumed = tiny_gpt2()
-    resumed.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
-    resumed.tie_weights()
+    resumed = gpt2_from_checkpoint(checkpoint)
     trainer = L2Trainer(model=resumed, args=l2_args(tmp_path / "full", **common), train_dataset=TokenDataset())
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
 
     # Without the anchor file the same resume anchors to the step-3 weights and ends elsewhere.
     os.remove(checkpoint / ANCHOR_FILE)
-    wrong = tiny_gpt2()
-    wrong.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
-    wrong.tie_weights()
+    wrong = gpt2_from_checkpoint(checkpoint)
     L2Trainer(model=wrong, args=l2_args(tmp_path / "full", **common),
               train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
     assert max_rel_diff(params_of(wrong), params_of(full)) > 1e-4
@@ -70,11 +74,11 @@ def test_logs_hold_task_loss_and_l2_statistics(tmp_path, impl):
     last = logs[-1]
     assert last["l2/penalty"] == pytest.approx(omega_by_hand(model, anchor, alpha), rel=1e-4)
     drift_sq = 2 * omega_by_hand(model, anchor, 1.0)
-    anchor_sq = sum(t.pow(2).sum().item() for n, t in anchor.items() if "bias" not in n and ".ln_" not in n)
+    anchor_sq = sum(t.pow(2).sum().item() for n, t in anchor.items() if penalized(n))
     assert last["l2/drift"] == pytest.approx(drift_sq ** 0.5, rel=1e-4)
     assert last["l2/rel_drift"] == pytest.approx((drift_sq / anchor_sq) ** 0.5, rel=1e-4)
     weight_sq = sum(p.detach().pow(2).sum().item() for n, p in model.named_parameters()
-                    if "bias" not in n and ".ln_" not in n)
+                    if penalized(n))
     assert last["l2/weight_norm"] == pytest.approx(weight_sq ** 0.5, rel=1e-4)
 
     # The first logged loss (step 1, before any update) must be the task loss that a stock Trainer logs.
@@ -192,7 +196,7 @@ def test_anchor_path_from_a_base_model_with_resized_embeddings(tmp_path):
     expected = 0.2 * (wte[:64] - base_sd["wte.weight"]).pow(2).sum() + 0.05 * wte[64:].pow(2).sum()
     expected += sum(0.2 * (p.detach() - base_sd[n.removeprefix("transformer.")]).pow(2).sum()
                     for n, p in model.named_parameters()
-                    if "bias" not in n and ".ln_" not in n and n != "transformer.wte.weight")
+                    if penalized(n) and n != "transformer.wte.weight")
     assert penalty.value().item() == pytest.approx(expected.item(), rel=1e-5)
 
 
