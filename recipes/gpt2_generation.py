@@ -101,8 +101,12 @@ def tokenize_and_block(raw, tokenizer, data_args, training_args, block_size):
     return blocks
 
 
+def model_context(config) -> int:
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+
+
 def choose_block_size(requested: int | None, tokenizer, config) -> int:
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+    context = model_context(config)
     if requested is None:
         return min(1024, context, tokenizer.model_max_length)
     if requested > context:
@@ -115,6 +119,7 @@ def choose_block_size(requested: int | None, tokenizer, config) -> int:
 def sample_continuations(model, tokenizer, blocks, data_args, seed) -> list[dict]:
     """Continue the first tokens of some held-out blocks by sampling; every rank runs it (FSDP needs all ranks)."""
     n_prompt = min(data_args.prompt_tokens, len(blocks[0]["input_ids"]) - 1)
+    n_new = min(data_args.max_new_tokens, model_context(model.config) - n_prompt)  # stay inside the context
     rows = []
     model.eval()
     set_seed(seed)
@@ -126,7 +131,7 @@ def sample_continuations(model, tokenizer, blocks, data_args, seed) -> list[dict
                 attention_mask=torch.ones_like(ids[:, :n_prompt]),
                 do_sample=True,
                 top_p=0.95,
-                max_new_tokens=data_args.max_new_tokens,
+                max_new_tokens=n_new,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             )
         rows.append({
