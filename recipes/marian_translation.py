@@ -61,10 +61,10 @@ class TranslationDataArguments(DataArguments):
     source_lang: str = field(default="en", metadata={"help": "Source language code (a key of `translation`)."})
     target_lang: str = field(default="de", metadata={"help": "Target language code."})
     source_column: str | None = field(
-        default=None, metadata={"help": "Column of source texts, when there is no `translation` column (default: source_lang)."}
+        default=None, metadata={"help": "Column of source texts without a `translation` column (default: source_lang)."}
     )
     target_column: str | None = field(
-        default=None, metadata={"help": "Column of target texts, when there is no `translation` column (default: target_lang)."}
+        default=None, metadata={"help": "Column of target texts without a `translation` column (default: target_lang)."}
     )
     max_source_length: int = field(default=128, metadata={"help": "Source tokens kept (longer inputs are truncated)."})
     max_target_length: int = field(default=128, metadata={"help": "Target tokens kept (longer targets are truncated)."})

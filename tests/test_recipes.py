@@ -76,7 +76,8 @@ def distance(folder_a, folder_b) -> float:
 def test_generation_recipe_writes_every_output(workdir, tmp_path):
     out = tmp_path / "run"
     # 31 prompt tokens + 100 new ones exceed the 64-token context: sampling must stop at the context.
-    metrics = generation.main(gpt2_args(workdir, out, "--l2_mode", "l2_sp", "--l2_coef", "0.1", "--max_new_tokens", "100"))
+    argv = gpt2_args(workdir, out, "--l2_mode", "l2_sp", "--l2_coef", "0.1", "--max_new_tokens", "100")
+    metrics = generation.main(argv)
 
     results = read_json(out / "all_results.json")
     assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
