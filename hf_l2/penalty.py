@@ -5,6 +5,8 @@ Nothing here knows about the Trainer, so every piece can be checked by hand on a
     Ω(θ) = (α/2)·Σ_anchored ‖θ − θ₀‖²  +  (β/2)·Σ_new ‖θ‖²
 
 For ``l2_mode="l2"`` every regularized tensor is "new" with coefficient α (no anchor is kept).
+A coefficient schedule multiplies α and β by a factor (``set_factor``); ``pull_`` is the decoupled form, a step
+on Ω alone applied straight to the parameters.
 Per-step work runs on lists of tensors with multi-tensor (``torch._foreach_*``) kernels, in chunks of
 bounded size: with ``add_to_grads_`` the only full-size copy kept in memory is the anchor itself. The in-loss
 form (``loss_term``) hands autograd a full-size ∇Ω, as any loss term's backward does.
@@ -12,9 +14,10 @@ form (``loss_term``) hands autograd a full-size ∇Ω, as any loss term's backwa
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +39,13 @@ def compile_patterns(patterns: Sequence[str] | str | None, field_name: str) -> l
         except re.error as err:
             raise ValueError(f"`{field_name}`: {pattern!r} is not a valid regular expression ({err}).") from err
     return compiled
+
+
+def check_number(field_name: str, value, minimum: float = 0.0, strict: bool = False) -> None:
+    """Reject a non-number, NaN, infinity or a value below ``minimum`` (or equal, when ``strict``), naming the field."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ValueError(f"`{field_name}` must be a number {'>' if strict else '≥'} {minimum:g}, got {value!r}.")
 
 
 def matches(name: str, patterns: Iterable[re.Pattern]) -> bool:
@@ -103,6 +113,14 @@ def _chunks(numels: Sequence[int], limit: int = CHUNK_NUMEL) -> list[slice]:
     return out
 
 
+def group_by_value(values: Sequence[float]) -> dict[float, list[int]]:
+    """Indices of equal values, so tensors sharing a learning rate share one multi-tensor kernel."""
+    groups: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v, []).append(i)
+    return groups
+
+
 def _sum_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ‖t‖² in fp32 as a 0-d tensor, without a host sync."""
     if not tensors:
@@ -127,9 +145,9 @@ class L2Penalty:
         anchors: dict[str, torch.Tensor] | None = None,
         anchors_on_cpu: bool = False,
     ):
-        self.coef = float(coef)
+        self.base_coef, self.base_head_coef = float(coef), float(head_coef)
+        self.coef, self.head_coef = self.base_coef, self.base_head_coef
         self.anchors_on_cpu = anchors_on_cpu
-        self.head_coef = float(head_coef)
         self.anchored_names = list(anchored)
         self.new_names = list(new)
         self.anchors = anchors if anchors is not None else {}
@@ -138,9 +156,14 @@ class L2Penalty:
             raise ValueError(f"No anchor for anchored parameters: {missing[:5]}")
         self._bound = False
 
+    def set_factor(self, factor: float) -> None:
+        """α and β become factor × their configured values (a coefficient schedule)."""
+        self.coef, self.head_coef = self.base_coef * factor, self.base_head_coef * factor
+
     # ---- binding --------------------------------------------------------------------------------------------
     def bind(self, named_parameters: dict[str, torch.Tensor]) -> None:
         """Resolve names to live parameters; a resized embedding anchors its overlapping rows, the rest are new."""
+        self.parameters = {n: named_parameters[n] for n in self.anchored_names + self.new_names}
         self._anchored: list[tuple[torch.Tensor, int | None]] = []  # (param, rows anchored or None for all)
         self._anchor_tensors: list[torch.Tensor] = []
         self._new: list[tuple[torch.Tensor, int | None]] = []  # (param, first new row or None for all)
@@ -227,6 +250,28 @@ class L2Penalty:
             if scale is not None:
                 new = torch._foreach_mul(new, scale)
             torch._foreach_add_(grads_n, new, alpha=self.head_coef)
+
+    # ---- decoupled step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def pull_(self, lr_of: Callable[[torch.Tensor], float]) -> None:
+        """θ ← θ − lr·α·(θ − θ₀) on anchored tensors and θ ← θ − lr·β·θ on new ones, in place.
+
+        ``lr_of(param)`` is the learning rate of the parameter's optimizer group. This is a plain gradient step on Ω
+        alone, applied to the parameters instead of through the optimizer (AdamW's decoupled form).
+        """
+        anchored, new = self.tensors()
+        if self.coef:
+            lrs = [lr_of(p) for p, _ in self._anchored]
+            for sl in self._anchored_chunks:
+                params = anchored[sl]
+                # lerp takes one dtype: a bf16 anchor is widened chunk by chunk
+                anchors = [a.to(p.dtype) for a, p in zip(self._anchors_on(anchored, sl), params)]
+                for lr, idx in group_by_value(lrs[sl]).items():
+                    torch._foreach_lerp_([params[i] for i in idx], [anchors[i] for i in idx], lr * self.coef)
+                del anchors
+        if self.head_coef and new:
+            for lr, idx in group_by_value([lr_of(p) for p, _ in self._new]).items():
+                torch._foreach_mul_([new[i] for i in idx], 1 - lr * self.head_coef)
 
     # ---- value and statistics -------------------------------------------------------------------------------
     def _drift_sq(self, anchored: Sequence[torch.Tensor]) -> torch.Tensor:
