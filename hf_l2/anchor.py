@@ -7,6 +7,10 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .lora import modules_to_save_originals
+from .penalty import snapshot
 
 # Saved next to optimizer.pt in every checkpoint, so that resume restores θ₀ instead of re-snapshotting it.
 ANCHOR_FILE = "l2_anchor.safetensors"
@@ -44,18 +48,29 @@ def read_weights(path_or_repo_id: str) -> dict[str, torch.Tensor]:
     )
 
 
+def embedding_parameter_names(model: nn.Module, parameters: dict[str, torch.Tensor]) -> frozenset[str]:
+    """Names of the input/output embedding weights: the only parameters allowed to change rows vs. the anchor."""
+    wanted = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None and getattr(module, "weight", None) is not None:
+            wanted.add(id(module.weight))
+    return frozenset(n for n, p in parameters.items() if id(p) in wanted)
+
+
 def match_anchor(
     parameters: dict[str, torch.Tensor],
     names: list[str],
     weights: dict[str, torch.Tensor],
     base_model_prefix: str = "",
     resizable: frozenset[str] = frozenset(),
+    field: str = "l2_anchor_path",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Pair each parameter name with a saved tensor; names absent from ``weights`` are new parameters.
 
     A saved base model (``h.0...``) matches a model with a head (``transformer.h.0...``) through
     ``base_model_prefix``. Only ``resizable`` parameters (the embeddings) may differ in their first dimension;
-    any other shape mismatch raises, listing the first offenders.
+    any other shape mismatch raises, listing the first offenders; ``field`` names the setting the weights came from.
     """
     prefix = f"{base_model_prefix}." if base_model_prefix else ""
     found, new, bad = {}, [], []
@@ -74,11 +89,43 @@ def match_anchor(
         found[name] = saved
     if bad:
         raise ValueError(
-            f"`l2_anchor_path`: {len(bad)} parameter shape(s) differ from the anchor, first: "
+            f"`{field}`: {len(bad)} parameter shape(s) differ from the anchor, first: "
             + "; ".join(bad[:5])
-            + ". Point `l2_anchor_path` at the checkpoint this model was fine-tuned from."
+            + f". Point `{field}` at the checkpoint this model was fine-tuned from."
         )
     return found, new
+
+
+def take_anchors(
+    model: nn.Module,
+    parameters: dict[str, torch.Tensor],
+    names: list[str],
+    weights: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    field: str = "l2_anchor_path",
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """θ₀ for ``names``, and the names that have none (new parameters).
+
+    PEFT `modules_to_save` copies are anchored to the frozen original module beside them; the other names to
+    ``weights`` (matched by :func:`match_anchor`) or, without ``weights``, to their current values.
+    """
+    originals = {n: t for n, t in modules_to_save_originals(model).items() if n in names}
+    anchors = snapshot(originals, list(originals), dtype, device)
+    rest = [n for n in names if n not in originals]
+    if weights is None:
+        anchors.update(snapshot(parameters, rest, dtype, device))
+        return anchors, []
+    found, absent = match_anchor(
+        parameters,
+        rest,
+        weights,
+        getattr(model, "base_model_prefix", ""),
+        embedding_parameter_names(model, parameters),
+        field,
+    )
+    anchors.update({n: t.to(dtype=dtype, device=device or parameters[n].device) for n, t in found.items()})
+    return anchors, absent
 
 
 def save_anchor(anchors: dict[str, torch.Tensor], folder: str) -> None:
