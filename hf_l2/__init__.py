@@ -1,10 +1,20 @@
 """hf_l2: fine-tune Hugging Face models with an explicit L2 or L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)."""
 
-from .callbacks import WeightNormCallback
+from .callbacks import DecoupledL2SPCallback, WeightNormCallback
 from .config import L2Config, L2Seq2SeqConfig
 from .penalty import L2Penalty
+from .schedule import CoefSchedule
 from .trainer import L2Seq2SeqTrainer, L2Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["L2Config", "L2Seq2SeqConfig", "L2Trainer", "L2Seq2SeqTrainer", "WeightNormCallback", "L2Penalty"]
+__all__ = [
+    "L2Config",
+    "L2Seq2SeqConfig",
+    "L2Trainer",
+    "L2Seq2SeqTrainer",
+    "WeightNormCallback",
+    "DecoupledL2SPCallback",
+    "CoefSchedule",
+    "L2Penalty",
+]

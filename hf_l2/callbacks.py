@@ -1,12 +1,20 @@
-"""`WeightNormCallback`: weight norms (and drift from a snapshot) at each logging step, for any Trainer."""
+"""Callbacks for the stock `transformers.Trainer`: `WeightNormCallback` (weight norms and drift at each logging
+step) and `DecoupledL2SPCallback` (the decoupled L2-SP pull, for code that cannot swap its Trainer)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
+
+from .anchor import take_anchors
+from .decoupled import DecoupledPull
+from .penalty import L2Penalty, check_number, compile_patterns, select_parameters
+from .schedule import CoefSchedule
 
 logger = logging.get_logger(__name__)
 
@@ -129,3 +137,75 @@ class WeightNormCallback(TrainerCallback):
     @staticmethod
     def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+
+
+class DecoupledL2SPCallback(TrainerCallback):
+    """Decoupled L2-SP on the stock `Trainer`: before each optimizer update, θ ← θ − lr·α·(θ − θ₀) on anchored
+    parameters and θ ← θ − lr·β·θ on new ones, with the learning rate of each parameter's param group.
+
+    The same pull as `L2Trainer` with `l2_impl="decoupled"` (see `hf_l2.decoupled`), hooked into the optimizer
+    at `on_train_begin`. θ₀ is taken when the callback is built: from `model`, or from `reference`. When
+    resuming, build it from the pretrained model again (the Trainer loads the checkpoint's weights later, inside
+    `train`), or pass `reference`; a callback whose anchor equals the resumed weights warns.
+
+    Args:
+        model: the model the Trainer will train; its trainable parameters are selected now.
+        coef: α ≥ 0, the pull toward θ₀.
+        head_coef: β ≥ 0, the decay of new parameters (those matching `head_params` or absent from `reference`).
+        head_params / exclude: regexes (`re.search` on parameter names), as `l2_head_params` / `l2_exclude`.
+        exclude_bias_and_norm: leave biases and norm weights out (the Trainer's weight-decay rule).
+        reference: θ₀ as a model or a state dict; a base model's names match a model with a head. PEFT
+            `modules_to_save` copies default to their frozen original module.
+        schedule: a `CoefSchedule` for α and β over the steps (default: constant).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        coef: float,
+        head_coef: float = 0.0,
+        head_params: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        exclude_bias_and_norm: bool = True,
+        reference: nn.Module | dict[str, torch.Tensor] | None = None,
+        schedule: CoefSchedule | None = None,
+    ):
+        check_number("coef", coef)
+        check_number("head_coef", head_coef)
+        parameters = dict(model.named_parameters())
+        # The Trainer's own no-decay rule; `get_decay_parameter_names` does not use its `self`.
+        decay = frozenset(Trainer.get_decay_parameter_names(None, model))
+        selection = select_parameters(
+            parameters.items(),
+            exclude=compile_patterns(exclude, "exclude"),
+            exclude_names=frozenset(parameters) - decay if exclude_bias_and_norm else frozenset(),
+            new=compile_patterns(head_params, "head_params"),
+        )
+        for pattern in selection.unmatched_patterns:
+            logger.warning(f"DecoupledL2SPCallback: pattern {pattern!r} matches no trainable parameter.")
+        weights = reference.state_dict() if isinstance(reference, nn.Module) else reference
+        anchors, absent = take_anchors(model, parameters, selection.anchored, weights, field="reference")
+        anchored = [n for n in selection.anchored if n in anchors]
+        self.penalty = L2Penalty(coef, head_coef, anchored, selection.new + absent, anchors)
+        self.schedule = schedule or CoefSchedule()
+        self._pull = DecoupledPull([self.penalty])
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(args, "deepspeed_plugin", None) is not None:
+            raise ValueError(
+                "DecoupledL2SPCallback cannot hook DeepSpeed's optimizer (the engine steps inside `backward`); "
+                "use `L2Trainer` with `l2_impl='loss'`."
+            )
+        self.penalty.bind(dict(model.named_parameters()))
+        if state.global_step > 0 and self.penalty.anchored_names and self.penalty.statistics()["drift_sq"] == 0:
+            logger.warning(
+                "DecoupledL2SPCallback: θ₀ equals the resumed weights, so the pull is toward the checkpoint, not "
+                "the pretrained model. Build the callback from the pretrained model or pass `reference=`."
+            )
+        self._pull.attach(optimizer)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.penalty.set_factor(self.schedule(state.global_step, state.max_steps))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._pull.detach()

@@ -8,12 +8,13 @@ import torch
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
-from .penalty import compile_patterns
+from .penalty import check_number, compile_patterns
+from .schedule import SCHEDULES, CoefSchedule
 
 logger = logging.get_logger(__name__)
 
 MODES = ("l2_sp", "l2", "none")
-IMPLS = ("grad", "loss")
+IMPLS = ("grad", "loss", "decoupled")
 ANCHOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ANCHOR_DEVICES = ("param", "cpu")
 
@@ -40,6 +41,8 @@ class L2Config(TrainingArguments):
         l2_impl (`str`, defaults to `"grad"`):
             `"grad"`: add ∇Ω to the gradients once per optimizer step, after the last backward and before clipping.
             `"loss"`: add Ω to the loss through autograd (required under DeepSpeed). Both give the same parameters.
+            `"decoupled"`: no gradient; each optimizer step first moves θ ← θ − lr·α·(θ − θ₀) (new parameters:
+            θ ← θ − lr·β·θ) with the learning rate of the parameter's group, as AdamW applies weight decay.
         l2_anchor_path (`str`, *optional*):
             Folder or Hub id whose weights are θ₀; parameters absent there are new. Defaults to the weights the
             model has when the trainer is built.
@@ -47,6 +50,18 @@ class L2Config(TrainingArguments):
             Storage dtype of θ₀: `float32`, `bfloat16` or `float16` (the penalty is always computed in fp32).
         l2_anchor_device (`str`, defaults to `"param"`):
             `"param"`: θ₀ lives beside each parameter; `"cpu"`: in host memory, copied over at each step.
+        l2_lora_delta (`bool`, defaults to `False`):
+            On a PEFT LoRA model in `l2_sp` mode, penalize the change of each adapted layer's effective weight,
+            (α/2)·‖s·B·A − s·B₀·A₀‖²_F (B₀ = 0 after PEFT's default init), instead of A and B separately.
+        l2_coef_schedule (`str`, defaults to `"constant"`):
+            Multiply α and β by f(t) over the optimizer steps: `constant` (1), `linear` or `cosine` (1 down to
+            `l2_coef_end_factor`), `sigmoid` (RecAdam's annealing 1 − 1/(1 + exp(−k(t − t₀)))).
+        l2_coef_end_factor (`float`, defaults to `0.0`):
+            Where `linear` and `cosine` end, and `sigmoid`'s floor, as a fraction of α and β (> 1 grows them).
+        l2_sigmoid_k (`float`, defaults to `0.1`):
+            Slope k > 0 of the `sigmoid` schedule, per optimizer step.
+        l2_sigmoid_t0 (`float`, *optional*):
+            Optimizer step t₀ ≥ 0 at which the `sigmoid` schedule is halfway; defaults to half the total steps.
     """
 
     l2_mode: str = field(default="l2_sp", metadata={"help": "Penalty: l2_sp, l2 or none.", "choices": list(MODES)})
@@ -67,7 +82,8 @@ class L2Config(TrainingArguments):
         default="grad",
         metadata={
             "help": "grad: add the penalty's gradient once per optimizer step before clipping; "
-            "loss: add the penalty to the loss (needed under DeepSpeed).",
+            "loss: add the penalty to the loss (needed under DeepSpeed); "
+            "decoupled: pull the weights by lr·α·(θ − θ₀) at each optimizer step, outside the gradient.",
             "choices": list(IMPLS),
         },
     )
@@ -80,6 +96,21 @@ class L2Config(TrainingArguments):
     l2_anchor_device: str = field(
         default="param", metadata={"help": "param: θ₀ beside each parameter; cpu: in host memory.", "choices": list(ANCHOR_DEVICES)}
     )
+    l2_lora_delta: bool = field(
+        default=False,
+        metadata={"help": "LoRA models, l2_sp: penalize ‖s·B·A − s·B₀·A₀‖² per adapted layer instead of A and B."},
+    )
+    l2_coef_schedule: str = field(
+        default="constant",
+        metadata={"help": "Factor on α and β over the steps.", "choices": list(SCHEDULES)},
+    )
+    l2_coef_end_factor: float = field(
+        default=0.0, metadata={"help": "Final factor of the linear/cosine schedules, floor of the sigmoid one."}
+    )
+    l2_sigmoid_k: float = field(default=0.1, metadata={"help": "Slope k > 0 of the sigmoid schedule, per step."})
+    l2_sigmoid_t0: float | None = field(
+        default=None, metadata={"help": "Step where the sigmoid schedule is halfway (default: half the total steps)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,6 +119,10 @@ class L2Config(TrainingArguments):
     @property
     def l2_enabled(self) -> bool:
         return self.l2_mode != "none"
+
+    @property
+    def l2_schedule(self) -> CoefSchedule:
+        return CoefSchedule(self.l2_coef_schedule, self.l2_coef_end_factor, self.l2_sigmoid_k, self.l2_sigmoid_t0)
 
 
 @dataclass
@@ -108,13 +143,17 @@ def validate_l2_fields(config: L2Config) -> None:
     _one_of(config, "l2_anchor_dtype", ANCHOR_DTYPES)
     _one_of(config, "l2_anchor_device", ANCHOR_DEVICES)
     for name in ("l2_coef", "l2_head_coef"):
-        value = getattr(config, name)
-        if not isinstance(value, (int, float)) or value != value or value < 0:
-            raise ValueError(f"`{name}` must be a number ≥ 0, got {value!r}.")
+        check_number(name, getattr(config, name))
     for name in ("l2_head_params", "l2_exclude"):
         if isinstance(getattr(config, name), str):
             setattr(config, name, [getattr(config, name)])
         compile_patterns(getattr(config, name), name)
+    _ = config.l2_schedule  # building it validates the schedule fields, naming the bad one
+    if config.l2_lora_delta and config.l2_mode == "l2":
+        raise ValueError(
+            "`l2_lora_delta=True` penalizes the change of each LoRA layer's weight from θ₀, an L2-SP penalty: "
+            "set `l2_mode='l2_sp'`."
+        )
     if config.l2_mode == "l2" and config.weight_decay > 0:
         logger.warning(
             f"`l2_mode='l2'` with `weight_decay={config.weight_decay}` decays the weights twice (the penalty and "

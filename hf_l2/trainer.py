@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from .anchor import ANCHOR_FILE, load_anchor, match_anchor, read_weights, save_anchor
+from .anchor import ANCHOR_FILE, load_anchor, read_weights, save_anchor, take_anchors
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
+from .decoupled import DecoupledPull
+from .lora import LoraDeltaPenalty, find_lora_layers
 from .penalty import L2Penalty, compile_patterns, select_parameters, snapshot
 
 logger = logging.get_logger(__name__)
-
-
-def _embedding_parameter_names(model: nn.Module, parameters: dict[str, torch.Tensor]) -> frozenset[str]:
-    """Names of the input/output embedding weights: the only parameters allowed to change rows vs. the anchor."""
-    wanted = set()
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, getter, lambda: None)()
-        if module is not None and getattr(module, "weight", None) is not None:
-            wanted.add(id(module.weight))
-    return frozenset(n for n, p in parameters.items() if id(p) in wanted)
 
 
 class L2PenaltyMixin:
@@ -31,7 +25,12 @@ class L2PenaltyMixin:
     The penalty enters once per optimizer step, on the micro-batch where `accelerator.sync_gradients` is true:
     `l2_impl="grad"` adds ∇Ω to the gradients right after that backward (so clipping and `grad_norm` see it);
     `l2_impl="loss"` adds Ω to that micro-batch's loss, scaled so that the Trainer's own division by the
-    accumulation steps leaves exactly Ω. The logged `loss` is always the task loss.
+    accumulation steps leaves exactly Ω; `l2_impl="decoupled"` steps on Ω alone inside `optimizer.step()` (see
+    `hf_l2.decoupled`). The coefficient schedule is evaluated there too, from `state.global_step`. The logged
+    `loss` is always the task loss.
+
+    Ω has up to two terms: `_l2` (an `L2Penalty` over ordinary parameters, PEFT `modules_to_save` copies included)
+    and, with `l2_lora_delta`, `_l2_lora` (a `LoraDeltaPenalty` over the LoRA factors).
     """
 
     args: L2Config
@@ -44,22 +43,43 @@ class L2PenaltyMixin:
                 "build it with the same arguments plus the `l2_*` fields."
             )
         self._l2: L2Penalty | None = None
+        self._l2_lora: LoraDeltaPenalty | None = None
+        self._l2_pull: DecoupledPull | None = None
+        self._l2_factor = 1.0  # the schedule's factor used by the latest optimizer step
         self._l2_add_to_loss = False
         self._l2_in_loss: torch.Tensor | None = None
         self._move_weight_norm_callbacks_first()
         if not self.args.l2_enabled:
             return
-        if self.is_deepspeed_enabled and self.args.l2_impl == "grad":
+        if self.is_deepspeed_enabled and self.args.l2_impl != "loss":
             raise ValueError(
-                "`l2_impl='grad'` cannot work under DeepSpeed: the engine steps inside `backward`, before a gradient "
-                "could be added. Use `l2_impl='loss'`."
+                f"`l2_impl='{self.args.l2_impl}'` cannot work under DeepSpeed: the engine steps inside `backward`, "
+                "before a gradient could be added or a step hooked. Use `l2_impl='loss'`."
             )
-        self._l2 = self._build_penalty(self.model)
+        self._l2_lora = self._build_lora_penalty(self.model)
+        skip = frozenset(self._l2_lora.anchored_names if self._l2_lora else ())
+        self._l2 = self._build_penalty(self.model, skip)
 
     # ---- construction ---------------------------------------------------------------------------------------
-    def _build_penalty(self, model: nn.Module) -> L2Penalty:
+    def _build_lora_penalty(self, model: nn.Module) -> LoraDeltaPenalty | None:
         args = self.args
-        parameters = dict(model.named_parameters())  # tied weights appear once
+        if not args.l2_lora_delta:
+            return None
+        layers = find_lora_layers(model, compile_patterns(args.l2_exclude, "l2_exclude"))
+        if not layers:
+            raise ValueError(
+                "`l2_lora_delta=True` but the model has no trainable LoRA layer: wrap it with "
+                "`peft.get_peft_model(model, LoraConfig(...))`, or set `l2_lora_delta=False`."
+            )
+        names = [n for spec in layers for n in (*spec.a_names, *spec.b_names)]
+        anchors = snapshot(dict(model.named_parameters()), names, ANCHOR_DTYPES[args.l2_anchor_dtype], None)
+        logger.info(f"L2-SP on LoRA weight changes: {len(layers)} adapted layers.")
+        return LoraDeltaPenalty(args.l2_coef, layers, anchors)
+
+    def _build_penalty(self, model: nn.Module, skip: frozenset[str] = frozenset()) -> L2Penalty:
+        """The L2 / L2-SP term over trainable parameters, except those in `skip` (the LoRA factors, if covered)."""
+        args = self.args
+        parameters = {n: p for n, p in model.named_parameters() if n not in skip}  # tied weights appear once
         no_decay = (
             frozenset(parameters) - frozenset(self.get_decay_parameter_names(model))
             if args.l2_exclude_bias_and_norm
@@ -73,8 +93,9 @@ class L2PenaltyMixin:
             new=head,
         )
         for pattern in selection.unmatched_patterns:
-            logger.warning(f"L2 penalty: pattern {pattern!r} matches no trainable parameter.")
-        if not selection.anchored and not selection.new:
+            if not any(re.search(pattern, n) for n in skip):
+                logger.warning(f"L2 penalty: pattern {pattern!r} matches no trainable parameter.")
+        if not selection.anchored and not selection.new and not skip:
             logger.warning("L2 penalty: no trainable parameter is regularized; training is unpenalized.")
 
         if args.l2_mode == "l2":
@@ -82,22 +103,11 @@ class L2PenaltyMixin:
         else:
             dtype = ANCHOR_DTYPES[args.l2_anchor_dtype]
             device = "cpu" if args.l2_anchor_device == "cpu" else None
-            anchored, new = selection.anchored, selection.new
-            if args.l2_anchor_path:
-                weights = read_weights(args.l2_anchor_path)
-                found, absent = match_anchor(
-                    parameters,
-                    anchored,
-                    weights,
-                    getattr(model, "base_model_prefix", ""),
-                    _embedding_parameter_names(model, parameters),
-                )
-                anchors = {n: t.to(dtype=dtype, device=device or parameters[n].device) for n, t in found.items()}
-                anchored, new = list(found), new + absent
-                if absent:
-                    logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
-            else:
-                anchors = snapshot(parameters, anchored, dtype, device)
+            weights = read_weights(args.l2_anchor_path) if args.l2_anchor_path else None
+            anchors, absent = take_anchors(model, parameters, selection.anchored, weights, dtype, device)
+            anchored, new = [n for n in selection.anchored if n in anchors], selection.new + absent
+            if absent:
+                logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
             penalty = L2Penalty(args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu")
 
         count = lambda names: sum(parameters[n].numel() for n in names)  # noqa: E731
@@ -115,10 +125,31 @@ class L2PenaltyMixin:
         callbacks[:] = norms + [cb for cb in callbacks if not isinstance(cb, WeightNormCallback)]
 
     # ---- training -------------------------------------------------------------------------------------------
+    def _l2_terms(self) -> list[L2Penalty | LoraDeltaPenalty]:
+        return [t for t in (self._l2, self._l2_lora) if t is not None]
+
+    def _l2_unbind(self) -> None:
+        """Forget the live parameters (and the optimizer hook): the next optimizer step binds them afresh."""
+        for term in self._l2_terms():
+            term.unbind()
+        if self._l2_pull is not None:
+            self._l2_pull.detach()
+            self._l2_pull = None
+
+    def _l2_bind(self) -> None:
+        parameters = dict(self.model.named_parameters())
+        for term in self._l2_terms():
+            term.bind(parameters)
+        if self.args.l2_impl == "decoupled":
+            self._l2_pull = DecoupledPull(self._l2_terms()).attach(self.optimizer)
+
     def train(self, *args, **kwargs):
-        if self._l2 is not None:
-            self._l2.unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
-        return super().train(*args, **kwargs)
+        self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._l2_pull is not None:  # leave no hook on an optimizer the user may step by hand
+                self._l2_pull.detach()
 
     def _loss_divisor(self, num_items_in_batch) -> int:
         """What `Trainer.training_step` will divide this micro-batch's loss by (mirrors its own test)."""
@@ -133,7 +164,13 @@ class L2PenaltyMixin:
         if self._l2 is None or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
         if not self._l2.bound:
-            self._l2.bind(dict(self.model.named_parameters()))
+            self._l2_bind()
+        # This micro-batch ends the window of the update from `global_step` to `global_step + 1`.
+        self._l2_factor = self.args.l2_schedule(self.state.global_step, self.state.max_steps)
+        for term in self._l2_terms():
+            term.set_factor(self._l2_factor)
+        if self.args.l2_impl == "decoupled":  # the pull runs inside optimizer.step(), see hf_l2.decoupled
+            return super().training_step(model, inputs, num_items_in_batch)
         if self.args.l2_impl == "loss":
             self._l2_add_to_loss = True
             try:
@@ -143,7 +180,9 @@ class L2PenaltyMixin:
             # The returned loss is (task + d·Ω)/d: report the task part only.
             return loss - self._l2_in_loss.to(loss.device, loss.dtype)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._l2.add_to_grads_(scale=self._amp_loss_scale())
+        scale = self._amp_loss_scale()
+        for term in self._l2_terms():
+            term.add_to_grads_(scale=scale)
         return loss
 
     def _amp_loss_scale(self) -> torch.Tensor | None:
@@ -158,7 +197,7 @@ class L2PenaltyMixin:
         if not (self._l2_add_to_loss and model.training):
             return out
         loss, outputs = out if return_outputs else (out, None)
-        term = self._l2.loss_term()
+        term = sum(t.loss_term().to(loss.device) for t in self._l2_terms())
         self._l2_in_loss = term.detach()
         # Added after the Trainer's ×num_processes (else DDP would count it N times) and pre-multiplied by the
         # divisor `training_step` applies next, so Ω counts once per optimizer step.
@@ -180,18 +219,25 @@ class L2PenaltyMixin:
             drift = stats["drift_sq"].sqrt()
             values["l2/drift"] = drift
             values["l2/rel_drift"] = drift / stats["anchor_sq"].sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        if self._l2_lora is not None:
+            delta_sq = self._l2_lora.delta_sq().to(penalty.device)
+            values["l2/penalty"] = penalty + 0.5 * self._l2_lora.coef * delta_sq
+            values["l2/lora_delta"] = delta_sq.sqrt()
         numbers = torch.stack([v.float() for v in values.values()]).tolist()
-        return dict(zip(values, numbers))
+        # α of the latest update, as `learning_rate` is that update's lr.
+        return {**dict(zip(values, numbers)), "l2/coef": self.args.l2_coef * self._l2_factor}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self._l2 is not None and self._l2.anchors and self.args.should_save:
-            save_anchor(self._l2.anchors, output_dir)
+        anchors = {name: t for term in self._l2_terms() for name, t in term.anchors.items()}
+        if anchors and self.args.should_save:
+            save_anchor(anchors, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self._l2 is None or not self._l2.anchored_names:
+        terms = [t for t in self._l2_terms() if t.anchored_names]
+        if checkpoint is None or not terms:
             return
         saved = load_anchor(checkpoint)
         if saved is None:
@@ -200,13 +246,14 @@ class L2PenaltyMixin:
                 "Build the trainer from the pretrained model (or set `l2_anchor_path`) so that θ₀ is right."
             )
             return
-        missing = [n for n in self._l2.anchored_names if n not in saved]
+        missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
             raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
-        for name in self._l2.anchored_names:
-            old = self._l2.anchors[name]
-            self._l2.anchors[name] = saved[name].to(dtype=old.dtype, device=old.device)
-        self._l2.unbind()
+        for term in terms:
+            for name in term.anchored_names:
+                old = term.anchors[name]
+                term.anchors[name] = saved[name].to(dtype=old.dtype, device=old.device)
+        self._l2_unbind()
 
 
 class L2Trainer(L2PenaltyMixin, Trainer):
