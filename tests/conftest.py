@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -22,6 +23,14 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
+
+
+def gpt2_from_checkpoint(checkpoint) -> GPT2LMHeadModel:
+    """The model a user would rebuild from a checkpoint folder's weights."""
+    model = tiny_gpt2()
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    model.tie_weights()
+    return model
 
 
 class TokenDataset(torch.utils.data.Dataset):

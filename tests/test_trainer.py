@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Model, MarianConfig, MarianMTModel, Seq2SeqTrainer, Trainer
 
-from conftest import TokenDataset, l2_args, max_rel_diff, params_of, tiny_gpt2
+from conftest import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, tiny_gpt2
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
 from hf_l2.anchor import ANCHOR_FILE
 
@@ -23,13 +23,6 @@ def omega_by_hand(model, anchor, alpha):
     return sum(
         0.5 * alpha * (p.detach() - anchor[n]).pow(2).sum().item() for n, p in model.named_parameters() if penalized(n)
     )
-
-
-def gpt2_from_checkpoint(checkpoint):
-    model = tiny_gpt2()
-    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
-    model.tie_weights()
-    return model
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
