@@ -59,10 +59,10 @@ def find_lora_layers(model: nn.Module, exclude: Sequence[re.Pattern] = ()) -> li
             continue
         adapters, a_names, b_names = [], [], []
         for adapter in [*module.lora_A, *module.lora_embedding_A]:
-            if adapter in module.lora_A:
+            linear = adapter in module.lora_A
+            if linear:
                 a, b = module.lora_A[adapter], module.lora_B[adapter]
-                if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)):
-                    raise _unsupported(module_name, f"its adapter {adapter!r} is a {type(a).__name__} (e.g. conv)")
+                linear = isinstance(a, nn.Linear) and isinstance(b, nn.Linear)  # not conv
                 params = (a.weight, b.weight)
                 names = (f"{module_name}.lora_A.{adapter}.weight", f"{module_name}.lora_B.{adapter}.weight")
             else:
@@ -75,8 +75,9 @@ def find_lora_layers(model: nn.Module, exclude: Sequence[re.Pattern] = ()) -> li
                     f"`l2_lora_delta`: adapter {adapter!r} of {module_name} is trainable but not active, so it is not "
                     "part of the layer's weight. Activate it (`set_adapter`) or freeze it."
                 )
-            if isinstance(module, (ParamWrapper, LoraParallelLinear)):
-                raise _unsupported(module_name, f"{type(module).__name__} layers are not a plain s·B·A")
+            embedding = adapter in module.lora_embedding_A
+            if not (linear or embedding) or isinstance(module, (ParamWrapper, LoraParallelLinear)):
+                raise _unsupported(module_name, f"it is a LoRA {type(module).__name__}")
             if adapter in module.lora_variant:
                 variant = type(module.lora_variant[adapter]).__name__
                 raise _unsupported(module_name, f"adapter {adapter!r} is a {variant}")

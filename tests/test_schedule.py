@@ -99,3 +99,14 @@ def test_resume_continues_the_schedule(tmp_path):
     resumed_logs = [h["l2/coef"] for h in trainer.state.log_history if "l2/coef" in h]
     assert resumed_logs == pytest.approx(full_logs, rel=1e-12)  # steps 1–3 come from trainer_state.json
     assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
+
+
+def test_new_flags_through_hf_argument_parser(tmp_path):
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(L2Config).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--l2_impl", "decoupled", "--l2_lora_delta", "true", "--l2_coef_schedule",
+         "sigmoid", "--l2_sigmoid_k", "0.5", "--l2_sigmoid_t0", "100", "--l2_coef_end_factor", "0.1"]
+    )
+    assert (config.l2_impl, config.l2_lora_delta) == ("decoupled", True)
+    assert config.l2_schedule == CoefSchedule("sigmoid", end_factor=0.1, sigmoid_k=0.5, sigmoid_t0=100)
