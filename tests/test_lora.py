@@ -14,6 +14,7 @@ from hf_l2.anchor import ANCHOR_FILE, take_anchors
 from hf_l2.lora import LoraDeltaPenalty, find_lora_layers
 
 ALPHA = 0.7
+ADAPTED = ("c_attn", "wte", "up", "down")  # the LoRA-wrapped modules of the models below
 
 
 class MLP(nn.Module):
@@ -42,13 +43,12 @@ def perturb_lora(model, seed=1):
 
 def base_weights(model):
     """The adapted layers' own weights, by module name (the merged model keeps the same names)."""
-    adapted = ("c_attn", "wte", "up", "down")
-    return {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(adapted)}
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(ADAPTED)}
 
 
 def merged_weights(peft_model, adapters):
     merged = copy.deepcopy(peft_model).base_model.merge_and_unload(adapter_names=adapters)
-    return {n: m.weight.detach() for n, m in merged.named_modules() if n.endswith(("c_attn", "wte", "up", "down"))}
+    return {n: m.weight.detach() for n, m in merged.named_modules() if n.endswith(ADAPTED)}
 
 
 def trainable_of(model):
@@ -68,24 +68,24 @@ def strip(name):
     return name.removeprefix("base_model.model.")
 
 
+def two_active_adapters():
+    model = gpt2_lora()
+    model.add_adapter("second", LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True))
+    model.base_model.set_adapter(["default", "second"], inference_mode=False)
+    return model, ["default", "second"]
+
+
 CASES = {
     # GPT-2's Conv1D (fan_in_fan_out) and its embedding, PEFT's default init: ΔW₀ = 0.
     "conv1d_and_embedding": lambda: (gpt2_lora(), ["default"]),
     # Two adapters active together: ΔW = s₁B₁A₁ + s₂B₂A₂, with cross terms in ‖ΔW‖².
-    "two_active_adapters": lambda: _two_adapters(),
+    "two_active_adapters": two_active_adapters,
     # PiSSA moves the principal part of W into B₀A₀ (ΔW₀ ≠ 0): Ω measures the change from the pretrained W.
     "pissa_init": lambda: (
         get_peft_model(MLP(), LoraConfig(r=2, lora_alpha=2, target_modules=["up", "down"], init_lora_weights="pissa")),
         ["default"],
     ),
 }
-
-
-def _two_adapters():
-    model = gpt2_lora()
-    model.add_adapter("second", LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True))
-    model.base_model.set_adapter(["default", "second"], inference_mode=False)
-    return model, ["default", "second"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
