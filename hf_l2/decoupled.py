@@ -47,7 +47,7 @@ class DecoupledPull:
         if missing:
             raise ValueError(
                 f"The decoupled penalty covers parameters the optimizer does not update, e.g. {missing[:3]}; "
-                "pass an optimizer over all trainable parameters, or leave them out with `l2_exclude`."
+                "pass an optimizer over all trainable parameters, or leave them out (`l2_exclude`, or the callback's `exclude`)."
             )
 
         def lr_of(param: torch.Tensor) -> float:
