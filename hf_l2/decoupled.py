@@ -46,8 +46,8 @@ class DecoupledPull:
         missing = [n for term in self.terms for n, p in term.parameters.items() if id(p) not in group_of]
         if missing:
             raise ValueError(
-                f"The decoupled penalty covers parameters the optimizer does not update, e.g. {missing[:3]}; "
-                "pass an optimizer over all trainable parameters, or leave them out (`l2_exclude`, or the callback's `exclude`)."
+                f"The decoupled penalty covers parameters the optimizer does not update, e.g. {missing[:3]}; pass "
+                "an optimizer over all trainable parameters, or leave them out (`l2_exclude`, the callback's `exclude`)."
             )
 
         def lr_of(param: torch.Tensor) -> float:
