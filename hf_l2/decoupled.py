@@ -47,7 +47,7 @@ class DecoupledPull:
         if missing:
             raise ValueError(
                 f"The decoupled penalty covers parameters the optimizer does not update, e.g. {missing[:3]}; pass "
-                "an optimizer over all trainable parameters, or leave them out (`l2_exclude`, the callback's `exclude`)."
+                "an optimizer over all trainable parameters, or leave them out (`l2_exclude`, callback: `exclude`)."
             )
 
         def lr_of(param: torch.Tensor) -> float:
