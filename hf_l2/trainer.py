@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
@@ -11,6 +14,7 @@ from .anchor import ANCHOR_FILE, load_anchor, match_anchor, read_weights, save_a
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
 from .penalty import L2Penalty, compile_patterns, select_parameters, snapshot
+from .sharding import local_pieces, world_size
 
 logger = logging.get_logger(__name__)
 
@@ -60,6 +64,7 @@ class L2PenaltyMixin:
     def _build_penalty(self, model: nn.Module) -> L2Penalty:
         args = self.args
         parameters = dict(model.named_parameters())  # tied weights appear once
+        pieces = local_pieces(model)  # whole tensors, unless the model is already sharded (ZeRO-3 `zero.Init`)
         no_decay = (
             frozenset(parameters) - frozenset(self.get_decay_parameter_names(model))
             if args.l2_exclude_bias_and_norm
@@ -83,10 +88,11 @@ class L2PenaltyMixin:
             dtype = ANCHOR_DTYPES[args.l2_anchor_dtype]
             device = "cpu" if args.l2_anchor_device == "cpu" else None
             anchored, new = selection.anchored, selection.new
+            layout = None
             if args.l2_anchor_path:
                 weights = read_weights(args.l2_anchor_path)
                 found, absent = match_anchor(
-                    parameters,
+                    {n: p.shape for n, p in pieces.items()},
                     anchored,
                     weights,
                     getattr(model, "base_model_prefix", ""),
@@ -97,10 +103,14 @@ class L2PenaltyMixin:
                 if absent:
                     logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
             else:
-                anchors = snapshot(parameters, anchored, dtype, device)
-            penalty = L2Penalty(args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu")
+                anchors = snapshot(pieces, anchored, dtype, device)
+                layout = {n: (pieces[n].start, pieces[n].shape) for n in anchored}
+            penalty = L2Penalty(
+                args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu",
+                anchor_layout=layout,
+            )
 
-        count = lambda names: sum(parameters[n].numel() for n in names)  # noqa: E731
+        count = lambda names: sum(math.prod(pieces[n].shape) for n in names)  # noqa: E731
         logger.info(
             f"L2 penalty ({args.l2_mode}, impl={args.l2_impl}): {len(penalty.anchored_names)} anchored tensors "
             f"({count(penalty.anchored_names):,} values), {len(penalty.new_names)} new tensors "
@@ -133,7 +143,8 @@ class L2PenaltyMixin:
         if self._l2 is None or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
         if not self._l2.bound:
-            self._l2.bind(dict(self.model.named_parameters()))
+            # After `accelerator.prepare`: under FSDP the pieces are this rank's shards, and θ₀ is cut to match.
+            self._l2.bind(local_pieces(self.model))
         if self.args.l2_impl == "loss":
             self._l2_add_to_loss = True
             try:
@@ -186,27 +197,34 @@ class L2PenaltyMixin:
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self._l2 is not None and self._l2.anchors and self.args.should_save:
-            save_anchor(self._l2.anchors, output_dir)
+        if self._l2 is None or not self._l2.anchors:
+            return
+        if self._l2.sharded:  # every rank holds different pieces of θ₀: each saves its own (this runs on all ranks)
+            save_anchor(self._l2.anchors, self._l2.anchor_layout, output_dir, dist.get_rank(), world_size())
+        elif self.args.should_save:
+            save_anchor(self._l2.anchors, self._l2.anchor_layout, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self._l2 is None or not self._l2.anchored_names:
             return
-        saved = load_anchor(checkpoint)
-        if saved is None:
+        rank = dist.get_rank() if world_size() > 1 else 0
+        loaded = load_anchor(checkpoint, rank, world_size())
+        if loaded is None:
             logger.warning(
                 f"{checkpoint} has no {ANCHOR_FILE}; L2-SP keeps the anchor taken when the trainer was built. "
                 "Build the trainer from the pretrained model (or set `l2_anchor_path`) so that θ₀ is right."
             )
             return
+        saved, layout = loaded
         missing = [n for n in self._l2.anchored_names if n not in saved]
         if missing:
             raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
         for name in self._l2.anchored_names:
             old = self._l2.anchors[name]
             self._l2.anchors[name] = saved[name].to(dtype=old.dtype, device=old.device)
-        self._l2.unbind()
+            self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
+        self._l2.unbind()  # the next step cuts the restored θ₀ to this rank's pieces
 
 
 class L2Trainer(L2PenaltyMixin, Trainer):
