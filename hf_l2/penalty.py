@@ -98,7 +98,8 @@ def snapshot(
         for n in names:
             t = named_parameters[n]
             t = t.local if isinstance(t, Piece) else t
-            out[n] = t.detach().to(dtype=dtype, device=device or t.device, copy=True)
+            # A meta tensor (weights not loaded yet on this rank) stays meta: `bind` takes θ₀ then.
+            out[n] = t.detach().to(dtype=dtype, device="meta" if t.is_meta else device or t.device, copy=True)
         return out
 
 
@@ -131,7 +132,8 @@ class L2Penalty:
 
     ``anchors`` hold θ₀ whole, or a piece of it: ``anchor_layout[name] = (start, shape)`` says where the stored
     tensor begins in the full θ₀ flattened in row-major order, and the full θ₀'s shape (default: ``(0, its own
-    shape)``). Binding to sharded pieces cuts each anchor down to this rank's piece and frees the rest.
+    shape)``). Binding to sharded pieces cuts each anchor down to this rank's piece and frees the rest. A meta
+    anchor means "the parameter's value at the first bind".
     """
 
     def __init__(
@@ -195,6 +197,11 @@ class L2Penalty:
         """
         stored = self.anchors[name]
         stored_start, full_shape = self.anchor_layout[name]
+        if stored.is_meta:  # taken before this rank had weights (FSDP's cpu_ram_efficient_loading): take it now
+            stored = piece.local.detach().reshape(-1).to(
+                device="cpu" if self.anchors_on_cpu else None, dtype=stored.dtype, copy=True
+            )
+            stored_start, full_shape = piece.start, piece.shape
         covered = min(math.prod(full_shape), math.prod(piece.shape))
         size = piece.numel
         under = min(max(covered - piece.start, 0), size)
@@ -332,9 +339,47 @@ class L2Penalty:
 
         Under FSDP the inputs are the local shards (``DTensor.to_local`` views), so each rank's term reaches only
         its own gradient shards, bypassing the data-parallel reduction: the ranks' terms add up to Ω exactly.
+        Under ZeRO-3 the gradient has to go through DeepSpeed's reduction instead: see ``zero3.py``.
         """
+        if self._zero3:
+            from .zero3 import zero3_loss_term
+
+            return zero3_loss_term(self)
         anchored, new = self.tensors()
         return _PenaltyFunction.apply(self, *anchored, *new)
+
+    def bound_parameters(self) -> list[torch.Tensor]:
+        """Each parameter with a non-empty piece under the penalty, once, in binding order."""
+        return list({id(p.param): p.param for p, _ in self._anchored + self._new}.values())
+
+    def local_gradients(self, scale: torch.Tensor, ids: set[int]) -> dict[int, tuple[Piece, torch.Tensor]]:
+        """∇Ω·scale on this rank's pieces of the parameters whose ``id`` is in ``ids``, flattened, by ``id``.
+
+        A piece's anchored rows come first and its new rows (a resized embedding's) last.
+        """
+        anchored = [(i, p, r) for i, (p, r) in enumerate(self._anchored) if id(p.param) in ids]
+        new = [(p, r) for p, r in self._new if id(p.param) in ids]
+        out: dict[int, tuple[Piece, torch.Tensor]] = {}
+
+        def flat(piece: Piece) -> torch.Tensor:
+            if id(piece.param) not in out:
+                local = piece.local
+                out[id(piece.param)] = (piece, torch.zeros(piece.numel, dtype=local.dtype, device=local.device))
+            return out[id(piece.param)][1]
+
+        if anchored:
+            values = [self._view(p.local, r, False) for _, p, r in anchored]
+            anchors = [self._anchor_tensors[i].to(v.device) for (i, _, _), v in zip(anchored, values)]
+            diffs = torch._foreach_sub(values, anchors)
+            torch._foreach_mul_(diffs, self._factor(self.coef, scale))
+            for (_, piece, _), d in zip(anchored, diffs):
+                flat(piece)[: d.numel()] = d.reshape(-1)
+        if new:
+            grads = torch._foreach_mul([self._view(p.local, r, True) for p, r in new], self._factor(self.head_coef, scale))
+            for (piece, _), g in zip(new, grads):
+                target = flat(piece)
+                target[target.numel() - g.numel() :] = g.reshape(-1)
+        return out
 
 
 class _PenaltyFunction(torch.autograd.Function):

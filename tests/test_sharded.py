@@ -77,3 +77,18 @@ def test_a_resized_embeddings_shard_is_cut_against_the_anchor_rows():
     assert penalty.anchor_layout["emb"] == (6, torch.Size([4, 2]))
     penalty.add_to_grads_()
     torch.testing.assert_close(shard.grad, torch.cat([2.0 * (full[3:4] - anchor[3:4]), 0.5 * full[4:]]))
+
+
+def test_an_anchor_taken_on_the_meta_device_is_taken_again_at_bind():
+    """FSDP's cpu_ram_efficient_loading leaves ranks > 0 on the meta device until `prepare` loads the weights."""
+    from hf_l2.penalty import L2Penalty, snapshot
+
+    on_meta = {"w": torch.nn.Parameter(torch.empty(3, 2, device="meta"))}
+    anchors = snapshot(on_meta, ["w"], torch.bfloat16, "cpu")
+    assert anchors["w"].is_meta
+    loaded = torch.nn.Parameter(torch.arange(6.0).reshape(3, 2))  # the weights `prepare` put in place
+    penalty = L2Penalty(1.0, 0.0, ["w"], [], anchors, anchors_on_cpu=True)
+    penalty.bind({"w": loaded})
+    assert penalty.anchors["w"].dtype == torch.bfloat16 and not penalty.anchors["w"].is_meta
+    torch.testing.assert_close(penalty.anchors["w"].float(), loaded.detach())
+    assert penalty.value().item() == 0.0
