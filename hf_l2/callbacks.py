@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
+
+from .sharding import Piece, local_pieces, world_size
 
 logger = logging.get_logger(__name__)
 
@@ -79,7 +84,8 @@ class WeightNormCallback(TrainerCallback):
         if self.track_drift and self._snapshot is None:
             if state.global_step > 0:
                 logger.warning("WeightNormCallback: resumed run without `reference`; drift is from resumed weights.")
-            self._snapshot = self._copy({n: p for n, p in model.named_parameters() if p.requires_grad})
+            trainable = {n: p.local for n, p in local_pieces(model).items() if p.param.requires_grad}
+            self._snapshot = self._copy(trainable)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or model is None:
@@ -91,32 +97,46 @@ class WeightNormCallback(TrainerCallback):
 
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """Norms (and drift) of the trainable weights, globally and per group; one host sync."""
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0]
-        if not named:
+        """Norms (and drift) of the trainable weights, globally and per group; one host sync.
+
+        Under FSDP or ZeRO-3 each rank measures its own pieces and one all-reduce adds them up, so every rank
+        must call this at the same step (the Trainer logs on every rank).
+        """
+        pieces = {n: p for n, p in local_pieces(model).items() if p.param.requires_grad and math.prod(p.shape)}
+        if not pieces:
             return {}
-        groups = [parameter_group(n, self.group_by) for n, _ in named]
-        squares = {"norm": self._squares([p for _, p in named])}
+        sharded = any(p.sharded for p in pieces.values()) and world_size() > 1
+        named = [(n, p) for n, p in pieces.items() if p.numel]
+        device = next(iter(pieces.values())).param.device
+        weights = torch.tensor([1.0 / (p.replicas or world_size()) if sharded else 1.0 for _, p in named], device=device)
+        tensors = [p.local for _, p in named]
+        squares = {"norm": self._squares(tensors, device) * weights}
         if self._snapshot is not None:
-            pairs = [(i, p, self._snapshot[n]) for i, (n, p) in enumerate(named) if n in self._snapshot]
-            drift = torch.zeros(len(named), dtype=torch.float32, device=squares["norm"].device)
+            pairs = [(i, t, self._piece_of(n, p, t)) for i, ((n, p), t) in enumerate(zip(named, tensors))
+                     if n in self._snapshot]
+            drift = torch.zeros(len(named), dtype=torch.float32, device=device)
             ref = torch.zeros_like(drift)
             if pairs:
-                index = torch.tensor([i for i, _, _ in pairs], device=drift.device)
-                params = [p for _, p, _ in pairs]
-                anchors = [a.to(p.device) for _, p, a in pairs]
-                drift[index] = self._squares(torch._foreach_sub(params, anchors)).to(drift.device)
-                ref[index] = self._squares(anchors).to(drift.device)
-            squares["drift"], squares["ref"] = drift, ref
+                index = torch.tensor([i for i, _, _ in pairs], device=device)
+                params = [t for _, t, _ in pairs]
+                anchors = [a.to(t.device) for _, t, a in pairs]
+                drift[index] = self._squares(torch._foreach_sub(params, anchors), device)
+                ref[index] = self._squares(anchors, device)
+            squares["drift"], squares["ref"] = drift * weights, ref * weights
+        groups = [parameter_group(n, self.group_by) for n, _ in named]
+        every_group = sorted({parameter_group(n, self.group_by) for n in pieces})  # the same list on every rank
         keys, sums = [], []
         for kind, per_tensor in squares.items():
             keys.append((kind, None))
             sums.append(per_tensor.sum())
-            for group in sorted(set(groups)):
-                mask = torch.tensor([g == group for g in groups], device=per_tensor.device)
+            for group in every_group:
+                mask = torch.tensor([g == group for g in groups], dtype=torch.bool, device=device)
                 keys.append((kind, group))
                 sums.append(per_tensor[mask].sum())
-        numbers = dict(zip(keys, torch.stack(sums).sqrt().tolist()))
+        totals = torch.stack(sums)
+        if sharded:
+            dist.all_reduce(totals)
+        numbers = dict(zip(keys, totals.sqrt().tolist()))
         out = {}
         for (kind, group), value in numbers.items():
             if kind == "ref":
@@ -126,6 +146,16 @@ class WeightNormCallback(TrainerCallback):
             out["weights/rel_drift"] = numbers[("drift", None)] / numbers[("ref", None)]
         return out
 
+    def _piece_of(self, name: str, piece: Piece, local: torch.Tensor) -> torch.Tensor:
+        """The snapshot for this rank's piece; a full `reference` is cut to it once (and the rest freed)."""
+        snap = self._snapshot[name]
+        if snap.shape != local.shape:
+            snap = snap.reshape(-1)[piece.start : piece.start + local.numel()].view(local.shape)
+            self._snapshot[name] = snap = snap.clone() if snap.numel() < self._snapshot[name].numel() else snap
+        return snap
+
     @staticmethod
-    def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+    def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().to(device)

@@ -92,7 +92,7 @@ def local_pieces(model: nn.Module) -> dict[str, Piece]:
         elif hasattr(param, "ds_tensor"):
             out[name] = _zero3_piece(param)
         elif fsdp1 is not None:
-            start, shape, replicas = fsdp1.get(id(param), (0, param.shape, 1))
+            start, shape, replicas = fsdp1.get(id(param), (0, param.shape, None))  # None: not managed by FSDP
             out[name] = Piece(param, start, torch.Size(shape), replicas)
         else:
             out[name] = Piece(param, 0, param.shape)
@@ -130,12 +130,18 @@ def _dtensor_piece(name: str, param: DTensor) -> Piece:
 
 def _zero3_piece(param: torch.Tensor) -> Piece:
     """ZeRO-3 pads the flattened parameter to a multiple of the world size; rank r holds the r-th equal part."""
+    group = getattr(param, "ds_process_group", None)
+    if dist.get_world_size(group) != world_size():
+        raise ValueError(
+            "L2 penalty under ZeRO-3 needs parameters partitioned over all ranks; partitioning over a subgroup "
+            "(MiCS, `mics_shard_size`) is not supported: use plain ZeRO-3 or FSDP2 with HSDP."
+        )
     part = param.ds_tensor.ds_numel
-    return Piece(param, dist.get_rank() * part, torch.Size(param.ds_shape), 1)
+    return Piece(param, dist.get_rank(group) * part, torch.Size(param.ds_shape), 1)
 
 
 def _fsdp1_offsets(model: nn.Module) -> dict[int, tuple[int, torch.Size, int]] | None:
-    """FSDP1 (`use_orig_params=True`): id(param) → (start, full shape, replicas) for pieces held by this rank.
+    """FSDP1 (`use_orig_params=True`): id(param) → (start, full shape, replicas) of this rank's piece.
 
     Reads the flat parameters' shard bookkeeping (`_shard_param_infos`), which FSDP1 exposes no public API for.
     """
@@ -157,6 +163,6 @@ def _fsdp1_offsets(model: nn.Module) -> dict[int, tuple[int, torch.Size, int]] |
             )
         replicas = world_size() // module.process_group.size()
         for param, info, shape in zip(flat._params, flat._shard_param_infos, flat._shapes):
-            if info.in_shard:
-                offsets[id(param)] = (info.intra_param_start_idx, torch.Size(shape), replicas)
+            start = info.intra_param_start_idx if info.in_shard else 0  # not in this rank's shard: an empty view
+            offsets[id(param)] = (start, torch.Size(shape), replicas)
     return offsets

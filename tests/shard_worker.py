@@ -17,6 +17,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import TokenDataset, max_rel_diff, params_of, tiny_gpt2  # noqa: E402
 
+from hf_l2 import WeightNormCallback  # noqa: E402
 from hf_l2.anchor import load_anchor, save_anchor  # noqa: E402
 from hf_l2.penalty import L2Penalty, snapshot  # noqa: E402
 from hf_l2.sharding import clean_name, local_pieces  # noqa: E402
@@ -115,7 +116,13 @@ def run(how, impl, rank, world, out_dir):
     for _ in range(STEPS):
         step(plain, no_penalty, plain_opt, (ids, labels, n_items), "grad", 1.0)
 
+    # WeightNormCallback measures its own pieces too: its global norms and drift match the unsharded model's.
+    weight_norms = WeightNormCallback(group_by="layer", reference=tiny_gpt2()).measure(model)
+    ref_weight_norms = WeightNormCallback(group_by="layer", reference=tiny_gpt2()).measure(reference)
+
     return {
+        "weight_norms": weight_norms,
+        "ref_weight_norms": ref_weight_norms,
         "rel_diff": max_rel_diff(full_params(model, how), params_of(reference)),
         "penalty_effect": max_rel_diff(params_of(plain), params_of(reference)),
         "norms": norms,

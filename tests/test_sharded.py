@@ -50,6 +50,9 @@ def test_statistics_are_global_and_anchor_is_split(sharded_runs, case):
     assert run["value"] == pytest.approx(run["ref_value"], rel=1e-5)  # the ranks' shares add up to Ω
     assert sum(run["anchor_per_rank"]) == run["anchored_total"]  # each value of θ₀ is kept on exactly one rank
     assert max(run["anchor_per_rank"]) <= 0.51 * run["anchored_total"]
+    assert run["weight_norms"].keys() == run["ref_weight_norms"].keys()
+    for key, value in run["ref_weight_norms"].items():  # WeightNormCallback: global too
+        assert run["weight_norms"][key] == pytest.approx(value, rel=1e-5), key
     assert run["files"] == ["l2_anchor-rank00000-of-00002.safetensors", "l2_anchor-rank00001-of-00002.safetensors"]
 
 
