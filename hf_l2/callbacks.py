@@ -148,11 +148,11 @@ class WeightNormCallback(TrainerCallback):
 
     def _piece_of(self, name: str, piece: Piece, local: torch.Tensor) -> torch.Tensor:
         """The snapshot for this rank's piece; a full `reference` is cut to it once (and the rest freed)."""
-        snap = self._snapshot[name]
-        if snap.shape != local.shape:
-            snap = snap.reshape(-1)[piece.start : piece.start + local.numel()].view(local.shape)
-            self._snapshot[name] = snap = snap.clone() if snap.numel() < self._snapshot[name].numel() else snap
-        return snap
+        full = self._snapshot[name]
+        if full.shape != local.shape:
+            cut = full.reshape(-1)[piece.start : piece.start + local.numel()].view(local.shape)
+            self._snapshot[name] = cut.clone() if cut.numel() < full.numel() else cut
+        return self._snapshot[name]
 
     @staticmethod
     def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
