@@ -1,0 +1,190 @@
+"""Fine-tune a translation model (default: MarianMT opus-mt-en-de) with an L2 / L2-SP penalty.
+
+The shape of transformers' `run_translation.py` with the `--l2_*` flags of `hf_l2.L2Seq2SeqConfig` added.
+Data are pairs, either in the `{"translation": {"en": ..., "de": ...}}` layout or as two columns (by default
+named after `--source_lang` / `--target_lang`). Evaluation generates translations and reports `eval_bleu` and
+`eval_chrf` (sacreBLEU, from metric modules shipped with hf_l2, so no Hub access is needed), and writes
+source / reference / hypothesis triples to `translations.jsonl`.
+
+    python recipes/marian_translation.py --dataset_name wmt16 --dataset_config_name de-en \\
+        --source_lang en --target_lang de --output_dir runs/opus-en-de --l2_mode l2_sp --l2_coef 0.01
+    python recipes/marian_translation.py recipes/configs/marian_translation.yaml   # every argument from a file
+
+    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/marian_translation.py ...
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml  recipes/marian_translation.py ...
+    accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml      recipes/marian_translation.py ...
+    accelerate launch --config_file recipes/accelerate_configs/zero2.yaml      recipes/marian_translation.py ... --l2_impl loss
+    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml      recipes/marian_translation.py ... --l2_impl loss
+    accelerate launch --config_file recipes/accelerate_configs/cpu.yaml        recipes/marian_translation.py ...
+    accelerate launch --multi_gpu --num_processes 2 recipes/marian_translation.py ... --use_cpu true   # 2 CPU processes
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+
+from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, metrics
+from hf_l2.recipes import (
+    DataArguments,
+    ModelArguments,
+    RecipeInputError,
+    limit,
+    load_raw_datasets,
+    parse_args,
+    publish,
+    require_architecture,
+    run,
+    setup_logging,
+    train_and_report,
+    write_jsonl,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {"do_train": True, "do_eval": True, "predict_with_generate": True}
+
+
+@dataclass
+class TranslationModelArguments(ModelArguments):
+    model_name_or_path: str = field(
+        default="Helsinki-NLP/opus-mt-en-de", metadata={"help": "Hub id or local folder of an encoder-decoder."}
+    )
+
+
+@dataclass
+class TranslationDataArguments(DataArguments):
+    source_lang: str = field(default="en", metadata={"help": "Source language code (a key of `translation`)."})
+    target_lang: str = field(default="de", metadata={"help": "Target language code."})
+    source_column: str | None = field(
+        default=None, metadata={"help": "Column of source texts without a `translation` column (default: source_lang)."}
+    )
+    target_column: str | None = field(
+        default=None, metadata={"help": "Column of target texts without a `translation` column (default: target_lang)."}
+    )
+    max_source_length: int = field(default=128, metadata={"help": "Source tokens kept (longer inputs are truncated)."})
+    max_target_length: int = field(default=128, metadata={"help": "Target tokens kept (longer targets are truncated)."})
+
+
+def pair_reader(columns: list[str], first: dict, data_args: TranslationDataArguments):
+    """A function example → (source, target), for the `translation` layout or two plain columns."""
+    src, tgt = data_args.source_lang, data_args.target_lang
+    if "translation" in columns:
+        missing = [k for k in (src, tgt) if k not in first["translation"]]
+        if missing:
+            raise RecipeInputError(
+                f"The `translation` entries have keys {sorted(first['translation'])}, not {missing}: "
+                "set `--source_lang` / `--target_lang` to keys the data has."
+            )
+        return lambda ex: (ex["translation"][src], ex["translation"][tgt])
+    source_column, target_column = data_args.source_column or src, data_args.target_column or tgt
+    missing = [c for c in (source_column, target_column) if c not in columns]
+    if missing:
+        raise RecipeInputError(
+            f"The data has no column {missing} and no `translation` column; its columns: {columns}. "
+            "Set `--source_column` / `--target_column` (or `--source_lang` / `--target_lang`)."
+        )
+    return lambda ex: (ex[source_column], ex[target_column])
+
+
+def tokenize_pairs(raw, tokenizer, data_args, training_args):
+    columns = raw["train"].column_names
+    read = pair_reader(columns, raw["train"][0], data_args)
+
+    def tokenize(batch):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        sources, targets = zip(*(read(row) for row in rows))
+        inputs = tokenizer(list(sources), max_length=data_args.max_source_length, truncation=True)
+        inputs["labels"] = tokenizer(text_target=list(targets), max_length=data_args.max_target_length,
+                                     truncation=True)["input_ids"]
+        return inputs
+
+    with training_args.main_process_first(desc="tokenizing"):
+        tokens = raw.map(tokenize, batched=True, remove_columns=columns, desc="Tokenizing",
+                         num_proc=data_args.preprocessing_num_workers,
+                         load_from_cache_file=not data_args.overwrite_cache)
+    return tokens, read
+
+
+def bleu_and_chrf(tokenizer):
+    """`compute_metrics` for generated token ids: sacreBLEU BLEU and chrF on the decoded text."""
+    bleu, chrf = metrics.load("sacrebleu"), metrics.load("chrf")
+
+    def compute(eval_preds):
+        preds, labels = eval_preds
+        preds = np.where(preds != -100, preds, tokenizer.pad_token_id)
+        labels = np.where(labels != -100, labels, tokenizer.pad_token_id)
+        hyps = [t.strip() for t in tokenizer.batch_decode(preds, skip_special_tokens=True)]
+        refs = [t.strip() for t in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        lengths = [np.count_nonzero(p != tokenizer.pad_token_id) for p in preds]
+        return {
+            "bleu": bleu.compute(predictions=hyps, references=refs)["score"],
+            "chrf": chrf.compute(predictions=hyps, references=refs)["score"],
+            "gen_len": float(np.mean(lengths)),
+        }
+
+    return compute
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(
+        (TranslationModelArguments, TranslationDataArguments, L2Seq2SeqConfig), DEFAULTS, argv
+    )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    if training_args.do_eval and not training_args.predict_with_generate:
+        logger.warning("Without `--predict_with_generate`, evaluation reports the loss only (no BLEU / chrF).")
+
+    raw = load_raw_datasets(data_args, model_args.cache_dir, training_args.seed)
+    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+               trust_remote_code=model_args.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
+    require_architecture(config, encoder_decoder=True, name=model_args.model_name_or_path,
+                         recipe="marian_translation.py", other="recipes/gpt2_generation.py")
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
+
+    tokens, read = tokenize_pairs(raw, tokenizer, data_args, training_args)
+    train_set = limit(tokens["train"], data_args.max_train_samples)
+    eval_set = limit(tokens["validation"], data_args.max_eval_samples)
+    pad_to = 8 if training_args.fp16 or training_args.bf16 else None
+    trainer = L2Seq2SeqTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set if training_args.do_train else None,
+        eval_dataset=eval_set if training_args.do_eval else None,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, pad_to_multiple_of=pad_to),
+        compute_metrics=bleu_and_chrf(tokenizer) if training_args.predict_with_generate else None,
+    )
+    max_length = training_args.generation_max_length or data_args.max_target_length
+
+    def evaluate() -> dict:
+        return trainer.evaluate(max_length=max_length)
+
+    results = train_and_report(trainer, training_args, len(train_set), len(eval_set), evaluate)
+    if data_args.num_samples > 0:
+        shown = range(min(data_args.num_samples, len(eval_set)))
+        predictions = trainer.predict(eval_set.select(shown), max_length=max_length).predictions
+        hyps = tokenizer.batch_decode(np.where(predictions != -100, predictions, tokenizer.pad_token_id),
+                                      skip_special_tokens=True)
+        if trainer.is_world_process_zero():
+            pairs = [read(raw["validation"][i]) for i in shown]
+            write_jsonl(Path(training_args.output_dir) / "translations.jsonl",
+                        [{"source": s, "reference": r, "hypothesis": h.strip()} for (s, r), h in zip(pairs, hyps)])
+
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "translation",
+            "language": [data_args.source_lang, data_args.target_lang]}
+    if data_args.dataset_name is not None:
+        card["dataset_tags"] = data_args.dataset_name
+        card["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name or ''}".strip()
+    publish(trainer, training_args, card)
+    return results
+
+
+if __name__ == "__main__":
+    run(main)

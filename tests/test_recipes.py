@@ -1,0 +1,229 @@
+"""The recipes end to end, offline: tiny local models and tokenizers, small local data files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from hf_l2.recipes import RecipeInputError, parse_args
+from recipe_fixtures import (
+    ROOT,
+    load_recipe,
+    save_tiny_gpt2,
+    save_tiny_marian,
+    translation_pairs,
+    write_text_files,
+    write_translation_files,
+)
+
+generation = load_recipe("gpt2_generation")
+translation = load_recipe("marian_translation")
+
+RUN = ["--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+       "--disable_tqdm", "true", "--seed", "0", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    return {
+        "gpt2": save_tiny_gpt2(root / "gpt2"),
+        "marian": save_tiny_marian(root / "marian"),
+        "text": write_text_files(root / "text"),
+        "pairs": write_translation_files(root / "pairs"),
+        "cache": root / "cache",
+    }
+
+
+def gpt2_args(workdir, out, *extra, train="txt"):
+    return [
+        "--model_name_or_path", str(workdir["gpt2"]), "--train_file", str(workdir["text"][train]),
+        "--validation_file", str(workdir["text"]["validation"]), "--output_dir", str(out),
+        "--cache_dir", str(workdir["cache"]), "--block_size", "32", "--max_steps", "4",
+        "--num_samples", "2", "--max_new_tokens", "5", *RUN, *extra,
+    ]
+
+
+def marian_args(workdir, out, *extra, layout="jsonl"):
+    files = workdir["pairs"]
+    train, valid = (files["train"], files["validation"]) if layout == "jsonl" else (
+        files["train_csv"], files["validation_csv"])
+    return [
+        "--model_name_or_path", str(workdir["marian"]), "--train_file", str(train), "--validation_file", str(valid),
+        "--output_dir", str(out), "--cache_dir", str(workdir["cache"]), "--max_steps", "4", "--num_samples", "3",
+        "--max_source_length", "16", "--max_target_length", "16", *RUN, *extra,
+    ]
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def distance(folder_a, folder_b) -> float:
+    a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
+    return math.sqrt(sum((a[k] - b[k]).double().pow(2).sum().item() for k in b))
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+def test_generation_recipe_writes_every_output(workdir, tmp_path):
+    out = tmp_path / "run"
+    # 31 prompt tokens + 100 new ones exceed the 64-token context: sampling must stop at the context.
+    argv = gpt2_args(workdir, out, "--l2_mode", "l2_sp", "--l2_coef", "0.1", "--max_new_tokens", "100")
+    metrics = generation.main(argv)
+
+    results = read_json(out / "all_results.json")
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
+    assert results == pytest.approx(metrics)
+    assert read_json(out / "train_results.json")["train_samples"] > 0
+    assert read_json(out / "eval_results.json")["eval_samples"] > 0
+    history = read_json(out / "trainer_state.json")["log_history"]
+    assert any("l2/penalty" in h for h in history) and history[-1]["step"] == 4
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(s["prompt"] and "generated" in s for s in samples)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "README.md").is_file()
+
+
+@pytest.mark.parametrize("train", ["jsonl", "csv"])
+def test_generation_recipe_reads_json_and_csv(workdir, tmp_path, train):
+    """The jsonl run also has no validation file: 5% of the training data is held out instead."""
+    argv = gpt2_args(workdir, tmp_path, "--l2_mode", "l2", train=train)
+    if train == "jsonl":
+        at = argv.index("--validation_file")
+        argv[at:at + 2] = ["--text_column", "content"]
+    metrics = generation.main(argv)
+    assert math.isfinite(metrics["eval_loss"]) and metrics["train_samples"] > 0
+    assert metrics["eval_samples"] > 0
+
+
+def test_generation_recipe_l2_sp_stays_closer_to_the_pretrained_model(workdir, tmp_path):
+    """The point of L2-SP, measured on the saved weights: a strong pull ends nearer θ₀ than no penalty."""
+    far = generation.main(gpt2_args(workdir, tmp_path / "none", "--l2_mode", "none", "--num_samples", "0"))
+    near = generation.main(gpt2_args(workdir, tmp_path / "sp", "--l2_mode", "l2_sp", "--l2_coef", "100",
+                                     "--num_samples", "0"))
+    assert "l2/penalty" not in json.dumps(read_json(tmp_path / "none" / "trainer_state.json"))
+    assert distance(tmp_path / "sp", workdir["gpt2"]) < 0.5 * distance(tmp_path / "none", workdir["gpt2"])
+    assert math.isfinite(far["eval_loss"]) and math.isfinite(near["eval_loss"])
+
+
+# ---- translation --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["jsonl", "csv"])
+def test_translation_recipe_reports_bleu_chrf_and_writes_triples(workdir, tmp_path, layout):
+    columns = ["--source_column", "english", "--target_column", "german"] if layout == "csv" else []
+    mode = ["--l2_mode", "l2_sp", "--l2_coef", "0.1"] if layout == "jsonl" else ["--l2_mode", "none"]
+    metrics = translation.main(marian_args(workdir, tmp_path, *mode, *columns, layout=layout))
+
+    for key in ("eval_bleu", "eval_chrf"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["eval_samples"] == 12
+    triples = [json.loads(line) for line in (tmp_path / "translations.jsonl").read_text().splitlines()]
+    held_out = dict(translation_pairs())
+    assert len(triples) == 3 and all(held_out[t["source"]] == t["reference"] for t in triples)
+    history = read_json(tmp_path / "trainer_state.json")["log_history"]
+    assert any("l2/drift" in h for h in history) == (layout == "jsonl")
+
+
+def test_translation_chrf_is_perfect_on_copied_references(workdir):
+    """compute_metrics decodes ids the way the recipe does: references fed back as predictions score 100."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir["marian"])
+    targets = [t for _, t in translation_pairs()[:6]]
+    ids = tokenizer(text_target=targets, padding=True, return_tensors="np")["input_ids"]
+    labels = ids.copy()
+    labels[ids == tokenizer.pad_token_id] = -100
+    scores = translation.bleu_and_chrf(tokenizer)((ids, labels))
+    assert scores["chrf"] == pytest.approx(100.0) and scores["bleu"] == pytest.approx(100.0)
+
+
+# ---- configuration files ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["gpt2_generation", "marian_translation"])
+def test_shipped_config_files_parse(recipe):
+    module = generation if recipe == "gpt2_generation" else translation
+    types = {
+        "gpt2_generation": (generation.GenerationModelArguments, generation.GenerationDataArguments),
+        "marian_translation": (translation.TranslationModelArguments, translation.TranslationDataArguments),
+    }[recipe]
+    config = module.L2Seq2SeqConfig if recipe == "marian_translation" else module.L2Config
+    parsed = parse_args((*types, config), module.DEFAULTS, [str(ROOT / "recipes" / "configs" / f"{recipe}.yaml")])
+    assert parsed[-1].l2_mode == "l2_sp" and parsed[-1].do_train
+
+
+def test_config_file_overrides_recipe_defaults(workdir, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({
+        "model_name_or_path": str(workdir["gpt2"]), "train_file": str(workdir["text"]["txt"]),
+        "output_dir": str(tmp_path / "out"), "do_eval": False, "l2_coef": 0.5, "l2_mode": "l2",
+    }))
+    model_args, data_args, args = parse_args(
+        (generation.GenerationModelArguments, generation.GenerationDataArguments, generation.L2Config),
+        generation.DEFAULTS, [str(path)],
+    )
+    assert (args.do_train, args.do_eval, args.l2_coef, args.l2_mode) == (True, False, 0.5, "l2")
+    assert data_args.train_file == str(workdir["text"]["txt"])
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+def test_bad_inputs_get_clear_errors(workdir, tmp_path):
+    cases = [
+        (generation, gpt2_args(workdir, tmp_path) + ["--train_file", str(tmp_path / "nope.txt")],
+         r"--train_file.*nope\.txt.*does not exist"),
+        (generation, gpt2_args(workdir, tmp_path, "--text_column", "body", train="jsonl"),
+         r"--text_column body.*train data; its columns: \['content'\]"),
+        (generation, gpt2_args(workdir, tmp_path, "--block_size", "128"), r"--block_size 128.*context of 64"),
+        (generation, gpt2_args(workdir, tmp_path, "--model_name_or_path", str(workdir["marian"])),
+         r"encoder-decoder.*marian_translation\.py"),
+        (translation, marian_args(workdir, tmp_path, "--model_name_or_path", str(workdir["gpt2"])),
+         r"decoder-only.*gpt2_generation\.py"),
+        (translation, marian_args(workdir, tmp_path, "--target_lang", "fr"), r"keys \['de', 'en'\], not \['fr'\]"),
+        (translation, marian_args(workdir, tmp_path, layout="csv"), r"no column \['en', 'de'\].*--source_column"),
+    ]
+    for recipe, argv, message in cases:
+        with pytest.raises(RecipeInputError, match=message):
+            recipe.main(argv)
+
+
+def test_command_line_error_is_one_line_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "gpt2_generation.py"), "--train_file", str(tmp_path / "missing.txt"),
+         "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "error: `--train_file`" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- several processes --------------------------------------------------------------------------------------
+def test_generation_recipe_under_accelerate_launch_with_two_processes(workdir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 ... --use_cpu true` runs 2 gloo processes on a CPU.
+
+    (`--cpu --num_processes 2` starts a single process in accelerate 1.15.) Two processes see each batch once
+    between them, so one epoch takes half the optimizer steps: that proves the world size was 2.
+    """
+    out = tmp_path / "ddp"
+    argv = gpt2_args(workdir, out, "--l2_mode", "l2_sp", "--l2_coef", "0.1", "--num_samples", "1")
+    argv[argv.index("--max_steps") + 1] = "-1"
+    argv += ["--num_train_epochs", "1", "--max_train_samples", "16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+         str(ROOT / "recipes" / "gpt2_generation.py"), *argv],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = read_json(out / "trainer_state.json")
+    assert state["global_step"] == 16 // (4 * 2)  # 16 blocks, 4 per process, 2 processes
+    assert any("l2/penalty" in h for h in state["log_history"])
+    assert (out / "samples.jsonl").read_text().count("\n") == 1
+    assert AutoConfig.from_pretrained(out).n_positions == 64
+    assert torch.isfinite(torch.tensor(read_json(out / "all_results.json")["eval_loss"]))
