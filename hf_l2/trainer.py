@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
@@ -15,6 +17,7 @@ from .config import ANCHOR_DTYPES, L2Config
 from .decoupled import DecoupledPull
 from .lora import LoraDeltaPenalty, find_lora_layers
 from .penalty import L2Penalty, compile_patterns, select_parameters, snapshot
+from .sharding import local_pieces, world_size
 
 logger = logging.get_logger(__name__)
 
@@ -104,13 +107,17 @@ class L2PenaltyMixin:
             dtype = ANCHOR_DTYPES[args.l2_anchor_dtype]
             device = "cpu" if args.l2_anchor_device == "cpu" else None
             weights = read_weights(args.l2_anchor_path) if args.l2_anchor_path else None
-            anchors, absent = take_anchors(model, parameters, selection.anchored, weights, dtype, device)
+            anchors, absent, layout = take_anchors(model, parameters, selection.anchored, weights, dtype, device)
             anchored, new = [n for n in selection.anchored if n in anchors], selection.new + absent
             if absent:
                 logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
-            penalty = L2Penalty(args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu")
+            penalty = L2Penalty(
+                args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu",
+                anchor_layout=layout,
+            )
 
-        count = lambda names: sum(parameters[n].numel() for n in names)  # noqa: E731
+        pieces = local_pieces(model)  # ZeRO-3 `zero.Init` placeholders count by their real size
+        count = lambda names: sum(math.prod(pieces[n].shape) for n in names)  # noqa: E731
         logger.info(
             f"L2 penalty ({args.l2_mode}, impl={args.l2_impl}): {len(penalty.anchored_names)} anchored tensors "
             f"({count(penalty.anchored_names):,} values), {len(penalty.new_names)} new tensors "
@@ -137,9 +144,10 @@ class L2PenaltyMixin:
             self._l2_pull = None
 
     def _l2_bind(self) -> None:
-        parameters = dict(self.model.named_parameters())
-        for term in self._l2_terms():
-            term.bind(parameters)
+        # After `accelerator.prepare`: under FSDP / ZeRO-3 the pieces are this rank's shards, and θ₀ is cut to match.
+        self._l2.bind(local_pieces(self.model))
+        if self._l2_lora is not None:
+            self._l2_lora.bind(dict(self.model.named_parameters()))
         if self.args.l2_impl == "decoupled":
             self._l2_pull = DecoupledPull(self._l2_terms()).attach(self.optimizer)
 
@@ -231,21 +239,27 @@ class L2PenaltyMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         anchors = {name: t for term in self._l2_terms() for name, t in term.anchors.items()}
-        if anchors and self.args.should_save:
-            save_anchor(anchors, output_dir)
+        if not anchors:
+            return
+        layout = self._l2.anchor_layout  # where each piece sits; the LoRA factors are always whole
+        if self._l2.sharded:  # every rank holds different pieces of θ₀: each saves its own (this runs on all ranks)
+            save_anchor(anchors, layout, output_dir, dist.get_rank(), world_size())
+        elif self.args.should_save:
+            save_anchor(anchors, layout, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         terms = [t for t in self._l2_terms() if t.anchored_names]
         if checkpoint is None or not terms:
             return
-        saved = load_anchor(checkpoint)
-        if saved is None:
+        loaded = load_anchor(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        if loaded is None:
             logger.warning(
                 f"{checkpoint} has no {ANCHOR_FILE}; L2-SP keeps the anchor taken when the trainer was built. "
                 "Build the trainer from the pretrained model (or set `l2_anchor_path`) so that θ₀ is right."
             )
             return
+        saved, layout = loaded
         missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
             raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
@@ -253,7 +267,9 @@ class L2PenaltyMixin:
             for name in term.anchored_names:
                 old = term.anchors[name]
                 term.anchors[name] = saved[name].to(dtype=old.dtype, device=old.device)
-        self._l2_unbind()
+        for name in self._l2.anchored_names:
+            self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
+        self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
 
 
 class L2Trainer(L2PenaltyMixin, Trainer):
