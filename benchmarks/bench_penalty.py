@@ -11,6 +11,7 @@ Variants, all adding to gradients that already hold a backward's result:
 - grad: ``penalty.add_to_grads_()`` (``l2_impl="grad"``); grad-bf16-anchor: the same with θ₀ stored in bfloat16;
   grad-cpu-anchor (CUDA only): θ₀ kept in host memory (``l2_anchor_device="cpu"``);
 - loss: ``penalty.loss_term().backward()`` (``l2_impl="loss"``);
+- decoupled: ``penalty.pull_()`` (``l2_impl="decoupled"``), θ ← θ − lr·α·(θ − θ₀), which reads θ and θ₀ and writes θ;
 - naive: ``(sum((p - a).pow(2).sum() for p, a in ...) * α/2).backward()``.
 
 Every repeat runs each variant once, in turn, so that drifts in clock speed or load hit all of them alike.
@@ -33,6 +34,7 @@ from common import PeakMemory, add_run_arguments, default_device, environment, m
 from hf_l2.penalty import L2Penalty, snapshot
 
 COEF = 0.01  # L2Config's default α
+LR = 1e-5  # learning rate of the decoupled pull (its cost does not depend on it)
 DRIFT = 1e-3  # std of the noise moving θ away from θ₀, as a few fine-tuning steps would
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
@@ -79,7 +81,10 @@ def variants(params: dict[str, torch.Tensor]) -> dict[str, tuple[Callable[[], ob
     src = torch.ones(nbytes // 8, device=thetas[0].device)
     dst = torch.empty_like(src)
     cases = {"none": (lambda: None, None), "copy": (lambda: dst.copy_(src), 2 * src.numel() * src.element_size())}
-    penalties = {variant: L2Penalty(COEF, 0.0, names, [], anchors) for variant, anchors in anchor_sets.items()}
+    penalties = {
+        variant: L2Penalty(COEF, 0.0, names, [], anchors, anchors_on_cpu=variant == "grad-cpu-anchor")
+        for variant, anchors in anchor_sets.items()
+    }
     for variant, penalty in penalties.items():
         penalty.bind(params)
         cases[variant] = (penalty.add_to_grads_, ideal_bytes(thetas, list(penalty.anchors.values())))
@@ -88,6 +93,9 @@ def variants(params: dict[str, torch.Tensor]) -> dict[str, tuple[Callable[[], ob
         (sum((p - a).pow(2).sum() for p, a in zip(thetas, thetas0)) * (COEF / 2)).backward()
 
     cases["loss"] = (lambda: penalties["grad"].loss_term().backward(), nbytes)
+    # The decoupled pull reads θ and θ₀ and writes θ; no gradient is touched.
+    pull_bytes = sum(p.numel() * (2 * p.element_size() + a.element_size()) for p, a in zip(thetas, thetas0))
+    cases["decoupled"] = (lambda: penalties["grad"].pull_(lambda _: LR), pull_bytes)
     cases["naive"] = (naive, nbytes)
     return cases
 

@@ -188,6 +188,7 @@ class L2Penalty:
         """
         pieces = {n: p if isinstance(p, Piece) else Piece(p, 0, p.shape) for n, p in pieces.items()}
         self.parameters = {n: pieces[n].param for n in self.anchored_names + self.new_names}
+        self._anchor_sq: torch.Tensor | None = None  # ‖θ₀‖², fixed until the next bind: computed once
         self._anchored: list[tuple[Piece, int | None]] = []  # (piece, rows of it anchored or None for all)
         self._anchor_tensors: list[torch.Tensor] = []
         self._new: list[tuple[Piece, int | None]] = []  # (piece, first new row or None for all)
@@ -243,6 +244,8 @@ class L2Penalty:
             anchor = anchor.clone()  # a copy of just this piece, so that the full θ₀ can be freed
         if anchor.device != piece.param.device and not self.anchors_on_cpu:  # e.g. the model moved after the snapshot
             anchor = anchor.to(piece.param.device)
+        elif self.anchors_on_cpu and piece.param.is_cuda and not anchor.is_pinned():
+            anchor = anchor.pin_memory()  # page-locked, so the per-step copy to the GPU does not block the host
         self.anchors[name] = anchor
         self.anchor_layout[name] = (piece.start, full_shape)
         return anchor, rows
@@ -367,10 +370,13 @@ class L2Penalty:
         wa, wn = self._weights_a, self._weights_n
         with torch.no_grad():
             drift_sq = self._drift_sq(anchored, wa)
-            anchor_sq = torch.zeros_like(drift_sq)
-            for sl in self._anchored_chunks:
-                part = _sum_sq(self._anchors_on(anchored, sl), None if wa is None else wa[sl])
-                anchor_sq = anchor_sq + part.to(anchor_sq.device)
+            if self._anchor_sq is None:
+                self._anchor_sq = sum(
+                    (_sum_sq(self._anchor_tensors[sl], None if wa is None else wa[sl]).to(drift_sq.device)
+                     for sl in self._anchored_chunks),
+                    torch.zeros_like(drift_sq),
+                )
+            anchor_sq = self._anchor_sq
             new_sq = _sum_sq(new, wn).to(drift_sq.device) if new else torch.zeros_like(drift_sq)
             anchored_sq = _sum_sq(anchored, wa).to(drift_sq.device) if anchored else torch.zeros_like(drift_sq)
             stats = torch.stack([drift_sq, anchor_sq, new_sq, anchored_sq])
