@@ -167,6 +167,7 @@ class L2Penalty:
         self._anchored: list[tuple[torch.Tensor, int | None]] = []  # (param, rows anchored or None for all)
         self._anchor_tensors: list[torch.Tensor] = []
         self._new: list[tuple[torch.Tensor, int | None]] = []  # (param, first new row or None for all)
+        self._new_labels: list[str] = []  # the parameter name of each entry of `_new`
         for name in self.anchored_names:
             param, anchor = named_parameters[name], self.anchors[name]
             if anchor.device != param.device and not self.anchors_on_cpu:  # e.g. the model moved after the snapshot
@@ -180,7 +181,9 @@ class L2Penalty:
             self._anchor_tensors.append(anchor[:rows])
             if param.shape[0] > rows:
                 self._new.append((param, rows))
+                self._new_labels.append(name)
         self._new += [(named_parameters[n], None) for n in self.new_names]
+        self._new_labels += self.new_names
         self._anchored_chunks = _chunks([a.numel() for a in self._anchor_tensors])
         self._bound = True
 
@@ -305,6 +308,33 @@ class L2Penalty:
             new_sq = _sum_sq(new).to(drift_sq.device) if new else torch.zeros_like(drift_sq)
             anchored_sq = _sum_sq(anchored).to(drift_sq.device) if anchored else torch.zeros_like(drift_sq)
         return {"drift_sq": drift_sq, "anchor_sq": anchor_sq, "new_sq": new_sq, "anchored_sq": anchored_sq}
+
+    def squares_by_parameter(self) -> dict[str, dict[str, float]]:
+        """Per parameter name: ``weight_sq`` = Σθ² over its regularized entries and, for anchored ones, ``drift_sq``
+        = Σ(θ − θ₀)² and ``anchor_sq`` = Σθ₀², as floats (one host sync). For reports, e.g. drift per layer group.
+
+        A resized embedding reports its anchored and new rows together under its one name.
+        """
+        anchored, new = self.tensors()
+        if not anchored and not new:
+            return {}
+        with torch.no_grad():
+            drift, anchor = [], []
+            for sl in self._anchored_chunks:
+                chunk_anchors = self._anchors_on(anchored, sl)
+                drift += torch._foreach_norm(torch._foreach_sub(anchored[sl], chunk_anchors), 2, dtype=torch.float32)
+                anchor += torch._foreach_norm(chunk_anchors, 2, dtype=torch.float32)
+            weight = torch._foreach_norm(anchored + new, 2, dtype=torch.float32)
+            values = torch.stack(drift + anchor + list(weight)).square().tolist()
+        k = len(anchored)
+        drift_sq, anchor_sq, weight_sq = values[:k], values[k : 2 * k], values[2 * k :]
+        out: dict[str, dict[str, float]] = {}
+        for i, name in enumerate(self.anchored_names):
+            out[name] = {"weight_sq": weight_sq[i], "drift_sq": drift_sq[i], "anchor_sq": anchor_sq[i]}
+        for name, value in zip(self._new_labels, weight_sq[k:]):
+            entry = out.setdefault(name, {"weight_sq": 0.0})
+            entry["weight_sq"] += value
+        return out
 
     def loss_term(self) -> torch.Tensor:
         """Ω as a differentiable scalar whose backward adds ∇Ω with multi-tensor kernels (the in-loss form)."""
