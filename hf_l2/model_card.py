@@ -1,0 +1,377 @@
+"""The model card of a run: Hub metadata, the regularization in words, eval results, drift, curves and the command.
+
+The text comes from the Jinja template `model_cards/template.md` (installed as `hf_l2/model_cards/`), rendered with
+`huggingface_hub.ModelCard.from_template`, so the YAML header is built by `ModelCardData` the way the Hub reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers.modelcard import TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING, extract_hyperparameters_from_trainer
+from transformers.utils import logging
+
+from .callbacks import parameter_group
+
+logger = logging.get_logger(__name__)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .penalty import L2Penalty
+
+TEMPLATE_NAME = "template.md"
+CARD_FILE = "README.md"
+PLOT_FILE = "l2_training.png"
+MODE_TAGS = {"l2_sp": "l2-sp", "l2": "l2", "none": "no-penalty"}
+# Keys of an evaluation log that describe the run, not the model.
+_NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step"}
+
+
+def template_path() -> Path:
+    """The card template: `hf_l2/model_cards/` in an installed package, `model_cards/` at the root of a checkout."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "model_cards", package.parent / "model_cards"):
+        if (folder / TEMPLATE_NAME).is_file():
+            return folder / TEMPLATE_NAME
+    raise FileNotFoundError(f"hf_l2's card template {TEMPLATE_NAME} is missing; reinstall hf_l2.")
+
+
+def write_model_card(
+    trainer,
+    output_dir: str,
+    *,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+    command: str | None = None,
+) -> ModelCard:
+    """Write `README.md` and the training plot for an `L2Trainer`'s run into `output_dir`; return the card.
+
+    The arguments are those of `Trainer.create_model_card` (`dataset_tags` are Hub dataset ids, the first one being
+    the evaluation data; `dataset_args` its config name) plus `command`, the command line to record (default: this
+    process's own, see `reproduce_command`).
+    """
+    args, model = trainer.args, trainer.model
+    base_model, source = _model_source(model, finetuned_from)
+    datasets = _as_list(dataset_tags)
+    step, metrics = final_evaluation(trainer.state.log_history)
+    model_name = model_name or (args.hub_model_id or Path(output_dir).absolute().name).split("/")[-1]
+    task = _task(model, tasks)
+    eval_results = None
+    if metrics and task and datasets:  # the Hub drops a model-index entry without a task and a dataset
+        eval_results = [
+            EvalResult(
+                task_type=task,
+                task_name=TASK_TAG_TO_NAME_MAPPING.get(task),
+                dataset_type=datasets[0],
+                dataset_name=(_as_list(dataset) or datasets)[0],
+                dataset_config=(_as_list(dataset_args) or [None])[0],
+                metric_type=key,
+                metric_name=f"eval_{key}",
+                metric_value=value,
+            )
+            for key, value in metrics.items()
+        ]
+    card_tags = ["hf_l2", MODE_TAGS[args.l2_mode], *_as_list(tags), *(getattr(model, "model_tags", None) or [])]
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=datasets or None,
+        language=language,
+        license=license,
+        library_name="peft" if _is_peft(model) else "transformers",
+        tags=card_tags + ["generated_from_trainer"],
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
+    )
+
+    os.makedirs(output_dir, exist_ok=True)
+    plotted = plot_training(trainer.state.log_history, os.path.join(output_dir, PLOT_FILE))
+    drift_rows, drift_intro, has_anchor = _drift_section(trainer._l2, args.l2_mode, trainer.state.global_step)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        model_name=model_name,
+        origin=_origin(model, base_model, source),
+        data=", ".join(_as_list(dataset) or datasets),
+        reg=_regularization(args, trainer._l2, source),
+        eval_step=step,
+        eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
+        drift_rows=drift_rows,
+        drift_intro=drift_intro,
+        has_anchor=has_anchor,
+        plot_file=PLOT_FILE if plotted is not None else None,
+        hyperparameters=list(extract_hyperparameters_from_trainer(trainer).items()),
+        command=command or reproduce_command(),
+        versions=_versions(_is_peft(model)),
+    )
+    card.save(os.path.join(output_dir, CARD_FILE))
+    return card
+
+
+# ---- facts about the run ----------------------------------------------------------------------------------------
+def final_evaluation(log_history: list[dict]) -> tuple[int | None, dict[str, float]]:
+    """Step and metrics (without the `eval_` prefix) of the last evaluation in `log_history`."""
+    for entry in reversed(log_history):
+        metrics = {
+            key.removeprefix("eval_"): value
+            for key, value in entry.items()
+            if key.startswith("eval_") and key.removeprefix("eval_") not in _NOT_METRICS
+            and isinstance(value, (int, float))
+        }
+        if metrics:
+            return entry.get("step"), metrics
+    return None, {}
+
+
+def drift_by_group(penalty: L2Penalty, group_by: str = "type") -> list[dict[str, float | str | None]]:
+    """‖θ‖, ‖θ − θ₀‖ and ‖θ − θ₀‖/‖θ₀‖ of the regularized weights: first over all of them, then per group.
+
+    Groups are those of `WeightNormCallback` (`parameter_group`). Drift is `None` where a group has no anchor.
+    """
+    sums: dict[str, dict[str, float]] = {}
+    for name, squares in penalty.squares_by_parameter().items():
+        for group in ("all", parameter_group(name, group_by)):
+            total = sums.setdefault(group, {"weight_sq": 0.0, "drift_sq": 0.0, "anchor_sq": 0.0, "anchored": 0})
+            total["weight_sq"] += squares["weight_sq"]
+            if "drift_sq" in squares:
+                total["drift_sq"] += squares["drift_sq"]
+                total["anchor_sq"] += squares["anchor_sq"]
+                total["anchored"] += 1
+    rows = []
+    for group in ["all"] + sorted(g for g in sums if g != "all"):
+        total = sums[group]
+        drift = math.sqrt(total["drift_sq"]) if total["anchored"] else None
+        rel = drift / math.sqrt(total["anchor_sq"]) if drift is not None and total["anchor_sq"] > 0 else None
+        rows.append({"group": group, "norm": math.sqrt(total["weight_sq"]), "drift": drift, "rel_drift": rel})
+    return rows
+
+
+def reproduce_command() -> str:
+    """This process's command line as a user types it, behind `torchrun` or `accelerate launch` when one started it.
+
+    Launchers are recognized by the variables they set in each process they start; of their options only the number
+    of processes and machines (and accelerate's mixed precision) can be recovered.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    script = sys.argv[0]
+    if spec is not None and spec.name:  # python -m package.module
+        program = ["-m", spec.name.removesuffix(".__main__")]
+    elif not script.endswith(".py") and shutil.which(os.path.basename(script)) == script:  # a console script
+        return shlex.join([os.path.basename(script), *sys.argv[1:]])
+    else:
+        program = [script]
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+    nodes = max(world // max(per_node, 1), 1)
+    if "ACCELERATE_MIXED_PRECISION" in env:  # set by `accelerate launch` in every process
+        launcher = ["accelerate", "launch"]
+        launcher += ["--num_processes", str(world)] if world > 1 else []
+        launcher += ["--num_machines", str(nodes)] if nodes > 1 else []
+        precision = env["ACCELERATE_MIXED_PRECISION"]
+        launcher += ["--mixed_precision", precision] if precision != "no" else []
+    elif "TORCHELASTIC_RUN_ID" in env:  # set by torchrun
+        launcher = ["torchrun"] + (["--nnodes", str(nodes)] if nodes > 1 else []) + ["--nproc_per_node", str(per_node)]
+    else:
+        launcher = ["python"]
+    return shlex.join(launcher + program + sys.argv[1:])
+
+
+def plot_training(log_history: list[dict], path: str) -> Figure | None:
+    """Task loss (and eval loss), penalty Ω and drift ‖θ − θ₀‖ against the step, saved as a PNG; None if nothing
+    was logged."""
+    panels = [
+        ("loss", [("loss", "train (task loss)"), ("eval_loss", "eval")]),
+        (r"penalty $\Omega$", [("l2/penalty", r"$\Omega(\theta)$")]),
+        (r"drift $\|\theta - \theta_0\|$", [("l2/drift", r"$\|\theta - \theta_0\|$")]),
+    ]
+    series = [
+        (ylabel, [(label, [(h["step"], h[key]) for h in log_history if key in h]) for key, label in lines])
+        for ylabel, lines in panels
+    ]
+    series = [(ylabel, [(label, pts) for label, pts in lines if pts]) for ylabel, lines in series]
+    series = [(ylabel, lines) for ylabel, lines in series if lines]
+    if not series:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6.4, 1.9 * len(series) + 0.6), layout="constrained")
+    axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (ylabel, lines) in zip(axes, series):
+        for label, points in lines:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend()
+    axes[-1].set_xlabel("optimizer step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.savefig(path, dpi=110)
+    return figure
+
+
+# ---- text for the template --------------------------------------------------------------------------------------
+def _regularization(args, penalty: L2Penalty | None, source: str | None) -> dict[str, str]:
+    mode = args.l2_mode
+    decay = f" The optimizer's own decoupled `weight_decay` was {args.weight_decay}." if args.weight_decay else ""
+    if mode == "none" or penalty is None:
+        return {
+            "mode": mode,
+            "title": "no explicit penalty (a baseline)",
+            "meaning": "No penalty was added (`l2_mode=none`): this run trained exactly like the stock `Trainer` "
+            "and serves as a baseline for L2-SP runs." + decay,
+        }
+    anchored, new = penalty.tensors()
+    values = lambda tensors: f"{sum(t.numel() for t in tensors):,}"  # noqa: E731
+    excluded = ["parameters that are not trained"]
+    if args.l2_exclude_bias_and_norm:
+        excluded.append("biases and normalization weights")
+    excluded += [f"names matching `{p}`" for p in args.l2_exclude or []]
+    facts = {
+        "mode": mode,
+        "alpha": _number(args.l2_coef),
+        "beta": _number(args.l2_head_coef),
+        "impl": "`grad`: ∇Ω added to the gradients once per optimizer step, after the last backward and before "
+        "gradient clipping" if args.l2_impl == "grad" else "`loss`: Ω added to the loss once per optimizer step",
+        "excluded": "; ".join(excluded),
+    }
+    if mode == "l2":
+        return facts | {
+            "title": "an L2 penalty",
+            "meaning": "The training loss was the task loss plus Ω(θ) = (α/2)·‖θ‖², the classic L2 penalty: it pulls "
+            "every regularized weight toward zero. Ω goes through the optimizer like the loss, unlike AdamW's "
+            "decoupled weight decay." + decay,
+            "regularized": f"{len(new)} tensors ({values(new)} values)",
+        }
+    if args.l2_anchor_path:
+        anchor = f"the weights in `{args.l2_anchor_path}`; parameters absent there count as new"
+    elif source:
+        anchor = f"the weights of `{source}` when fine-tuning started"
+    else:
+        anchor = "the model's weights when fine-tuning started"
+    new_rule = f", including names matching {', '.join(f'`{p}`' for p in args.l2_head_params)}" if args.l2_head_params else ""
+    return facts | {
+        "title": "an L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)",
+        "meaning": "The training loss was the task loss plus Ω(θ) = (α/2)·‖θ − θ₀‖² + (β/2)·‖θ_new‖², where θ₀ are "
+        "the weights fine-tuning started from (normally the pretrained ones). Instead of shrinking the weights toward zero as weight decay does, the penalty keeps "
+        "them close to where fine-tuning started, so the model keeps what it learned in pretraining unless the new "
+        "data pays for the change. Parameters with no pretrained counterpart (θ_new, such as a new head) are pulled "
+        "toward zero with strength β." + decay,
+        "anchor": anchor,
+        "regularized": f"{len(anchored)} tensors anchored to θ₀ ({values(anchored)} values); {len(new)} new "
+        f"({values(new)} values){new_rule}",
+    }
+
+
+def _drift_section(penalty: L2Penalty | None, mode: str, step: int) -> tuple[list[dict[str, str]], str, bool]:
+    if penalty is None:
+        return [], "`l2_mode=none` keeps no anchor θ₀ and regularizes nothing.", False
+    rows = drift_by_group(penalty)
+    has_anchor = any(row["drift"] is not None for row in rows)
+    if has_anchor:
+        intro = (
+            f"Distance of the regularized weights from θ₀ at the end of training (step {step}), over all of them "
+            "and per group of layers:"
+        )
+    else:
+        intro = f"Norm of the regularized weights at the end of training (step {step}); `{mode}` keeps no anchor:"
+    formatted = [{key: value if key == "group" else _number(value) for key, value in row.items()} for row in rows]
+    return formatted, intro, has_anchor
+
+
+def _origin(model, base_model: str | None, source: str | None) -> str:
+    if base_model:
+        return f"[{base_model}](https://huggingface.co/{base_model})"
+    if source:
+        return f"the local model `{source}`"
+    return f"a `{type(_unwrap(model)).__name__}` (not from the Hub)"
+
+
+def _versions(peft: bool) -> list[tuple[str, str]]:
+    from . import __version__
+
+    names = ["transformers", "torch", "accelerate"] + (["peft"] if peft else []) + ["datasets", "tokenizers"]
+    found = [("hf_l2", __version__)]
+    for name in names:
+        try:
+            found.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------------
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.6g}"
+
+
+def _is_peft(model) -> bool:
+    from transformers.trainer_utils import _is_peft_model
+
+    return _is_peft_model(model)
+
+
+def _unwrap(model):
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _model_source(model, finetuned_from: str | None) -> tuple[str | None, str | None]:
+    """(Hub id for the `base_model` metadata, name to show) of the model fine-tuned: `finetuned_from`, else the
+    model's `_name_or_path` (empty for a model built from a config, a path for one loaded from a folder)."""
+    if finetuned_from is not None:
+        if _is_repo_id(finetuned_from):
+            return finetuned_from, finetuned_from
+        logger.warning(
+            f"`finetuned_from`={finetuned_from!r} is not a Hub model id ('name' or 'org/name'): the card names it "
+            "but leaves `base_model` out of its metadata."
+        )
+        return None, finetuned_from
+    name = getattr(getattr(_unwrap(model), "config", None), "_name_or_path", "") or None
+    if name and not os.path.exists(name) and _is_repo_id(name):
+        return name, name
+    return None, name
+
+
+def _task(model, tasks: str | list[str] | None) -> str | None:
+    """The first of `tasks`, else the pipeline task of the model's class (as the stock Trainer card infers it)."""
+    if tasks:
+        return _as_list(tasks)[0]
+    class_name = type(_unwrap(model)).__name__
+    for task, mapping in TASK_MAPPING.items():
+        for names in mapping.values():
+            if class_name in ((names,) if isinstance(names, str) else names):
+                return task
+    return None
