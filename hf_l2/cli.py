@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output folder")
     push.add_argument("--repo-id", required=True, help="'name' (in your namespace) or 'user-or-org/name'")
     push.add_argument("--private", action="store_true", help="make the repo private when creating it")
-    push.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    push.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN, `hf auth login`)")
     push.add_argument("--revision", default=None, help="branch to push to (default: main)")
     push.add_argument("--commit-message", default="Upload fine-tuned model with hf_l2")
     push.set_defaults(run=_push)

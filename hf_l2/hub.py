@@ -6,8 +6,8 @@ loses nothing and `hf-l2 push OUTPUT_DIR --repo-id ...` can publish the same fol
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
@@ -29,8 +29,8 @@ def _api() -> HfApi:
     return HfApi(library_name="hf_l2", library_version=__version__)
 
 
-def create_repo(repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
-    """Create the model repo if it does not exist (before training: no output yet) and return its full id."""
+def ensure_repo(repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """Create the model repo unless it exists, before training (no output yet), and return its full id."""
     with hub_errors(repo_id, saved_in=None):
         _require_token(token)
         return _api().create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
@@ -108,12 +108,15 @@ def _diagnose(err: Exception, repo_id: str) -> tuple[str, str]:
     if status == 404:
         return (
             f"{repo_id!r} or the requested branch was not found (404)",
-            "check the repo id and --hub_revision; a branch must exist before pushing to it",
+            (
+                "check the repo id and the branch (--hub_revision, or --revision for hf-l2 push); a branch must "
+                "exist before pushing to it"
+            ),
         )
     if isinstance(err, ValueError) and "README.md" in str(err):  # the Hub's validation of the card's YAML header
         return f"the Hub rejected the model card's metadata ({err})", "correct the YAML header of README.md"
     if status is not None:
-        return f"the Hub answered {status} ({err})", "try again later; if it persists, check https://status.huggingface.co"
+        return f"the Hub answered {status} ({err})", "try again later, and check https://status.huggingface.co"
     # huggingface_hub raises httpx's TransportError family (not OSError) when the network is down.
     if isinstance(err, (ConnectionError, TimeoutError)) or any(
         cls.__name__ == "TransportError" for cls in type(err).__mro__

@@ -127,17 +127,27 @@ def write_model_card(
 
 # ---- facts about the run ----------------------------------------------------------------------------------------
 def final_evaluation(log_history: list[dict]) -> tuple[int | None, dict[str, float]]:
-    """Step and metrics (without the `eval_` prefix) of the last evaluation in `log_history`."""
-    for entry in reversed(log_history):
-        metrics = {
+    """Step and metrics (without the `eval_` prefix) of the last evaluation in `log_history`.
+
+    Entries logged at that step are merged, so a metric logged after `evaluate()` (e.g. a perplexity) counts too.
+    """
+    def metrics_of(entry: dict) -> dict[str, float]:
+        return {
             key.removeprefix("eval_"): value
             for key, value in entry.items()
             if key.startswith("eval_") and key.removeprefix("eval_") not in _NOT_METRICS
             and isinstance(value, (int, float))
         }
-        if metrics:
-            return entry.get("step"), metrics
-    return None, {}
+
+    evaluations = [entry for entry in log_history if metrics_of(entry)]
+    if not evaluations:
+        return None, {}
+    step = evaluations[-1].get("step")
+    merged: dict[str, float] = {}
+    for entry in evaluations:
+        if entry.get("step") == step:
+            merged.update(metrics_of(entry))
+    return step, merged
 
 
 def drift_by_group(penalty: L2Penalty, group_by: str = "type") -> list[dict[str, float | str | None]]:
@@ -241,7 +251,10 @@ def _regularization(args, penalty: L2Penalty | None, source: str | None) -> dict
             "and serves as a baseline for L2-SP runs." + decay,
         }
     anchored, new = penalty.tensors()
-    values = lambda tensors: f"{sum(t.numel() for t in tensors):,}"  # noqa: E731
+
+    def values(tensors) -> str:
+        return f"{sum(t.numel() for t in tensors):,}"
+
     excluded = ["parameters that are not trained"]
     if args.l2_exclude_bias_and_norm:
         excluded.append("biases and normalization weights")
@@ -268,13 +281,14 @@ def _regularization(args, penalty: L2Penalty | None, source: str | None) -> dict
         anchor = f"the weights of `{source}` when fine-tuning started"
     else:
         anchor = "the model's weights when fine-tuning started"
-    new_rule = f", including names matching {', '.join(f'`{p}`' for p in args.l2_head_params)}" if args.l2_head_params else ""
+    heads = ", ".join(f"`{p}`" for p in args.l2_head_params or [])
+    new_rule = f", including names matching {heads}" if heads else ""
     return facts | {
         "title": "an L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)",
         "meaning": "The training loss was the task loss plus Ω(θ) = (α/2)·‖θ − θ₀‖² + (β/2)·‖θ_new‖², where θ₀ are "
-        "the weights fine-tuning started from (normally the pretrained ones). Instead of shrinking the weights toward zero as weight decay does, the penalty keeps "
-        "them close to where fine-tuning started, so the model keeps what it learned in pretraining unless the new "
-        "data pays for the change. Parameters with no pretrained counterpart (θ_new, such as a new head) are pulled "
+        "the weights fine-tuning started from (normally the pretrained ones). Instead of shrinking the weights "
+        "toward zero as weight decay does, the penalty keeps them close to where fine-tuning started, so the model "
+        "keeps what it learned in pretraining unless the new data pays for the change. Parameters with no pretrained counterpart (θ_new, such as a new head) are pulled "
         "toward zero with strength β." + decay,
         "anchor": anchor,
         "regularized": f"{len(anchored)} tensors anchored to θ₀ ({values(anchored)} values); {len(new)} new "
@@ -351,17 +365,16 @@ def _is_repo_id(name: str) -> bool:
 def _model_source(model, finetuned_from: str | None) -> tuple[str | None, str | None]:
     """(Hub id for the `base_model` metadata, name to show) of the model fine-tuned: `finetuned_from`, else the
     model's `_name_or_path` (empty for a model built from a config, a path for one loaded from a folder)."""
-    if finetuned_from is not None:
-        if _is_repo_id(finetuned_from):
-            return finetuned_from, finetuned_from
-        logger.warning(
-            f"`finetuned_from`={finetuned_from!r} is not a Hub model id ('name' or 'org/name'): the card names it "
-            "but leaves `base_model` out of its metadata."
-        )
-        return None, finetuned_from
-    name = getattr(getattr(_unwrap(model), "config", None), "_name_or_path", "") or None
-    if name and not os.path.exists(name) and _is_repo_id(name):
+    name = finetuned_from or getattr(getattr(_unwrap(model), "config", None), "_name_or_path", "") or None
+    if name is None or os.path.exists(name):  # a local folder is named in the text, not claimed as a Hub id
+        return None, name
+    if _is_repo_id(name):
         return name, name
+    if finetuned_from is not None:
+        logger.warning(
+            f"`finetuned_from`={finetuned_from!r} is neither a Hub model id ('name' or 'org/name') nor a local "
+            "folder: the card names it but leaves `base_model` out of its metadata."
+        )
     return None, name
 
 

@@ -16,7 +16,7 @@ from .anchor import ANCHOR_FILE, load_anchor, read_weights, save_anchor, take_an
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
 from .decoupled import DecoupledPull
-from .hub import create_repo, upload_run
+from .hub import ensure_repo, upload_run
 from .lora import LoraDeltaPenalty, find_lora_layers
 from .model_card import write_model_card
 from .penalty import L2Penalty, compile_patterns, select_parameters, snapshot
@@ -282,10 +282,11 @@ class L2PenaltyMixin:
         the evaluation data) plus `command`, the command line to record (default: this process's). Values given
         here are kept for the cards that `save_model()` and `push_to_hub()` write later.
         """
-        given = dict(
-            language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
-            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args, command=command,
-        )
+        given = {
+            "language": language, "license": license, "tags": tags, "model_name": model_name,
+            "finetuned_from": finetuned_from, "tasks": tasks, "dataset_tags": dataset_tags, "dataset": dataset,
+            "dataset_args": dataset_args, "command": command,
+        }
         info = {**self._card_info, **{k: v for k, v in given.items() if v is not None}}
         self._write_model_card(self.args.output_dir, info)
         self._card_info = info
@@ -351,7 +352,7 @@ class L2PenaltyMixin:
         invalid token or an unreachable Hub stops the run before any training, with one `HubPublishError`."""
         if not self.is_world_process_zero():
             return
-        self.hub_model_id = create_repo(
+        self.hub_model_id = ensure_repo(
             self._hub_repo_name(),
             token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,

@@ -3,6 +3,8 @@
 import base64
 import json
 import os
+import sys
+import types
 
 import httpx2
 import pytest
@@ -14,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from conftest import TokenDataset, l2_args, params_of, tiny_gpt2
+from recipe_fixtures import load_recipe, save_tiny_gpt2, save_tiny_marian, write_text_files, write_translation_files
 from hf_l2 import HubPublishError, L2Trainer
 from hf_l2.cli import main as hf_l2_main
 from hf_l2.model_card import PLOT_FILE
@@ -24,12 +27,13 @@ TOKEN = "hf_test_token"
 class FakeHub:
     """The Hub's HTTP API as far as `create_repo` and `upload_folder` use it; records what it is sent.
 
-    `fail`: None, "offline" (the connection fails) or an HTTP status answered to every API call.
+    `fail`: None, "offline" (the connection fails) or an HTTP status, answered to every API call whose path
+    contains `fail_on` (all of them by default).
     `watch(folder)`: note the files in `folder` when the first request arrives.
     """
 
     def __init__(self):
-        self.fail = None
+        self.fail, self.fail_on = None, "/"
         self.requests, self.created, self.commits = [], [], []
         self.validated_cards = []
         self._watched, self.files_at_first_request = None, None
@@ -44,10 +48,12 @@ class FakeHub:
         if self._watched and self.files_at_first_request is None:
             self.files_at_first_request = set(os.listdir(self._watched))
         self.requests.append((request.method, path, request.headers.get("authorization")))
-        if self.fail == "offline":
+        failing = self.fail is not None and self.fail_on in path
+        if failing and self.fail == "offline":
             raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
-        if self.fail is not None:
-            return httpx2.Response(self.fail, json={"error": "refused"}, headers={"X-Error-Message": "refused"})
+        if failing:
+            refusal = {"error": "refused", "errors": [{"message": "refused"}]}
+            return httpx2.Response(self.fail, json=refusal, headers={"X-Error-Message": "refused"})
         if path == "/api/repos/create":
             body = json.loads(request.content)
             repo_id = f"{body.get('organization') or 'alice'}/{body['name']}"
@@ -64,7 +70,8 @@ class FakeHub:
             return httpx2.Response(200, json={"files": modes})
         if "/commit/" in path:
             lines = [json.loads(line) for line in request.content.splitlines()]
-            files = {op["value"]["path"]: base64.b64decode(op["value"]["content"]) for op in lines if op["key"] == "file"}
+            files = {op["value"]["path"]: base64.b64decode(op["value"]["content"])
+                     for op in lines if op["key"] == "file"}
             repo_id, revision = path.removeprefix("/api/models/").split("/commit/")
             self.commits.append({"repo_id": repo_id, "revision": revision, "files": files})
             return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
@@ -143,20 +150,21 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "failure, said",
+    "failure, fail_on, said",
     [
-        ("offline", "could not reach https://huggingface.co (ConnectError"),
-        (401, "the Hub rejected the token (401 Unauthorized): it is invalid or expired.\nTo fix it: create a token"),
-        (403, "the token may not write to 'alice/tiny' (403 Forbidden)"),
-        ("no token", "no Hugging Face token was found.\nTo fix it: create a token with write access"),
+        ("offline", "/", "could not reach https://huggingface.co (ConnectError"),
+        (401, "/", "the Hub rejected the token (401 Unauthorized): it is invalid or expired.\nTo fix it: create a"),
+        (403, "/", "the token may not write to 'alice/tiny' (403 Forbidden)"),
+        (400, "/api/validate-yaml", "the Hub rejected the model card's metadata (Invalid metadata in README.md."),
+        ("no token", "/", "no Hugging Face token was found.\nTo fix it: create a token with write access"),
     ],
 )
-def test_a_failed_push_says_what_to_do_and_keeps_the_output(trained, fake_hub, monkeypatch, failure, said):
+def test_a_failed_push_says_what_to_do_and_keeps_the_output(trained, fake_hub, monkeypatch, failure, fail_on, said):
     trainer, out, weights = trained
     if failure == "no token":
         monkeypatch.delenv("HF_TOKEN")
     else:
-        fake_hub.fail = failure
+        fake_hub.fail, fake_hub.fail_on = failure, fail_on
     with pytest.raises(HubPublishError) as caught:
         trainer.push_to_hub()
     message = str(caught.value)
@@ -200,8 +208,74 @@ def test_cli_publishes_a_saved_run_later(trained, fake_hub, tmp_path, capsys):
     fake_hub.fail = 401
     assert hf_l2_main(["push", str(out), "--repo-id", "bob/later"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("Pushing to the Hugging Face Hub failed: the Hub rejected the token") and "Traceback" not in err
+    assert err.startswith("Pushing to the Hugging Face Hub failed: the Hub rejected the token")
+    assert "Traceback" not in err
 
     fake_hub.requests.clear()
     assert hf_l2_main(["push", str(tmp_path), "--repo-id", "bob/later"]) == 2
     assert "holds no saved model" in capsys.readouterr().err and fake_hub.requests == []
+
+
+# ---- the recipes --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def recipe_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe_inputs")
+    return {"gpt2": save_tiny_gpt2(root / "gpt2"), "text": write_text_files(root / "text"),
+            "marian": save_tiny_marian(root / "marian"), "pairs": write_translation_files(root / "pairs")}
+
+
+def recipe_command(recipe, inputs, out, *extra):
+    """`python recipes/<recipe>.py ...` as this process's command line, for the recipe's own entry point `run`."""
+    if recipe == "gpt2_generation":
+        data = ["--model_name_or_path", str(inputs["gpt2"]), "--train_file", str(inputs["text"]["txt"]),
+                "--validation_file", str(inputs["text"]["validation"]), "--block_size", "32", "--max_new_tokens", "4"]
+    else:
+        data = ["--model_name_or_path", str(inputs["marian"]), "--train_file", str(inputs["pairs"]["train"]),
+                "--validation_file", str(inputs["pairs"]["validation"]), "--max_source_length", "16",
+                "--max_target_length", "16"]
+    return [f"recipes/{recipe}.py", *data, "--output_dir", str(out), "--max_steps", "2", "--num_samples", "1",
+            "--per_device_train_batch_size", "4", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "true", "--l2_coef", "0.1", "--push_to_hub", "true", "--hub_model_id", "alice/tiny",
+            "--hub_strategy", "end", *extra]
+
+
+def run_recipe(monkeypatch, recipe, argv):
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    module = load_recipe(recipe)
+    module.run(module.main)
+
+
+@pytest.mark.parametrize("recipe, samples", [("gpt2_generation", "samples.jsonl"),
+                                             ("marian_translation", "translations.jsonl")])
+def test_recipes_push_model_tokenizer_card_and_plot(recipe_inputs, fake_hub, tmp_path, monkeypatch, recipe, samples):
+    out = tmp_path / "run"
+    run_recipe(monkeypatch, recipe, recipe_command(recipe, recipe_inputs, out, "--hub_private_repo", "true"))
+
+    assert fake_hub.created[0] == ("alice/tiny", "private")
+    final = fake_hub.commits[-1]  # save_model() pushes too (as the stock Trainer does); the last push has it all
+    assert final["repo_id"] == "alice/tiny"
+    assert set(final["files"]) == local_files(out)
+    assert {"model.safetensors", "tokenizer_config.json", "README.md", PLOT_FILE, samples, "all_results.json"} <= set(
+        final["files"])
+    card = ModelCard(final["files"]["README.md"].decode())
+    assert card.data.tags[:2] == ["hf_l2", "l2-sp"] and card.data.library_name == "transformers"
+    assert f"python recipes/{recipe}.py --model_name_or_path" in card.text
+    assert "| eval_loss |" in card.text and "| all |" in card.text
+
+
+@pytest.mark.parametrize("fail, fail_on, cause, after", [
+    (401, "/api/repos/create", "the Hub rejected the token (401", "Nothing has been trained yet"),
+    ("offline", "/api/validate-yaml", "could not reach", "Nothing is lost: the model, tokenizer, card and plot"),
+])
+def test_a_recipe_whose_push_fails_ends_with_one_message(recipe_inputs, fake_hub, tmp_path, monkeypatch,
+                                                         fail, fail_on, cause, after):
+    """Refused when the repo is created (before training), or the network gone at the upload (after training)."""
+    out = tmp_path / "run"
+    fake_hub.fail, fake_hub.fail_on = fail, fail_on
+    with pytest.raises(SystemExit) as caught:
+        run_recipe(monkeypatch, "gpt2_generation", recipe_command("gpt2_generation", recipe_inputs, out))
+    message = str(caught.value.code)
+    assert message.startswith(f"error: Pushing to the Hugging Face Hub failed: {cause}") and after in message
+    trained = fail == "offline"
+    assert (out / "model.safetensors").is_file() == trained and (out / "README.md").is_file() == trained

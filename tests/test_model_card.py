@@ -12,8 +12,8 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
 from conftest import TokenDataset, l2_args, params_of, penalized, tiny_gpt2
-from hf_l2 import L2Trainer
-from hf_l2.model_card import PLOT_FILE, plot_training, reproduce_command
+from hf_l2 import L2Trainer, model_card
+from hf_l2.model_card import PLOT_FILE, final_evaluation, plot_training, reproduce_command
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,6 +108,13 @@ def test_plot_draws_the_logged_values(tmp_path):
     assert plot_training([{"train_runtime": 1.0, "step": 0}], str(tmp_path / "none.png")) is None
 
 
+def test_final_evaluation_merges_what_was_logged_at_its_step():
+    history = [{"eval_loss": 3.0, "step": 2}, {"loss": 2.0, "step": 4},
+               {"eval_loss": 2.5, "eval_runtime": 0.1, "epoch": 1.0, "step": 4}, {"eval_perplexity": 12.2, "step": 4}]
+    assert final_evaluation(history) == (4, {"loss": 2.5, "perplexity": 12.2})
+    assert final_evaluation([{"loss": 2.0, "step": 4}]) == (None, {})
+
+
 @pytest.mark.parametrize("mode", ["l2", "none"])
 def test_cards_of_l2_and_baseline_runs(tmp_path, mode):
     model = tiny_gpt2()
@@ -132,7 +139,7 @@ def test_a_local_base_model_is_named_but_kept_out_of_the_metadata(tmp_path, capl
     trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path))
     with caplog.at_level(logging.WARNING):
         trainer.create_model_card(finetuned_from="/models/my-gpt2")
-    assert "`finetuned_from`='/models/my-gpt2' is not a Hub model id" in caplog.text
+    assert "`finetuned_from`='/models/my-gpt2' is neither a Hub model id" in caplog.text
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model is None
     assert "the local model `/models/my-gpt2`" in card.text and "the weights of `/models/my-gpt2`" in card.text
@@ -159,7 +166,7 @@ def test_reproduce_command_names_the_launcher(monkeypatch, argv, env, main_modul
     assert reproduce_command() == expected
 
 
-def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path):
+def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path, monkeypatch):
     source = tmp_path / "src"
     for name in ("hf_l2", "model_cards"):
         shutil.copytree(os.path.join(REPO_ROOT, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -172,16 +179,13 @@ def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         files = archive.namelist()
         entry_points = archive.read(next(f for f in files if f.endswith("entry_points.txt"))).decode()
-    assert "hf_l2/model_cards/template.md" in files
+    assert {"hf_l2/model_cards/template.md", "hf_l2/metrics/sacrebleu.py"} <= set(files)
     assert not any(f.startswith("hf_l2/model_cards/example") for f in files)
     assert "hf-l2 = hf_l2.cli:main" in entry_points
 
-    # Installed elsewhere and imported from there (not from this checkout), it finds its own template.
-    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
-                   check=True, capture_output=True)
-    found = subprocess.run(
-        [sys.executable, "-c", "from hf_l2.model_card import template_path; print(template_path())"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True,
-        check=True,
-    ).stdout.strip()
-    assert found == str(tmp_path / "site" / "hf_l2" / "model_cards" / "template.md")
+    # Unpacked as pip installs it, the package finds the template beside itself, not in this checkout.
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    installed = tmp_path / "site" / "hf_l2"
+    monkeypatch.setattr(model_card, "__file__", str(installed / "model_card.py"))
+    assert model_card.template_path() == installed / "model_cards" / "template.md"
