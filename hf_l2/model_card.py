@@ -28,6 +28,7 @@ logger = logging.get_logger(__name__)
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .lora import LoraDeltaPenalty
     from .penalty import L2Penalty
 
 TEMPLATE_NAME = "template.md"
@@ -103,19 +104,22 @@ def write_model_card(
 
     os.makedirs(output_dir, exist_ok=True)
     plotted = plot_training(trainer.state.log_history, os.path.join(output_dir, PLOT_FILE))
-    drift_rows, drift_intro, has_anchor = _drift_section(trainer._l2, args.l2_mode, trainer.state.global_step)
+    drift_rows, drift_intro, has_anchor, lora_delta = _drift_section(
+        trainer._l2, trainer._l2_lora, args.l2_mode, trainer.state.global_step
+    )
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
         model_name=model_name,
         origin=_origin(model, base_model, source),
         data=", ".join(_as_list(dataset) or datasets),
-        reg=_regularization(args, trainer._l2, source),
+        reg=_regularization(args, trainer._l2, trainer._l2_lora, source),
         eval_step=step,
         eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
         drift_rows=drift_rows,
         drift_intro=drift_intro,
         has_anchor=has_anchor,
+        lora_delta=lora_delta,
         plot_file=PLOT_FILE if plotted is not None else None,
         hyperparameters=list(extract_hyperparameters_from_trainer(trainer).items()),
         command=command or reproduce_command(),
@@ -165,7 +169,7 @@ def drift_by_group(penalty: L2Penalty, group_by: str = "type") -> list[dict[str,
                 total["anchor_sq"] += squares["anchor_sq"]
                 total["anchored"] += 1
     rows = []
-    for group in ["all"] + sorted(g for g in sums if g != "all"):
+    for group in sorted(sums, key=lambda g: (g != "all", g)):
         total = sums[group]
         drift = math.sqrt(total["drift_sq"]) if total["anchored"] else None
         rel = drift / math.sqrt(total["anchor_sq"]) if drift is not None and total["anchor_sq"] > 0 else None
@@ -205,19 +209,24 @@ def reproduce_command() -> str:
 
 
 def plot_training(log_history: list[dict], path: str) -> Figure | None:
-    """Task loss (and eval loss), penalty Ω and drift ‖θ − θ₀‖ against the step, saved as a PNG; None if nothing
-    was logged."""
-    panels = [
-        ("loss", [("loss", "train (task loss)"), ("eval_loss", "eval")]),
-        (r"penalty $\Omega$", [("l2/penalty", r"$\Omega(\theta)$")]),
-        (r"drift $\|\theta - \theta_0\|$", [("l2/drift", r"$\|\theta - \theta_0\|$")]),
+    """Task loss (and eval loss), penalty Ω, drift ‖θ − θ₀‖ and a scheduled α against the step, saved as a PNG;
+    None if nothing was logged."""
+    panels = [  # (y label, [(logged key, legend)], drawn only when its values change)
+        ("loss", [("loss", "train (task loss)"), ("eval_loss", "eval")], False),
+        (r"penalty $\Omega$", [("l2/penalty", r"$\Omega(\theta)$")], False),
+        ("drift", [("l2/drift", r"$\|\theta - \theta_0\|$"), ("l2/lora_delta", r"LoRA $\|\Delta W - \Delta W_0\|$")],
+         False),
+        (r"scheduled $\alpha$", [("l2/coef", r"$\alpha \cdot f(t)$")], True),
     ]
-    series = [
-        (ylabel, [(label, [(h["step"], h[key]) for h in log_history if key in h]) for key, label in lines])
-        for ylabel, lines in panels
-    ]
-    series = [(ylabel, [(label, pts) for label, pts in lines if pts]) for ylabel, lines in series]
-    series = [(ylabel, lines) for ylabel, lines in series if lines]
+    series = []
+    for ylabel, lines, only_if_changing in panels:
+        drawn = []
+        for key, label in lines:
+            points = [(h["step"], h[key]) for h in log_history if key in h]
+            if points and not (only_if_changing and len({value for _, value in points}) < 2):
+                drawn.append((label, points))
+        if drawn:
+            series.append((ylabel, drawn))
     if not series:
         return None
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
@@ -231,8 +240,7 @@ def plot_training(log_history: list[dict], path: str) -> Figure | None:
             ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
-            ax.legend()
+        ax.legend(fontsize="small")
     axes[-1].set_xlabel("optimizer step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.savefig(path, dpi=110)
@@ -240,7 +248,16 @@ def plot_training(log_history: list[dict], path: str) -> Figure | None:
 
 
 # ---- text for the template --------------------------------------------------------------------------------------
-def _regularization(args, penalty: L2Penalty | None, source: str | None) -> dict[str, str]:
+_IMPLS = {
+    "grad": "`grad`: ∇Ω added to the gradients once per optimizer step, after the last backward and before gradient "
+    "clipping",
+    "loss": "`loss`: Ω added to the loss once per optimizer step",
+    "decoupled": "`decoupled`: each optimizer step first moves θ ← θ − lr·α·(θ − θ₀) (new parameters: θ ← θ − lr·β·θ), "
+    "outside the gradient, as AdamW applies weight decay",
+}
+
+
+def _regularization(args, penalty: L2Penalty | None, lora: LoraDeltaPenalty | None, source: str | None) -> dict:
     mode = args.l2_mode
     decay = f" The optimizer's own decoupled `weight_decay` was {args.weight_decay}." if args.weight_decay else ""
     if mode == "none" or penalty is None:
@@ -259,20 +276,24 @@ def _regularization(args, penalty: L2Penalty | None, source: str | None) -> dict
     if args.l2_exclude_bias_and_norm:
         excluded.append("biases and normalization weights")
     excluded += [f"names matching `{p}`" for p in args.l2_exclude or []]
+    omega = "Ω(θ) = (α/2)·‖θ‖²" if mode == "l2" else "Ω(θ) = (α/2)·‖θ − θ₀‖² + (β/2)·‖θ_new‖²"
+    if args.l2_impl == "decoupled":
+        how = f"Each optimizer step also took a step of the learning rate's size on {omega} alone"
+    else:
+        how = f"The training loss was the task loss plus {omega}"
     facts = {
         "mode": mode,
         "alpha": _number(args.l2_coef),
         "beta": _number(args.l2_head_coef),
-        "impl": "`grad`: ∇Ω added to the gradients once per optimizer step, after the last backward and before "
-        "gradient clipping" if args.l2_impl == "grad" else "`loss`: Ω added to the loss once per optimizer step",
+        "schedule": _schedule(args),
+        "impl": _IMPLS[args.l2_impl],
         "excluded": "; ".join(excluded),
     }
     if mode == "l2":
         return facts | {
             "title": "an L2 penalty",
-            "meaning": "The training loss was the task loss plus Ω(θ) = (α/2)·‖θ‖², the classic L2 penalty: it pulls "
-            "every regularized weight toward zero. Ω goes through the optimizer like the loss, unlike AdamW's "
-            "decoupled weight decay." + decay,
+            "meaning": f"{how}: the classic L2 penalty, a pull of every regularized weight toward zero. Unlike "
+            "AdamW's `weight_decay`, its strength α is a term of the objective." + decay,
             "regularized": f"{len(new)} tensors ({values(new)} values)",
         }
     if args.l2_anchor_path:
@@ -282,34 +303,65 @@ def _regularization(args, penalty: L2Penalty | None, source: str | None) -> dict
     else:
         anchor = "the model's weights when fine-tuning started"
     heads = ", ".join(f"`{p}`" for p in args.l2_head_params or [])
-    new_rule = f", including names matching {heads}" if heads else ""
+    regularized = f"{len(anchored)} tensors anchored to θ₀ ({values(anchored)} values); {len(new)} new " + (
+        f"({values(new)} values)" + (f", including names matching {heads}" if heads else "")
+    )
+    lora_text = ""
+    if lora is not None:
+        regularized += f"; {len(lora.layers)} LoRA layers through their weight change ΔW = s·B·A (`l2_lora_delta`)"
+        lora_text = (
+            " On the LoRA adapters Ω penalizes the change of each adapted layer's effective weight, "
+            "(α/2)·‖ΔW − ΔW₀‖², instead of the factors A and B separately."
+        )
     return facts | {
         "title": "an L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)",
-        "meaning": "The training loss was the task loss plus Ω(θ) = (α/2)·‖θ − θ₀‖² + (β/2)·‖θ_new‖², where θ₀ are "
-        "the weights fine-tuning started from (normally the pretrained ones). Instead of shrinking the weights "
-        "toward zero as weight decay does, the penalty keeps them close to where fine-tuning started, so the model "
-        "keeps what it learned in pretraining unless the new data pays for the change. Parameters with no pretrained counterpart (θ_new, such as a new head) are pulled "
-        "toward zero with strength β." + decay,
+        "meaning": f"{how}, where θ₀ are the weights fine-tuning started from (normally the pretrained ones). Instead "
+        "of shrinking the weights toward zero as weight decay does, the penalty keeps them close to where "
+        "fine-tuning started, so the model keeps what it learned in pretraining unless the new data pays for the "
+        "change. Parameters with no pretrained counterpart (θ_new, such as a new head) are pulled toward zero with "
+        "strength β." + lora_text + decay,
         "anchor": anchor,
-        "regularized": f"{len(anchored)} tensors anchored to θ₀ ({values(anchored)} values); {len(new)} new "
-        f"({values(new)} values){new_rule}",
+        "regularized": regularized,
     }
 
 
-def _drift_section(penalty: L2Penalty | None, mode: str, step: int) -> tuple[list[dict[str, str]], str, bool]:
+def _schedule(args) -> str | None:
+    """α and β over training in words, or None when they stay constant."""
+    name, end = args.l2_coef_schedule, _number(args.l2_coef_end_factor)
+    if name == "constant":
+        return None
+    if name == "sigmoid":
+        t0 = "half the steps" if args.l2_sigmoid_t0 is None else _number(args.l2_sigmoid_t0)
+        return (
+            f"`sigmoid` (RecAdam's annealing): α and β × (e + (1 − e)·σ(−k·(t − t₀))), k = {_number(args.l2_sigmoid_k)}"
+            f", t₀ = {t0}, e = {end}"
+        )
+    return f"`{name}`: α and β × a factor going from 1 to {end} (`l2_coef_end_factor`) over the optimizer steps"
+
+
+def _drift_section(
+    penalty: L2Penalty | None, lora: LoraDeltaPenalty | None, mode: str, step: int
+) -> tuple[list[dict[str, str]], str, bool, str | None]:
+    """Table rows, the sentence before them, whether there is a drift column, and the LoRA weight change."""
     if penalty is None:
-        return [], "`l2_mode=none` keeps no anchor θ₀ and regularizes nothing.", False
+        return [], "`l2_mode=none` keeps no anchor θ₀ and regularizes nothing.", False, None
     rows = drift_by_group(penalty)
     has_anchor = any(row["drift"] is not None for row in rows)
-    if has_anchor:
+    if has_anchor or not rows:
         intro = (
             f"Distance of the regularized weights from θ₀ at the end of training (step {step}), over all of them "
             "and per group of layers:"
         )
     else:
         intro = f"Norm of the regularized weights at the end of training (step {step}); `{mode}` keeps no anchor:"
+    lora_delta = None
+    if lora is not None:
+        lora_delta = (
+            f"LoRA weight change ‖ΔW − ΔW₀‖ over the {len(lora.layers)} adapted layers at step {step}: "
+            f"{_number(lora.delta_sq().sqrt().item())}."
+        )
     formatted = [{key: value if key == "group" else _number(value) for key, value in row.items()} for row in rows]
-    return formatted, intro, has_anchor
+    return formatted, intro, has_anchor, lora_delta
 
 
 def _origin(model, base_model: str | None, source: str | None) -> str:

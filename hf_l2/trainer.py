@@ -261,7 +261,6 @@ class L2PenaltyMixin:
                 term.anchors[name] = saved[name].to(dtype=old.dtype, device=old.device)
         self._l2_unbind()
 
-
     # ---- model card and Hub ---------------------------------------------------------------------------------
     def create_model_card(
         self,
@@ -294,8 +293,10 @@ class L2PenaltyMixin:
     def _write_model_card(self, output_dir: str, info: dict) -> None:
         if not self.is_world_process_zero():
             return
-        if self._l2 is not None and not self._l2.bound:  # a card written before training
-            self._l2.bind(dict(self.model.named_parameters()))
+        parameters = dict(self.model.named_parameters())
+        for term in self._l2_terms():
+            if not term.bound:  # a card written before training; bound here for its statistics only
+                term.bind(parameters)
         write_model_card(self, output_dir, **info)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

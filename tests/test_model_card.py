@@ -96,15 +96,18 @@ def test_card_of_a_tiny_l2_sp_run(tmp_path, monkeypatch):
 
 def test_plot_draws_the_logged_values(tmp_path):
     history = [
-        {"loss": 3.0, "l2/penalty": 0.1, "l2/drift": 0.5, "step": 2},
+        {"loss": 3.0, "l2/penalty": 0.1, "l2/drift": 0.5, "l2/coef": 0.2, "step": 2},
         {"eval_loss": 3.2, "step": 2},
-        {"loss": 2.5, "l2/penalty": 0.3, "l2/drift": 0.9, "step": 4},
+        {"loss": 2.5, "l2/penalty": 0.3, "l2/drift": 0.9, "l2/coef": 0.2, "step": 4},
     ]
     figure = plot_training(history, str(tmp_path / "plot.png"))
-    loss, penalty, drift = figure.axes
+    loss, penalty, drift = figure.axes  # a constant α gets no panel
     assert [list(line.get_ydata()) for line in loss.lines] == [[3.0, 2.5], [3.2]]
     assert list(penalty.lines[0].get_xdata()) == [2, 4] and list(penalty.lines[0].get_ydata()) == [0.1, 0.3]
     assert list(drift.lines[0].get_ydata()) == [0.5, 0.9]
+
+    history[2]["l2/coef"] = 0.1  # a schedule lowered it
+    assert list(plot_training(history, str(tmp_path / "plot.png")).axes[3].lines[0].get_ydata()) == [0.2, 0.1]
     assert plot_training([{"train_runtime": 1.0, "step": 0}], str(tmp_path / "none.png")) is None
 
 
@@ -115,24 +118,55 @@ def test_final_evaluation_merges_what_was_logged_at_its_step():
     assert final_evaluation([{"loss": 2.0, "step": 4}]) == (None, {})
 
 
-@pytest.mark.parametrize("mode", ["l2", "none"])
-def test_cards_of_l2_and_baseline_runs(tmp_path, mode):
+@pytest.mark.parametrize("mode, extra", [
+    ("l2", {}),
+    ("none", {}),
+    ("l2_sp", {"l2_impl": "decoupled", "l2_coef_schedule": "linear", "l2_coef_end_factor": 0.5}),
+])
+def test_cards_of_other_modes_impls_and_schedules(tmp_path, mode, extra):
     model = tiny_gpt2()
-    trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_mode=mode, l2_coef=0.5, max_steps=2),
+    start = params_of(model)
+    trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_mode=mode, l2_coef=0.5, max_steps=2, **extra),
                         train_dataset=TokenDataset())
     trainer.train()
     trainer.create_model_card()  # no dataset, no base model: a valid card without model-index
     card = ModelCard.load(tmp_path / "README.md")
     data = card.data.to_dict()
-    assert {"hf_l2", {"l2": "l2", "none": "no-penalty"}[mode]} <= set(data["tags"])
+    assert {"hf_l2", {"l2": "l2", "none": "no-penalty", "l2_sp": "l2-sp"}[mode]} <= set(data["tags"])
     assert "base_model" not in data and "model-index" not in data
     assert "a `GPT2LMHeadModel` (not from the Hub)" in card.text
+    names = [n for n in start if penalized(n)]
     if mode == "l2":
         weight_norm = norm(p.detach() for n, p in model.named_parameters() if penalized(n))
         assert float(table_row(card.text, "all")[0]) == pytest.approx(weight_norm, rel=1e-5)
         assert "keeps no anchor" in card.text and "‖θ − θ₀‖ |" not in card.text
-    else:
+    elif mode == "none":
         assert "No penalty was added" in card.text and "| all |" not in card.text
+    else:
+        assert "Each optimizer step also took a step of the learning rate's size on Ω(θ)" in card.text
+        assert "| implementation (`l2_impl`) | `decoupled`: " in card.text
+        assert "`linear`: α and β × a factor going from 1 to 0.5" in card.text
+        drift = norm(model.get_parameter(n).detach() - start[n] for n in names)
+        assert float(table_row(card.text, "all")[0]) == pytest.approx(drift, rel=1e-5)
+
+
+def test_card_of_a_lora_run_reports_the_weight_change(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True))
+    args = l2_args(tmp_path, l2_coef=0.5, l2_lora_delta=True, max_steps=2, learning_rate=0.1)
+    trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset())
+    trainer.train()
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft"
+    # B starts at zero, so ΔW − ΔW₀ = s·B·A for each adapted layer.
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    delta = norm(m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight for m in layers)
+    assert delta > 0
+    sentence = f"LoRA weight change ‖ΔW − ΔW₀‖ over the {len(layers)} adapted layers at step 2: "
+    assert float(card.text.split(sentence)[1].split(".\n")[0]) == pytest.approx(delta, rel=1e-5)
+    assert f"{len(layers)} LoRA layers through their weight change ΔW = s·B·A" in card.text
 
 
 def test_a_local_base_model_is_named_but_kept_out_of_the_metadata(tmp_path, caplog):
