@@ -1,19 +1,24 @@
-"""Where θ₀ comes from and where it goes: pretrained weights on disk or the Hub, and the checkpoint file."""
+"""Where θ₀ comes from and where it goes: pretrained weights on disk or the Hub, and the checkpoint files."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .lora import modules_to_save_originals
 from .penalty import snapshot
+from .sharding import local_pieces
 
 # Saved next to optimizer.pt in every checkpoint, so that resume restores θ₀ instead of re-snapshotting it.
 ANCHOR_FILE = "l2_anchor.safetensors"
+# Sharded runs (FSDP, ZeRO-3): each rank saves its own pieces of θ₀, as FSDP and DeepSpeed save their states.
+RANK_ANCHOR_FILE = "l2_anchor-rank{rank:05d}-of-{world:05d}.safetensors"
 
 
 def read_weights(path_or_repo_id: str) -> dict[str, torch.Tensor]:
@@ -59,7 +64,7 @@ def embedding_parameter_names(model: nn.Module, parameters: dict[str, torch.Tens
 
 
 def match_anchor(
-    parameters: dict[str, torch.Tensor],
+    shapes: dict[str, torch.Size],
     names: list[str],
     weights: dict[str, torch.Tensor],
     base_model_prefix: str = "",
@@ -80,7 +85,7 @@ def match_anchor(
         if key is None:
             new.append(name)
             continue
-        saved, shape = weights[key], tuple(parameters[name].shape)
+        saved, shape = weights[key], tuple(shapes[name])
         same = tuple(saved.shape) == shape
         resized = name in resizable and saved.dim() == len(shape) == 2 and saved.shape[1] == shape[1]
         if not (same or resized):
@@ -104,20 +109,22 @@ def take_anchors(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     field: str = "l2_anchor_path",
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """θ₀ for ``names``, and the names that have none (new parameters).
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, tuple[int, torch.Size]]]:
+    """θ₀ for ``names``, the names that have none (new parameters), and where each θ₀ sits in its full tensor.
 
     PEFT `modules_to_save` copies are anchored to the frozen original module beside them; the other names to
-    ``weights`` (matched by :func:`match_anchor`) or, without ``weights``, to their current values.
+    ``weights`` (matched by :func:`match_anchor`) or, without ``weights``, to their current values: this rank's
+    piece of them when the model is already sharded (ZeRO-3 `zero.Init`), the whole tensor otherwise.
     """
     originals = {n: t for n, t in modules_to_save_originals(model).items() if n in names}
     anchors = snapshot(originals, list(originals), dtype, device)
     rest = [n for n in names if n not in originals]
+    pieces = local_pieces(model)
     if weights is None:
-        anchors.update(snapshot(parameters, rest, dtype, device))
-        return anchors, []
+        anchors.update(snapshot(pieces, rest, dtype, device))
+        return anchors, [], {n: (pieces[n].start, pieces[n].shape) for n in rest}
     found, absent = match_anchor(
-        parameters,
+        {n: pieces[n].shape for n in rest},
         rest,
         weights,
         getattr(model, "base_model_prefix", ""),
@@ -125,13 +132,46 @@ def take_anchors(
         field,
     )
     anchors.update({n: t.to(dtype=dtype, device=device or parameters[n].device) for n, t in found.items()})
-    return anchors, absent
+    return anchors, absent, {}
 
 
-def save_anchor(anchors: dict[str, torch.Tensor], folder: str) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in anchors.items()}, os.path.join(folder, ANCHOR_FILE))
+def save_anchor(
+    anchors: dict[str, torch.Tensor],
+    layout: dict[str, tuple[int, torch.Size]],
+    folder: str,
+    rank: int | None = None,
+    world: int | None = None,
+) -> str:
+    """Write θ₀ (or, with ``rank``/``world``, this rank's pieces of it) with where each piece sits in the full θ₀."""
+    name = ANCHOR_FILE if rank is None else RANK_ANCHOR_FILE.format(rank=rank, world=world)
+    os.makedirs(folder, exist_ok=True)
+    where = {n: [start, list(shape)] for n, (start, shape) in layout.items() if n in anchors}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in anchors.items()}
+    save_file(tensors, os.path.join(folder, name), metadata={"layout": json.dumps(where)})
+    return name
 
 
-def load_anchor(folder: str) -> dict[str, torch.Tensor] | None:
-    path = os.path.join(folder, ANCHOR_FILE)
-    return load_file(path) if os.path.isfile(path) else None
+def load_anchor(
+    folder: str, rank: int = 0, world: int = 1
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
+    """θ₀ saved in a checkpoint, with its layout: this rank's file from a sharded run, else the whole-θ₀ file.
+
+    Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks.
+    """
+    path = os.path.join(folder, RANK_ANCHOR_FILE.format(rank=rank, world=world))
+    if not os.path.isfile(path):
+        path = os.path.join(folder, ANCHOR_FILE)
+    if not os.path.isfile(path):
+        others = sorted(glob.glob(os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")))
+        if others:
+            raise ValueError(
+                f"{folder} holds θ₀ in per-rank pieces ({os.path.basename(others[0])}, ...) saved by a sharded run "
+                f"with another number of processes than this one ({world}): resume with the same number of "
+                "processes and the same FSDP/ZeRO settings."
+            )
+        return None
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        where = json.loads((f.metadata() or {}).get("layout", "{}"))
+    layout = {n: (int(start), torch.Size(shape)) for n, (start, shape) in where.items()}
+    return tensors, layout

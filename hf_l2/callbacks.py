@@ -3,10 +3,12 @@ step) and `DecoupledL2SPCallback` (the decoupled L2-SP pull, for code that canno
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
@@ -15,6 +17,7 @@ from .anchor import take_anchors
 from .decoupled import DecoupledPull
 from .penalty import L2Penalty, check_number, compile_patterns, select_parameters
 from .schedule import CoefSchedule
+from .sharding import Piece, local_pieces, world_size
 
 logger = logging.get_logger(__name__)
 
@@ -87,7 +90,8 @@ class WeightNormCallback(TrainerCallback):
         if self.track_drift and self._snapshot is None:
             if state.global_step > 0:
                 logger.warning("WeightNormCallback: resumed run without `reference`; drift is from resumed weights.")
-            self._snapshot = self._copy({n: p for n, p in model.named_parameters() if p.requires_grad})
+            trainable = {n: p.local for n, p in local_pieces(model).items() if p.param.requires_grad}
+            self._snapshot = self._copy(trainable)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or model is None:
@@ -99,32 +103,46 @@ class WeightNormCallback(TrainerCallback):
 
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """Norms (and drift) of the trainable weights, globally and per group; one host sync."""
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0]
-        if not named:
+        """Norms (and drift) of the trainable weights, globally and per group; one host sync.
+
+        Under FSDP or ZeRO-3 each rank measures its own pieces and one all-reduce adds them up, so every rank
+        must call this at the same step (the Trainer logs on every rank).
+        """
+        pieces = {n: p for n, p in local_pieces(model).items() if p.param.requires_grad and math.prod(p.shape)}
+        if not pieces:
             return {}
-        groups = [parameter_group(n, self.group_by) for n, _ in named]
-        squares = {"norm": self._squares([p for _, p in named])}
+        sharded = any(p.sharded for p in pieces.values()) and world_size() > 1
+        named = [(n, p) for n, p in pieces.items() if p.numel]
+        device = next(iter(pieces.values())).param.device
+        weights = torch.tensor([1.0 / (p.replicas or world_size()) if sharded else 1.0 for _, p in named], device=device)
+        tensors = [p.local for _, p in named]
+        squares = {"norm": self._squares(tensors, device) * weights}
         if self._snapshot is not None:
-            pairs = [(i, p, self._snapshot[n]) for i, (n, p) in enumerate(named) if n in self._snapshot]
-            drift = torch.zeros(len(named), dtype=torch.float32, device=squares["norm"].device)
+            pairs = [(i, t, self._piece_of(n, p, t)) for i, ((n, p), t) in enumerate(zip(named, tensors))
+                     if n in self._snapshot]
+            drift = torch.zeros(len(named), dtype=torch.float32, device=device)
             ref = torch.zeros_like(drift)
             if pairs:
-                index = torch.tensor([i for i, _, _ in pairs], device=drift.device)
-                params = [p for _, p, _ in pairs]
-                anchors = [a.to(p.device) for _, p, a in pairs]
-                drift[index] = self._squares(torch._foreach_sub(params, anchors)).to(drift.device)
-                ref[index] = self._squares(anchors).to(drift.device)
-            squares["drift"], squares["ref"] = drift, ref
+                index = torch.tensor([i for i, _, _ in pairs], device=device)
+                params = [t for _, t, _ in pairs]
+                anchors = [a.to(t.device) for _, t, a in pairs]
+                drift[index] = self._squares(torch._foreach_sub(params, anchors), device)
+                ref[index] = self._squares(anchors, device)
+            squares["drift"], squares["ref"] = drift * weights, ref * weights
+        groups = [parameter_group(n, self.group_by) for n, _ in named]
+        every_group = sorted({parameter_group(n, self.group_by) for n in pieces})  # the same list on every rank
         keys, sums = [], []
         for kind, per_tensor in squares.items():
             keys.append((kind, None))
             sums.append(per_tensor.sum())
-            for group in sorted(set(groups)):
-                mask = torch.tensor([g == group for g in groups], device=per_tensor.device)
+            for group in every_group:
+                mask = torch.tensor([g == group for g in groups], dtype=torch.bool, device=device)
                 keys.append((kind, group))
                 sums.append(per_tensor[mask].sum())
-        numbers = dict(zip(keys, torch.stack(sums).sqrt().tolist()))
+        totals = torch.stack(sums)
+        if sharded:
+            dist.all_reduce(totals)
+        numbers = dict(zip(keys, totals.sqrt().tolist()))
         out = {}
         for (kind, group), value in numbers.items():
             if kind == "ref":
@@ -134,9 +152,19 @@ class WeightNormCallback(TrainerCallback):
             out["weights/rel_drift"] = numbers[("drift", None)] / numbers[("ref", None)]
         return out
 
+    def _piece_of(self, name: str, piece: Piece, local: torch.Tensor) -> torch.Tensor:
+        """The snapshot for this rank's piece; a full `reference` is cut to it once (and the rest freed)."""
+        full = self._snapshot[name]
+        if full.shape != local.shape:
+            cut = full.reshape(-1)[piece.start : piece.start + local.numel()].view(local.shape)
+            self._snapshot[name] = cut.clone() if cut.numel() < full.numel() else cut
+        return self._snapshot[name]
+
     @staticmethod
-    def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+    def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().to(device)
 
 
 class DecoupledL2SPCallback(TrainerCallback):
@@ -184,9 +212,11 @@ class DecoupledL2SPCallback(TrainerCallback):
         for pattern in selection.unmatched_patterns:
             logger.warning(f"DecoupledL2SPCallback: pattern {pattern!r} matches no trainable parameter.")
         weights = reference.state_dict() if isinstance(reference, nn.Module) else reference
-        anchors, absent = take_anchors(model, parameters, selection.anchored, weights, field="reference")
+        anchors, absent, layout = take_anchors(model, parameters, selection.anchored, weights, field="reference")
         anchored = [n for n in selection.anchored if n in anchors]
-        self.penalty = L2Penalty(coef, head_coef, anchored, selection.new + absent, anchors)
+        self.penalty = L2Penalty(
+            coef, head_coef, anchored, selection.new + absent, anchors, anchor_layout=layout
+        )
         self.schedule = schedule or CoefSchedule()
         self._pull = DecoupledPull([self.penalty])
 

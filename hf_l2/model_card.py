@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,9 +49,32 @@ def template_path() -> Path:
     raise FileNotFoundError(f"hf_l2's card template {TEMPLATE_NAME} is missing; reinstall hf_l2.")
 
 
+@dataclass
+class PenaltyReport:
+    """The penalty's numbers at the end of a run: `L2Penalty.group_statistics` by layer group (with `"all"`) and the
+    LoRA weight change ‖ΔW − ΔW₀‖ (`l2_lora_delta`)."""
+
+    groups: dict[str, dict[str, float]]
+    lora_delta: float | None = None
+    lora_layers: int = 0
+
+
+def measure_penalty(
+    penalty: L2Penalty | None, lora: LoraDeltaPenalty | None = None, group_by: str = "type"
+) -> PenaltyReport | None:
+    """The `PenaltyReport` of bound penalty terms; call it on every process (a collective under FSDP / ZeRO-3)."""
+    if penalty is None:
+        return None
+    groups = penalty.group_statistics(lambda name: parameter_group(name, group_by))
+    if lora is None:
+        return PenaltyReport(groups)
+    return PenaltyReport(groups, lora.delta_sq().sqrt().item(), len(lora.layers))
+
+
 def write_model_card(
     trainer,
     output_dir: str,
+    report: PenaltyReport | None,
     *,
     language: str | list[str] | None = None,
     license: str | None = None,
@@ -64,6 +88,8 @@ def write_model_card(
     command: str | None = None,
 ) -> ModelCard:
     """Write `README.md` and the training plot for an `L2Trainer`'s run into `output_dir`; return the card.
+
+    `report` is `measure_penalty` of the trainer's penalty (None for `l2_mode="none"`).
 
     The arguments are those of `Trainer.create_model_card` (`dataset_tags` are Hub dataset ids, the first one being
     the evaluation data; `dataset_args` its config name) plus `command`, the command line to record (default: this
@@ -104,16 +130,14 @@ def write_model_card(
 
     os.makedirs(output_dir, exist_ok=True)
     plotted = plot_training(trainer.state.log_history, os.path.join(output_dir, PLOT_FILE))
-    drift_rows, drift_intro, has_anchor, lora_delta = _drift_section(
-        trainer._l2, trainer._l2_lora, args.l2_mode, trainer.state.global_step
-    )
+    drift_rows, drift_intro, has_anchor, lora_delta = _drift_section(report, args.l2_mode, trainer.state.global_step)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
         model_name=model_name,
         origin=_origin(model, base_model, source),
         data=", ".join(_as_list(dataset) or datasets),
-        reg=_regularization(args, trainer._l2, trainer._l2_lora, source),
+        reg=_regularization(args, trainer._l2, report, source),
         eval_step=step,
         eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
         drift_rows=drift_rows,
@@ -154,26 +178,17 @@ def final_evaluation(log_history: list[dict]) -> tuple[int | None, dict[str, flo
     return step, merged
 
 
-def drift_by_group(penalty: L2Penalty, group_by: str = "type") -> list[dict[str, float | str | None]]:
-    """‖θ‖, ‖θ − θ₀‖ and ‖θ − θ₀‖/‖θ₀‖ of the regularized weights: first over all of them, then per group.
+def drift_by_group(groups: dict[str, dict[str, float]]) -> list[dict[str, float | str | None]]:
+    """Rows of ‖θ‖, ‖θ − θ₀‖ and ‖θ − θ₀‖/‖θ₀‖ from `L2Penalty.group_statistics`: `"all"` first, then each group.
 
-    Groups are those of `WeightNormCallback` (`parameter_group`). Drift is `None` where a group has no anchor.
+    Drift is `None` where a group has no anchored parameter.
     """
-    sums: dict[str, dict[str, float]] = {}
-    for name, squares in penalty.squares_by_parameter().items():
-        for group in ("all", parameter_group(name, group_by)):
-            total = sums.setdefault(group, {"weight_sq": 0.0, "drift_sq": 0.0, "anchor_sq": 0.0, "anchored": 0})
-            total["weight_sq"] += squares["weight_sq"]
-            if "drift_sq" in squares:
-                total["drift_sq"] += squares["drift_sq"]
-                total["anchor_sq"] += squares["anchor_sq"]
-                total["anchored"] += 1
     rows = []
-    for group in sorted(sums, key=lambda g: (g != "all", g)):
-        total = sums[group]
-        drift = math.sqrt(total["drift_sq"]) if total["anchored"] else None
-        rel = drift / math.sqrt(total["anchor_sq"]) if drift is not None and total["anchor_sq"] > 0 else None
-        rows.append({"group": group, "norm": math.sqrt(total["weight_sq"]), "drift": drift, "rel_drift": rel})
+    for group in sorted(groups, key=lambda g: (g != "all", g)):
+        sums = groups[group]
+        drift = math.sqrt(sums["drift_sq"]) if "drift_sq" in sums else None
+        rel = drift / math.sqrt(sums["anchor_sq"]) if drift is not None and sums["anchor_sq"] > 0 else None
+        rows.append({"group": group, "norm": math.sqrt(sums["weight_sq"]), "drift": drift, "rel_drift": rel})
     return rows
 
 
@@ -257,21 +272,17 @@ _IMPLS = {
 }
 
 
-def _regularization(args, penalty: L2Penalty | None, lora: LoraDeltaPenalty | None, source: str | None) -> dict:
+def _regularization(args, penalty: L2Penalty | None, report: PenaltyReport | None, source: str | None) -> dict:
     mode = args.l2_mode
     decay = f" The optimizer's own decoupled `weight_decay` was {args.weight_decay}." if args.weight_decay else ""
-    if mode == "none" or penalty is None:
+    if mode == "none" or penalty is None or report is None:
         return {
             "mode": mode,
             "title": "no explicit penalty (a baseline)",
             "meaning": "No penalty was added (`l2_mode=none`): this run trained exactly like the stock `Trainer` "
             "and serves as a baseline for L2-SP runs." + decay,
         }
-    anchored, new = penalty.tensors()
-
-    def values(tensors) -> str:
-        return f"{sum(t.numel() for t in tensors):,}"
-
+    anchored_values, new_values = (f"{int(report.groups['all'][k]):,}" for k in ("anchored_values", "new_values"))
     excluded = ["parameters that are not trained"]
     if args.l2_exclude_bias_and_norm:
         excluded.append("biases and normalization weights")
@@ -294,7 +305,7 @@ def _regularization(args, penalty: L2Penalty | None, lora: LoraDeltaPenalty | No
             "title": "an L2 penalty",
             "meaning": f"{how}: the classic L2 penalty, a pull of every regularized weight toward zero. Unlike "
             "AdamW's `weight_decay`, its strength α is a term of the objective." + decay,
-            "regularized": f"{len(new)} tensors ({values(new)} values)",
+            "regularized": f"{len(penalty.new_names)} tensors ({new_values} values)",
         }
     if args.l2_anchor_path:
         anchor = f"the weights in `{args.l2_anchor_path}`; parameters absent there count as new"
@@ -303,12 +314,13 @@ def _regularization(args, penalty: L2Penalty | None, lora: LoraDeltaPenalty | No
     else:
         anchor = "the model's weights when fine-tuning started"
     heads = ", ".join(f"`{p}`" for p in args.l2_head_params or [])
-    regularized = f"{len(anchored)} tensors anchored to θ₀ ({values(anchored)} values); {len(new)} new " + (
-        f"({values(new)} values)" + (f", including names matching {heads}" if heads else "")
+    regularized = (
+        f"{len(penalty.anchored_names)} tensors anchored to θ₀ ({anchored_values} values); "
+        f"{len(penalty.new_names)} new ({new_values} values)" + (f", including names matching {heads}" if heads else "")
     )
     lora_text = ""
-    if lora is not None:
-        regularized += f"; {len(lora.layers)} LoRA layers through their weight change ΔW = s·B·A (`l2_lora_delta`)"
+    if report.lora_delta is not None:
+        regularized += f"; {report.lora_layers} LoRA layers through their weight change ΔW = s·B·A (`l2_lora_delta`)"
         lora_text = (
             " On the LoRA adapters Ω penalizes the change of each adapted layer's effective weight, "
             "(α/2)·‖ΔW − ΔW₀‖², instead of the factors A and B separately."
@@ -340,12 +352,13 @@ def _schedule(args) -> str | None:
 
 
 def _drift_section(
-    penalty: L2Penalty | None, lora: LoraDeltaPenalty | None, mode: str, step: int
+    report: PenaltyReport | None, mode: str, step: int
 ) -> tuple[list[dict[str, str]], str, bool, str | None]:
     """Table rows, the sentence before them, whether there is a drift column, and the LoRA weight change."""
-    if penalty is None:
+    if report is None:
         return [], "`l2_mode=none` keeps no anchor θ₀ and regularizes nothing.", False, None
-    rows = drift_by_group(penalty)
+    regularized = report.groups["all"]["anchored_values"] + report.groups["all"]["new_values"] > 0
+    rows = drift_by_group(report.groups) if regularized else []
     has_anchor = any(row["drift"] is not None for row in rows)
     if has_anchor or not rows:
         intro = (
@@ -355,10 +368,10 @@ def _drift_section(
     else:
         intro = f"Norm of the regularized weights at the end of training (step {step}); `{mode}` keeps no anchor:"
     lora_delta = None
-    if lora is not None:
+    if report.lora_delta is not None:
         lora_delta = (
-            f"LoRA weight change ‖ΔW − ΔW₀‖ over the {len(lora.layers)} adapted layers at step {step}: "
-            f"{_number(lora.delta_sq().sqrt().item())}."
+            f"LoRA weight change ‖ΔW − ΔW₀‖ over the {report.lora_layers} adapted layers at step {step}: "
+            f"{_number(report.lora_delta)}."
         )
     formatted = [{key: value if key == "group" else _number(value) for key, value in row.items()} for row in rows]
     return formatted, intro, has_anchor, lora_delta

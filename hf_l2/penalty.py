@@ -10,6 +10,9 @@ on Ω alone applied straight to the parameters.
 Per-step work runs on lists of tensors with multi-tensor (``torch._foreach_*``) kernels, in chunks of
 bounded size: with ``add_to_grads_`` the only full-size copy kept in memory is the anchor itself. The in-loss
 form (``loss_term``) hands autograd a full-size ∇Ω, as any loss term's backward does.
+
+Under sharding (FSDP, ZeRO-3) everything is per rank: the penalty binds to this rank's pieces of the parameters
+(``sharding.local_pieces``), keeps only the matching pieces of θ₀, and its statistics are summed across ranks.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from .sharding import Piece, world_size
 
 # Elements per chunk of temporaries (θ − θ₀); 2**24 fp32 values = 64 MiB, a few chunks for GPT-2 small.
 CHUNK_NUMEL = 1 << 24
@@ -76,7 +82,7 @@ def select_parameters(
     anchored, fresh = [], []
     used = set()
     for name, param in named_parameters:
-        if not param.requires_grad or param.numel() == 0:
+        if not param.requires_grad or getattr(param, "ds_numel", param.numel()) == 0:  # ZeRO-3: placeholders
             continue
         hit = [p.pattern for p in exclude if p.search(name)]
         used.update(hit)
@@ -90,14 +96,20 @@ def select_parameters(
 
 
 def snapshot(
-    named_parameters: dict[str, torch.Tensor], names: Iterable[str], dtype: torch.dtype, device: str | None
+    named_parameters: Mapping[str, torch.Tensor | Piece], names: Iterable[str], dtype: torch.dtype, device: str | None
 ) -> dict[str, torch.Tensor]:
-    """Detached copies of the named tensors: the anchor θ₀ (``device=None`` keeps each tensor's own device)."""
+    """Detached copies of the named tensors (of this rank's pieces when given pieces): the anchor θ₀.
+
+    ``device=None`` keeps each tensor's own device.
+    """
     with torch.no_grad():
-        return {
-            n: named_parameters[n].detach().to(dtype=dtype, device=device or named_parameters[n].device, copy=True)
-            for n in names
-        }
+        out = {}
+        for n in names:
+            t = named_parameters[n]
+            t = t.local if isinstance(t, Piece) else t
+            # A meta tensor (weights not loaded yet on this rank) stays meta: `bind` takes θ₀ then.
+            out[n] = t.detach().to(dtype=dtype, device="meta" if t.is_meta else device or t.device, copy=True)
+        return out
 
 
 def _chunks(numels: Sequence[int], limit: int = CHUNK_NUMEL) -> list[slice]:
@@ -121,12 +133,17 @@ def group_by_value(values: Sequence[float]) -> dict[float, list[int]]:
     return groups
 
 
-def _sum_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ‖t‖² in fp32 as a 0-d tensor, without a host sync."""
+def _norms_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖t‖² of each tensor, in fp32, as one 1-d tensor."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+
+
+def _sum_sq(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w·‖t‖² in fp32 as a 0-d tensor, without a host sync."""
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return torch.stack(norms).square().sum()
+    squares = _norms_sq(tensors)
+    return (squares if weights is None else squares * weights.to(squares.device)).sum()
 
 
 class L2Penalty:
@@ -134,6 +151,11 @@ class L2Penalty:
 
     Build it from names (``anchored``, ``new``) and an anchor dict; :meth:`bind` attaches it to a model's live
     parameters (call again whenever parameter objects change, e.g. after ``accelerator.prepare``).
+
+    ``anchors`` hold θ₀ whole, or a piece of it: ``anchor_layout[name] = (start, shape)`` says where the stored
+    tensor begins in the full θ₀ flattened in row-major order, and the full θ₀'s shape (default: ``(0, its own
+    shape)``). Binding to sharded pieces cuts each anchor down to this rank's piece and frees the rest. A meta
+    anchor means "the parameter's value at the first bind".
     """
 
     def __init__(
@@ -144,6 +166,7 @@ class L2Penalty:
         new: Sequence[str],
         anchors: dict[str, torch.Tensor] | None = None,
         anchors_on_cpu: bool = False,
+        anchor_layout: dict[str, tuple[int, torch.Size]] | None = None,
     ):
         self.base_coef, self.base_head_coef = float(coef), float(head_coef)
         self.coef, self.head_coef = self.base_coef, self.base_head_coef
@@ -154,6 +177,8 @@ class L2Penalty:
         missing = [n for n in self.anchored_names if n not in self.anchors]
         if missing:
             raise ValueError(f"No anchor for anchored parameters: {missing[:5]}")
+        self.anchor_layout = {n: (0, torch.Size(a.shape)) for n, a in self.anchors.items()}
+        self.anchor_layout.update(anchor_layout or {})
         self._bound = False
 
     def set_factor(self, factor: float) -> None:
@@ -161,35 +186,86 @@ class L2Penalty:
         self.coef, self.head_coef = self.base_coef * factor, self.base_head_coef * factor
 
     # ---- binding --------------------------------------------------------------------------------------------
-    def bind(self, named_parameters: dict[str, torch.Tensor]) -> None:
-        """Resolve names to live parameters; a resized embedding anchors its overlapping rows, the rest are new."""
-        self.parameters = {n: named_parameters[n] for n in self.anchored_names + self.new_names}
-        self._anchored: list[tuple[torch.Tensor, int | None]] = []  # (param, rows anchored or None for all)
+    def bind(self, pieces: Mapping[str, torch.Tensor | Piece]) -> None:
+        """Resolve names to live parameters (or this rank's pieces of them, see ``sharding.local_pieces``).
+
+        A resized embedding anchors its rows that θ₀ has; the extra rows are new.
+        """
+        pieces = {n: p if isinstance(p, Piece) else Piece(p, 0, p.shape) for n, p in pieces.items()}
+        self.parameters = {n: pieces[n].param for n in self.anchored_names + self.new_names}
+        self._anchored: list[tuple[Piece, int | None]] = []  # (piece, rows of it anchored or None for all)
         self._anchor_tensors: list[torch.Tensor] = []
-        self._new: list[tuple[torch.Tensor, int | None]] = []  # (param, first new row or None for all)
-        self._new_labels: list[str] = []  # the parameter name of each entry of `_new`
+        self._new: list[tuple[Piece, int | None]] = []  # (piece, first new row or None for all)
+        self._labels_a: list[str] = []  # the parameter name of each entry, for per-group reports
+        self._labels_n: list[str] = []
         for name in self.anchored_names:
-            param, anchor = named_parameters[name], self.anchors[name]
-            if anchor.device != param.device and not self.anchors_on_cpu:  # e.g. the model moved after the snapshot
-                anchor = self.anchors[name] = anchor.to(param.device)
-            if anchor.shape == param.shape:
-                self._anchored.append((param, None))
+            piece = pieces[name]
+            anchor, rows = self._cut_anchor(name, piece)
+            if anchor.numel():
+                self._anchored.append((piece, rows))
                 self._anchor_tensors.append(anchor)
-                continue
-            rows = min(anchor.shape[0], param.shape[0])
-            self._anchored.append((param, rows))
-            self._anchor_tensors.append(anchor[:rows])
-            if param.shape[0] > rows:
-                self._new.append((param, rows))
-                self._new_labels.append(name)
-        self._new += [(named_parameters[n], None) for n in self.new_names]
-        self._new_labels += self.new_names
+                self._labels_a.append(name)
+            if rows is not None:
+                self._new.append((piece, rows))
+                self._labels_n.append(name)
+        fresh = [n for n in self.new_names if pieces[n].numel]
+        self._new += [(pieces[n], None) for n in fresh]
+        self._labels_n += fresh
         self._anchored_chunks = _chunks([a.numel() for a in self._anchor_tensors])
+        # Every rank sees the same wrapping, so all of them agree on whether statistics need a reduction.
+        self._sharded = any(p.sharded for p in pieces.values()) and world_size() > 1
+        self._zero3 = any(p.zero3 for p in pieces.values())
+        first = next(iter(pieces.values()), None)
+        self._home = first.param.device if first is not None else torch.device("cpu")
+        weight = lambda p: 1.0 / (p.replicas or world_size())  # noqa: E731 -- each piece counts once globally
+        self._weights_a = torch.tensor([weight(p) for p, _ in self._anchored]) if self._sharded else None
+        self._weights_n = torch.tensor([weight(p) for p, _ in self._new]) if self._sharded else None
         self._bound = True
+
+    def _cut_anchor(self, name: str, piece: Piece) -> tuple[torch.Tensor, int | None]:
+        """θ₀ for this rank's piece (stored back in place of the larger tensor) and the rows of the piece it covers.
+
+        θ₀ covers the leading elements of the flattened parameter (all of them unless the embeddings were resized
+        after θ₀ was taken, in which case its rows are the first ones).
+        """
+        stored = self.anchors[name]
+        stored_start, full_shape = self.anchor_layout[name]
+        if stored.is_meta:  # taken before this rank had weights (FSDP's cpu_ram_efficient_loading): take it now
+            stored = piece.local.detach().reshape(-1).to(
+                device="cpu" if self.anchors_on_cpu else None, dtype=stored.dtype, copy=True
+            )
+            stored_start, full_shape = piece.start, piece.shape
+        covered = min(math.prod(full_shape), math.prod(piece.shape))
+        size = piece.numel
+        under = min(max(covered - piece.start, 0), size)
+        local_shape = piece.local.shape
+        rows = None if under == size else under // (size // local_shape[0])
+        offset = piece.start - stored_start
+        if offset < 0 or offset + under > stored.numel():
+            raise ValueError(
+                f"L2 penalty: the stored θ₀ of {name!r} holds elements [{stored_start}, {stored_start + stored.numel()})"
+                f" of the full tensor, but this rank's piece needs [{piece.start}, {piece.start + under}). It was "
+                "saved by a run sharded differently: resume with the same number of processes and the same "
+                "FSDP/ZeRO settings, or from a checkpoint with a full l2_anchor.safetensors."
+            )
+        shape = local_shape if rows is None else (rows, *local_shape[1:])
+        anchor = stored.reshape(-1)[offset : offset + under].view(shape)
+        if anchor.numel() != stored.numel():
+            anchor = anchor.clone()  # a copy of just this piece, so that the full θ₀ can be freed
+        if anchor.device != piece.param.device and not self.anchors_on_cpu:  # e.g. the model moved after the snapshot
+            anchor = anchor.to(piece.param.device)
+        self.anchors[name] = anchor
+        self.anchor_layout[name] = (piece.start, full_shape)
+        return anchor, rows
 
     @property
     def bound(self) -> bool:
         return self._bound
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the bound parameters are sharded across ranks (anchors are then per-rank pieces)."""
+        return self._bound and self._sharded
 
     def unbind(self) -> None:
         self._bound = False
@@ -203,8 +279,8 @@ class L2Penalty:
     def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Fresh views of the anchored and new parameter tensors (autograd-safe for this step)."""
         return (
-            [self._view(p, r, False) for p, r in self._anchored],
-            [self._view(p, r, True) for p, r in self._new],
+            [self._view(p.local, r, False) for p, r in self._anchored],
+            [self._view(p.local, r, True) for p, r in self._new],
         )
 
     def _anchors_on(self, tensors: Sequence[torch.Tensor], sl: slice) -> list[torch.Tensor]:
@@ -235,14 +311,12 @@ class L2Penalty:
         """grad += ∇Ω (times ``scale``, the AMP loss scale, when given), in place, after backward.
 
         θ − θ₀ is formed first, so a small task gradient is not lost against the larger αθ and αθ₀.
-        A parameter with no gradient gets ∇Ω alone, as autograd would give it.
+        A parameter with no gradient gets ∇Ω alone, as autograd would give it. Under sharding each rank adds
+        the gradient of its own pieces to its own gradient shards, after the data-parallel reduction.
         """
         anchored, new = self.tensors()
-        for param, _ in self._anchored + self._new:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-        grads_a = [self._view(p.grad, r, False) for p, r in self._anchored]
-        grads_n = [self._view(p.grad, r, True) for p, r in self._new]
+        grads_a = [self._view(p.grad(), r, False) for p, r in self._anchored]
+        grads_n = [self._view(p.grad(), r, True) for p, r in self._new]
         for sl in self._anchored_chunks:
             diff = torch._foreach_sub(anchored[sl], self._anchors_on(anchored, sl))
             if scale is not None:
@@ -264,7 +338,7 @@ class L2Penalty:
         """
         anchored, new = self.tensors()
         if self.coef:
-            lrs = [lr_of(p) for p, _ in self._anchored]
+            lrs = [lr_of(p.param) for p, _ in self._anchored]
             for sl in self._anchored_chunks:
                 params = anchored[sl]
                 # lerp takes one dtype: a bf16 anchor is widened chunk by chunk
@@ -273,23 +347,20 @@ class L2Penalty:
                     torch._foreach_lerp_([params[i] for i in idx], [anchors[i] for i in idx], lr * self.coef)
                 del anchors
         if self.head_coef and new:
-            for lr, idx in group_by_value([lr_of(p) for p, _ in self._new]).items():
+            for lr, idx in group_by_value([lr_of(p.param) for p, _ in self._new]).items():
                 torch._foreach_mul_([new[i] for i in idx], 1 - lr * self.head_coef)
 
     # ---- value and statistics -------------------------------------------------------------------------------
-    def _drift_sq(self, anchored: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=self._device())
+    def _drift_sq(self, anchored: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self._home)
         with torch.no_grad():
             for sl in self._anchored_chunks:
-                total = total + _sum_sq(torch._foreach_sub(anchored[sl], self._anchors_on(anchored, sl)))
+                diff = torch._foreach_sub(anchored[sl], self._anchors_on(anchored, sl))
+                total = total + _sum_sq(diff, None if weights is None else weights[sl]).to(total.device)
         return total
 
-    def _device(self) -> torch.device:
-        entries = self._anchored or self._new
-        return entries[0][0].device if entries else torch.device("cpu")
-
     def value(self) -> torch.Tensor:
-        """Ω as a detached fp32 0-d tensor (no host sync)."""
+        """Ω as a detached fp32 0-d tensor (no host sync); under sharding, this rank's pieces' share of Ω."""
         anchored, new = self.tensors()
         with torch.no_grad():
             out = 0.5 * self.coef * self._drift_sq(anchored)
@@ -298,48 +369,112 @@ class L2Penalty:
         return out
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        """Sums of squares behind the logged norms, as 0-d fp32 tensors (reduce them, then take roots)."""
-        anchored, new = self.tensors()
-        with torch.no_grad():
-            drift_sq = self._drift_sq(anchored)
-            anchor_sq = torch.zeros_like(drift_sq)
-            for sl in self._anchored_chunks:
-                anchor_sq = anchor_sq + _sum_sq(self._anchors_on(anchored, sl)).to(anchor_sq.device)
-            new_sq = _sum_sq(new).to(drift_sq.device) if new else torch.zeros_like(drift_sq)
-            anchored_sq = _sum_sq(anchored).to(drift_sq.device) if anchored else torch.zeros_like(drift_sq)
-        return {"drift_sq": drift_sq, "anchor_sq": anchor_sq, "new_sq": new_sq, "anchored_sq": anchored_sq}
+        """Sums of squares behind the logged norms, as 0-d fp32 tensors (take roots for norms).
 
-    def squares_by_parameter(self) -> dict[str, dict[str, float]]:
-        """Per parameter name: ``weight_sq`` = Σθ² over its regularized entries and, for anchored ones, ``drift_sq``
-        = Σ(θ − θ₀)² and ``anchor_sq`` = Σθ₀², as floats (one host sync). For reports, e.g. drift per layer group.
-
-        A resized embedding reports its anchored and new rows together under its one name.
+        They are global: under sharding each rank sums its pieces and ONE all-reduce adds the ranks up (a collective:
+        every rank must call this at the same step).
         """
         anchored, new = self.tensors()
-        if not anchored and not new:
-            return {}
+        wa, wn = self._weights_a, self._weights_n
         with torch.no_grad():
-            drift, anchor = [], []
+            drift_sq = self._drift_sq(anchored, wa)
+            anchor_sq = torch.zeros_like(drift_sq)
             for sl in self._anchored_chunks:
-                chunk_anchors = self._anchors_on(anchored, sl)
-                drift += torch._foreach_norm(torch._foreach_sub(anchored[sl], chunk_anchors), 2, dtype=torch.float32)
-                anchor += torch._foreach_norm(chunk_anchors, 2, dtype=torch.float32)
-            weight = torch._foreach_norm(anchored + new, 2, dtype=torch.float32)
-            values = torch.stack(drift + anchor + list(weight)).square().tolist()
-        k = len(anchored)
-        drift_sq, anchor_sq, weight_sq = values[:k], values[k : 2 * k], values[2 * k :]
-        out: dict[str, dict[str, float]] = {}
-        for i, name in enumerate(self.anchored_names):
-            out[name] = {"weight_sq": weight_sq[i], "drift_sq": drift_sq[i], "anchor_sq": anchor_sq[i]}
-        for name, value in zip(self._new_labels, weight_sq[k:]):
-            entry = out.setdefault(name, {"weight_sq": 0.0})
-            entry["weight_sq"] += value
+                part = _sum_sq(self._anchors_on(anchored, sl), None if wa is None else wa[sl])
+                anchor_sq = anchor_sq + part.to(anchor_sq.device)
+            new_sq = _sum_sq(new, wn).to(drift_sq.device) if new else torch.zeros_like(drift_sq)
+            anchored_sq = _sum_sq(anchored, wa).to(drift_sq.device) if anchored else torch.zeros_like(drift_sq)
+            stats = torch.stack([drift_sq, anchor_sq, new_sq, anchored_sq])
+            if self._sharded:
+                dist.all_reduce(stats)
+        return dict(zip(("drift_sq", "anchor_sq", "new_sq", "anchored_sq"), stats.unbind()))
+
+    def group_statistics(self, group_of: Callable[[str], str]) -> dict[str, dict[str, float]]:
+        """Per group of parameters (``group_of(name)``), and over all of them as ``"all"``: Σθ² (``weight_sq``),
+        Σ(θ − θ₀)² (``drift_sq``), Σθ₀² (``anchor_sq``) and the numbers of anchored and new values, as floats.
+
+        For reports such as drift per layer group. Global like :meth:`statistics` (under sharding a collective:
+        every rank must call it). A group without anchored parameters has no ``drift_sq`` / ``anchor_sq``.
+        """
+        groups = ["all"] + sorted({group_of(n) for n in self.anchored_names + self.new_names})  # same on all ranks
+        anchored, new = self.tensors()
+        columns = []  # per entry: weight_sq, drift_sq, anchor_sq, anchored values, new values
+        with torch.no_grad():
+            for sl in self._anchored_chunks:
+                anchors = self._anchors_on(anchored, sl)
+                drift = _norms_sq(torch._foreach_sub(anchored[sl], anchors))
+                counts = torch.tensor([float(t.numel()) for t in anchored[sl]], device=drift.device)
+                columns.append(torch.stack([_norms_sq(anchored[sl]), drift, _norms_sq(anchors), counts,
+                                            torch.zeros_like(counts)], dim=1).to(self._home))
+            if new:
+                weight = _norms_sq(new)
+                counts = torch.tensor([float(t.numel()) for t in new], device=weight.device)
+                zero = torch.zeros_like(weight)
+                columns.append(torch.stack([weight, zero, zero, zero, counts], dim=1).to(self._home))
+            sums = torch.zeros(len(groups), 5, dtype=torch.float32, device=self._home)
+            if columns:
+                entries = torch.cat(columns)
+                if self._sharded:  # a piece held by several ranks counts once
+                    entries = entries * torch.cat([self._weights_a, self._weights_n]).to(entries)[:, None]
+                rows = [groups.index(group_of(n)) for n in self._labels_a + self._labels_n]
+                sums.index_add_(0, torch.tensor(rows, device=self._home), entries)
+                sums[0] = entries.sum(0)
+            if self._sharded:
+                dist.all_reduce(sums)
+        anchored_groups = {"all", *map(group_of, self.anchored_names)} if self.anchored_names else set()
+        out = {}
+        for group, (weight_sq, drift_sq, anchor_sq, n_anchored, n_new) in zip(groups, sums.tolist()):
+            out[group] = {"weight_sq": weight_sq, "anchored_values": n_anchored, "new_values": n_new}
+            if group in anchored_groups:
+                out[group] |= {"drift_sq": drift_sq, "anchor_sq": anchor_sq}
         return out
 
     def loss_term(self) -> torch.Tensor:
-        """Ω as a differentiable scalar whose backward adds ∇Ω with multi-tensor kernels (the in-loss form)."""
+        """Ω as a differentiable scalar whose backward adds ∇Ω with multi-tensor kernels (the in-loss form).
+
+        Under FSDP the inputs are the local shards (``DTensor.to_local`` views), so each rank's term reaches only
+        its own gradient shards, bypassing the data-parallel reduction: the ranks' terms add up to Ω exactly.
+        Under ZeRO-3 the gradient has to go through DeepSpeed's reduction instead: see ``zero3.py``.
+        """
+        if self._zero3:
+            from .zero3 import zero3_loss_term
+
+            return zero3_loss_term(self)
         anchored, new = self.tensors()
         return _PenaltyFunction.apply(self, *anchored, *new)
+
+    def bound_parameters(self) -> list[torch.Tensor]:
+        """Each parameter with a non-empty piece under the penalty, once, in binding order."""
+        return list({id(p.param): p.param for p, _ in self._anchored + self._new}.values())
+
+    def local_gradients(self, scale: torch.Tensor, ids: set[int]) -> dict[int, tuple[Piece, torch.Tensor]]:
+        """∇Ω·scale on this rank's pieces of the parameters whose ``id`` is in ``ids``, flattened, by ``id``.
+
+        A piece's anchored rows come first and its new rows (a resized embedding's) last.
+        """
+        anchored = [(i, p, r) for i, (p, r) in enumerate(self._anchored) if id(p.param) in ids]
+        new = [(p, r) for p, r in self._new if id(p.param) in ids]
+        out: dict[int, tuple[Piece, torch.Tensor]] = {}
+
+        def flat(piece: Piece) -> torch.Tensor:
+            if id(piece.param) not in out:
+                local = piece.local
+                out[id(piece.param)] = (piece, torch.zeros(piece.numel, dtype=local.dtype, device=local.device))
+            return out[id(piece.param)][1]
+
+        if anchored:
+            values = [self._view(p.local, r, False) for _, p, r in anchored]
+            anchors = [self._anchor_tensors[i].to(v.device) for (i, _, _), v in zip(anchored, values)]
+            diffs = torch._foreach_sub(values, anchors)
+            torch._foreach_mul_(diffs, self._factor(self.coef, scale))
+            for (_, piece, _), d in zip(anchored, diffs):
+                flat(piece)[: d.numel()] = d.reshape(-1)
+        if new:
+            grads = torch._foreach_mul([self._view(p.local, r, True) for p, r in new], self._factor(self.head_coef, scale))
+            for (piece, _), g in zip(new, grads):
+                target = flat(piece)
+                target[target.numel() - g.numel() :] = g.reshape(-1)
+        return out
 
 
 class _PenaltyFunction(torch.autograd.Function):

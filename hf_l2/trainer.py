@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from huggingface_hub import HfApi
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
@@ -18,8 +20,9 @@ from .config import ANCHOR_DTYPES, L2Config
 from .decoupled import DecoupledPull
 from .hub import ensure_repo, upload_run
 from .lora import LoraDeltaPenalty, find_lora_layers
-from .model_card import write_model_card
+from .model_card import measure_penalty, write_model_card
 from .penalty import L2Penalty, compile_patterns, select_parameters, snapshot
+from .sharding import local_pieces, world_size
 
 logger = logging.get_logger(__name__)
 
@@ -110,13 +113,17 @@ class L2PenaltyMixin:
             dtype = ANCHOR_DTYPES[args.l2_anchor_dtype]
             device = "cpu" if args.l2_anchor_device == "cpu" else None
             weights = read_weights(args.l2_anchor_path) if args.l2_anchor_path else None
-            anchors, absent = take_anchors(model, parameters, selection.anchored, weights, dtype, device)
+            anchors, absent, layout = take_anchors(model, parameters, selection.anchored, weights, dtype, device)
             anchored, new = [n for n in selection.anchored if n in anchors], selection.new + absent
             if absent:
                 logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
-            penalty = L2Penalty(args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu")
+            penalty = L2Penalty(
+                args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu",
+                anchor_layout=layout,
+            )
 
-        count = lambda names: sum(parameters[n].numel() for n in names)  # noqa: E731
+        pieces = local_pieces(model)  # ZeRO-3 `zero.Init` placeholders count by their real size
+        count = lambda names: sum(math.prod(pieces[n].shape) for n in names)  # noqa: E731
         logger.info(
             f"L2 penalty ({args.l2_mode}, impl={args.l2_impl}): {len(penalty.anchored_names)} anchored tensors "
             f"({count(penalty.anchored_names):,} values), {len(penalty.new_names)} new tensors "
@@ -143,11 +150,15 @@ class L2PenaltyMixin:
             self._l2_pull = None
 
     def _l2_bind(self) -> None:
-        parameters = dict(self.model.named_parameters())
-        for term in self._l2_terms():
-            term.bind(parameters)
+        self._l2_bind_terms()
         if self.args.l2_impl == "decoupled":
             self._l2_pull = DecoupledPull(self._l2_terms()).attach(self.optimizer)
+
+    def _l2_bind_terms(self) -> None:
+        # After `accelerator.prepare`: under FSDP / ZeRO-3 the pieces are this rank's shards, and θ₀ is cut to match.
+        self._l2.bind(local_pieces(self.model))
+        if self._l2_lora is not None:
+            self._l2_lora.bind(dict(self.model.named_parameters()))
 
     def train(self, *args, **kwargs):
         self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
@@ -237,21 +248,27 @@ class L2PenaltyMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         anchors = {name: t for term in self._l2_terms() for name, t in term.anchors.items()}
-        if anchors and self.args.should_save:
-            save_anchor(anchors, output_dir)
+        if not anchors:
+            return
+        layout = self._l2.anchor_layout  # where each piece sits; the LoRA factors are always whole
+        if self._l2.sharded:  # every rank holds different pieces of θ₀: each saves its own (this runs on all ranks)
+            save_anchor(anchors, layout, output_dir, dist.get_rank(), world_size())
+        elif self.args.should_save:
+            save_anchor(anchors, layout, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         terms = [t for t in self._l2_terms() if t.anchored_names]
         if checkpoint is None or not terms:
             return
-        saved = load_anchor(checkpoint)
-        if saved is None:
+        loaded = load_anchor(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        if loaded is None:
             logger.warning(
                 f"{checkpoint} has no {ANCHOR_FILE}; L2-SP keeps the anchor taken when the trainer was built. "
                 "Build the trainer from the pretrained model (or set `l2_anchor_path`) so that θ₀ is right."
             )
             return
+        saved, layout = loaded
         missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
             raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
@@ -259,7 +276,9 @@ class L2PenaltyMixin:
             for name in term.anchored_names:
                 old = term.anchors[name]
                 term.anchors[name] = saved[name].to(dtype=old.dtype, device=old.device)
-        self._l2_unbind()
+        for name in self._l2.anchored_names:
+            self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
+        self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
 
     # ---- model card and Hub ---------------------------------------------------------------------------------
     def create_model_card(
@@ -279,7 +298,8 @@ class L2PenaltyMixin:
 
         Replaces the stock card; the arguments are the stock ones (`dataset_tags`: Hub dataset ids, the first being
         the evaluation data) plus `command`, the command line to record (default: this process's). Values given
-        here are kept for the cards that `save_model()` and `push_to_hub()` write later.
+        here are kept for the cards that `save_model()` and `push_to_hub()` write later. Call it on every process
+        (as the Trainer's own calls are): under FSDP / ZeRO-3 the drift statistics are summed across them.
         """
         given = {
             "language": language, "license": license, "tags": tags, "model_name": model_name,
@@ -291,13 +311,11 @@ class L2PenaltyMixin:
         self._card_info = info
 
     def _write_model_card(self, output_dir: str, info: dict) -> None:
-        if not self.is_world_process_zero():
-            return
-        parameters = dict(self.model.named_parameters())
-        for term in self._l2_terms():
-            if not term.bound:  # a card written before training; bound here for its statistics only
-                term.bind(parameters)
-        write_model_card(self, output_dir, **info)
+        if self._l2 is not None and not self._l2.bound:  # a card written before training
+            self._l2_bind_terms()
+        report = measure_penalty(self._l2, self._l2_lora)  # on every process: a collective under FSDP / ZeRO-3
+        if self.is_world_process_zero():
+            write_model_card(self, output_dir, report, **info)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the model and tokenizer; called by the user, also the card and plot, then push if `push_to_hub`.
@@ -327,9 +345,8 @@ class L2PenaltyMixin:
         `blocking=False`, from the returned future). `kwargs` go to `create_model_card`.
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        self.save_model(_internal_call=True)  # on every process: gathering a sharded model needs all of them
-        if not self.is_world_process_zero():
-            return None
+        # Both on every process: gathering a sharded model, and the card's statistics, need all of them.
+        self.save_model(_internal_call=True)
         self.create_model_card(**kwargs)
         return self._upload_output_dir(commit_message, blocking, token, revision, private)
 
