@@ -89,10 +89,9 @@ def write_model_card(
 ) -> ModelCard:
     """Write `README.md` and the training plot for an `L2Trainer`'s run into `output_dir`; return the card.
 
-    `report` is `measure_penalty` of the trainer's penalty (None for `l2_mode="none"`).
-
-    The arguments are those of `Trainer.create_model_card` (`dataset_tags` are Hub dataset ids, the first one being
-    the evaluation data; `dataset_args` its config name) plus `command`, the command line to record (default: this
+    `report` is `measure_penalty` of the trainer's penalty terms (None for `l2_mode="none"`). The other arguments
+    are those of `Trainer.create_model_card` (`dataset_tags` are Hub dataset ids, the first one being the
+    evaluation data; `dataset_args` its config name) plus `command`, the command line to record (default: this
     process's own, see `reproduce_command`).
     """
     args, model = trainer.args, trainer.model

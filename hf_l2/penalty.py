@@ -397,6 +397,7 @@ class L2Penalty:
         every rank must call it). A group without anchored parameters has no ``drift_sq`` / ``anchor_sq``.
         """
         groups = ["all"] + sorted({group_of(n) for n in self.anchored_names + self.new_names})  # same on all ranks
+        row_of = {group: i for i, group in enumerate(groups)}
         anchored, new = self.tensors()
         columns = []  # per entry: weight_sq, drift_sq, anchor_sq, anchored values, new values
         with torch.no_grad():
@@ -416,8 +417,8 @@ class L2Penalty:
                 entries = torch.cat(columns)
                 if self._sharded:  # a piece held by several ranks counts once
                     entries = entries * torch.cat([self._weights_a, self._weights_n]).to(entries)[:, None]
-                rows = [groups.index(group_of(n)) for n in self._labels_a + self._labels_n]
-                sums.index_add_(0, torch.tensor(rows, device=self._home), entries)
+                rows = torch.tensor([row_of[group_of(n)] for n in self._labels_a + self._labels_n], device=self._home)
+                sums.index_add_(0, rows, entries)
                 sums[0] = entries.sum(0)
             if self._sharded:
                 dist.all_reduce(sums)
