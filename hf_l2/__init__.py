@@ -2,6 +2,7 @@
 
 from .callbacks import DecoupledL2SPCallback, WeightNormCallback
 from .config import L2Config, L2Seq2SeqConfig
+from .hub import HubPublishError
 from .penalty import L2Penalty
 from .schedule import CoefSchedule
 from .trainer import L2Seq2SeqTrainer, L2Trainer
@@ -17,4 +18,5 @@ __all__ = [
     "DecoupledL2SPCallback",
     "CoefSchedule",
     "L2Penalty",
+    "HubPublishError",
 ]

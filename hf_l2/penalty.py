@@ -133,11 +133,16 @@ def group_by_value(values: Sequence[float]) -> dict[float, list[int]]:
     return groups
 
 
+def _norms_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖t‖² of each tensor, in fp32, as one 1-d tensor."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+
+
 def _sum_sq(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
     """Σ w·‖t‖² in fp32 as a 0-d tensor, without a host sync."""
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    squares = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+    squares = _norms_sq(tensors)
     return (squares if weights is None else squares * weights.to(squares.device)).sum()
 
 
@@ -192,15 +197,21 @@ class L2Penalty:
         self._anchored: list[tuple[Piece, int | None]] = []  # (piece, rows of it anchored or None for all)
         self._anchor_tensors: list[torch.Tensor] = []
         self._new: list[tuple[Piece, int | None]] = []  # (piece, first new row or None for all)
+        self._labels_a: list[str] = []  # the parameter name of each entry, for per-group reports
+        self._labels_n: list[str] = []
         for name in self.anchored_names:
             piece = pieces[name]
             anchor, rows = self._cut_anchor(name, piece)
             if anchor.numel():
                 self._anchored.append((piece, rows))
                 self._anchor_tensors.append(anchor)
+                self._labels_a.append(name)
             if rows is not None:
                 self._new.append((piece, rows))
-        self._new += [(pieces[n], None) for n in self.new_names if pieces[n].numel]
+                self._labels_n.append(name)
+        fresh = [n for n in self.new_names if pieces[n].numel]
+        self._new += [(pieces[n], None) for n in fresh]
+        self._labels_n += fresh
         self._anchored_chunks = _chunks([a.numel() for a in self._anchor_tensors])
         # Every rank sees the same wrapping, so all of them agree on whether statistics need a reduction.
         self._sharded = any(p.sharded for p in pieces.values()) and world_size() > 1
@@ -383,6 +394,47 @@ class L2Penalty:
             if self._sharded:
                 dist.all_reduce(stats)
         return dict(zip(("drift_sq", "anchor_sq", "new_sq", "anchored_sq"), stats.unbind()))
+
+    def group_statistics(self, group_of: Callable[[str], str]) -> dict[str, dict[str, float]]:
+        """Per group of parameters (``group_of(name)``), and over all of them as ``"all"``: Σθ² (``weight_sq``),
+        Σ(θ − θ₀)² (``drift_sq``), Σθ₀² (``anchor_sq``) and the numbers of anchored and new values, as floats.
+
+        For reports such as drift per layer group. Global like :meth:`statistics` (under sharding a collective:
+        every rank must call it). A group without anchored parameters has no ``drift_sq`` / ``anchor_sq``.
+        """
+        groups = ["all"] + sorted({group_of(n) for n in self.anchored_names + self.new_names})  # same on all ranks
+        row_of = {group: i for i, group in enumerate(groups)}
+        anchored, new = self.tensors()
+        columns = []  # per entry: weight_sq, drift_sq, anchor_sq, anchored values, new values
+        with torch.no_grad():
+            for sl in self._anchored_chunks:
+                anchors = self._anchors_on(anchored, sl)
+                drift = _norms_sq(torch._foreach_sub(anchored[sl], anchors))
+                counts = torch.tensor([float(t.numel()) for t in anchored[sl]], device=drift.device)
+                columns.append(torch.stack([_norms_sq(anchored[sl]), drift, _norms_sq(anchors), counts,
+                                            torch.zeros_like(counts)], dim=1).to(self._home))
+            if new:
+                weight = _norms_sq(new)
+                counts = torch.tensor([float(t.numel()) for t in new], device=weight.device)
+                zero = torch.zeros_like(weight)
+                columns.append(torch.stack([weight, zero, zero, zero, counts], dim=1).to(self._home))
+            sums = torch.zeros(len(groups), 5, dtype=torch.float32, device=self._home)
+            if columns:
+                entries = torch.cat(columns)
+                if self._sharded:  # a piece held by several ranks counts once
+                    entries = entries * torch.cat([self._weights_a, self._weights_n]).to(entries)[:, None]
+                rows = torch.tensor([row_of[group_of(n)] for n in self._labels_a + self._labels_n], device=self._home)
+                sums.index_add_(0, rows, entries)
+                sums[0] = entries.sum(0)
+            if self._sharded:
+                dist.all_reduce(sums)
+        anchored_groups = {"all", *map(group_of, self.anchored_names)} if self.anchored_names else set()
+        out = {}
+        for group, (weight_sq, drift_sq, anchor_sq, n_anchored, n_new) in zip(groups, sums.tolist()):
+            out[group] = {"weight_sq": weight_sq, "anchored_values": n_anchored, "new_values": n_new}
+            if group in anchored_groups:
+                out[group] |= {"drift_sq": drift_sq, "anchor_sq": anchor_sq}
+        return out
 
     def loss_term(self) -> torch.Tensor:
         """Ω as a differentiable scalar whose backward adds ∇Ω with multi-tensor kernels (the in-loss form).

@@ -20,6 +20,8 @@ import yaml
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import HfArgumentParser, PretrainedConfig, Trainer
 
+from .hub import HubPublishError
+
 logger = logging.getLogger(__name__)
 
 # File suffix → `datasets` builder.
@@ -185,8 +187,8 @@ def publish(trainer: Trainer, training_args, card_kwargs: dict) -> None:
 
 
 def run(main: Callable[[], Any]) -> None:
-    """Run a recipe's `main`, turning bad input into one readable line instead of a traceback."""
+    """Run a recipe's `main`, turning bad input or a failed push into one readable message instead of a traceback."""
     try:
         main()
-    except RecipeInputError as err:
+    except (RecipeInputError, HubPublishError) as err:
         sys.exit(f"error: {err}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import HfApi
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
@@ -15,7 +18,9 @@ from .anchor import ANCHOR_FILE, load_anchor, read_weights, save_anchor, take_an
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
 from .decoupled import DecoupledPull
+from .hub import ensure_repo, upload_run
 from .lora import LoraDeltaPenalty, find_lora_layers
+from .model_card import measure_penalty, write_model_card
 from .penalty import L2Penalty, compile_patterns, select_parameters, snapshot
 from .sharding import local_pieces, world_size
 
@@ -49,6 +54,7 @@ class L2PenaltyMixin:
         self._l2_lora: LoraDeltaPenalty | None = None
         self._l2_pull: DecoupledPull | None = None
         self._l2_factor = 1.0  # the schedule's factor used by the latest optimizer step
+        self._card_info: dict = {}  # what `create_model_card` was told, for the cards written after it
         self._l2_add_to_loss = False
         self._l2_in_loss: torch.Tensor | None = None
         self._move_weight_norm_callbacks_first()
@@ -144,12 +150,15 @@ class L2PenaltyMixin:
             self._l2_pull = None
 
     def _l2_bind(self) -> None:
+        self._l2_bind_terms()
+        if self.args.l2_impl == "decoupled":
+            self._l2_pull = DecoupledPull(self._l2_terms()).attach(self.optimizer)
+
+    def _l2_bind_terms(self) -> None:
         # After `accelerator.prepare`: under FSDP / ZeRO-3 the pieces are this rank's shards, and θ₀ is cut to match.
         self._l2.bind(local_pieces(self.model))
         if self._l2_lora is not None:
             self._l2_lora.bind(dict(self.model.named_parameters()))
-        if self.args.l2_impl == "decoupled":
-            self._l2_pull = DecoupledPull(self._l2_terms()).attach(self.optimizer)
 
     def train(self, *args, **kwargs):
         self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
@@ -270,6 +279,106 @@ class L2PenaltyMixin:
         for name in self._l2.anchored_names:
             self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
         self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
+
+    # ---- model card and Hub ---------------------------------------------------------------------------------
+    def create_model_card(
+        self,
+        language: str | list[str] | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        command: str | None = None,
+    ) -> None:
+        """Write the L2 model card (`README.md`) and its plot (`l2_training.png`) into `output_dir`.
+
+        Replaces the stock card; the arguments are the stock ones (`dataset_tags`: Hub dataset ids, the first being
+        the evaluation data) plus `command`, the command line to record (default: this process's). Values given
+        here are kept for the cards that `save_model()` and `push_to_hub()` write later. Call it on every process
+        (as the Trainer's own calls are): under FSDP / ZeRO-3 the drift statistics are summed across them.
+        """
+        given = {
+            "language": language, "license": license, "tags": tags, "model_name": model_name,
+            "finetuned_from": finetuned_from, "tasks": tasks, "dataset_tags": dataset_tags, "dataset": dataset,
+            "dataset_args": dataset_args, "command": command,
+        }
+        info = {**self._card_info, **{k: v for k, v in given.items() if v is not None}}
+        self._write_model_card(self.args.output_dir, info)
+        self._card_info = info
+
+    def _write_model_card(self, output_dir: str, info: dict) -> None:
+        if self._l2 is not None and not self._l2.bound:  # a card written before training
+            self._l2_bind_terms()
+        report = measure_penalty(self._l2, self._l2_lora)  # on every process: a collective under FSDP / ZeRO-3
+        if self.is_world_process_zero():
+            write_model_card(self, output_dir, report, **info)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model and tokenizer; called by the user, also the card and plot, then push if `push_to_hub`.
+
+        The stock method would push before the card exists; here the upload starts only once all is on disk.
+        """
+        super().save_model(output_dir, _internal_call=True)
+        if _internal_call:  # checkpoints and `push_to_hub` itself
+            return
+        self._write_model_card(output_dir or self.args.output_dir, self._card_info)
+        if self.args.push_to_hub:
+            self._upload_output_dir("Model save")
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Save model, tokenizer, card and plot in `output_dir`, then upload it to `hub_model_id`.
+
+        Nothing is sent before the local save is complete. A Hub failure (no network, missing or invalid token,
+        repo errors) raises one `hf_l2.HubPublishError` saying what to do, with the local output intact (with
+        `blocking=False`, from the returned future). `kwargs` go to `create_model_card`.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        # Both on every process: gathering a sharded model, and the card's statistics, need all of them.
+        self.save_model(_internal_call=True)
+        self.create_model_card(**kwargs)
+        return self._upload_output_dir(commit_message, blocking, token, revision, private)
+
+    def _upload_output_dir(self, commit_message, blocking=True, token=None, revision=None, private=None):
+        if not self.is_world_process_zero():
+            return None
+        self._finish_current_push()  # a checkpoint upload still running would race with this one
+        upload = functools.partial(
+            upload_run,
+            self.args.output_dir,
+            self.hub_model_id or self._hub_repo_name(),
+            token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+            commit_message=commit_message or "End of training",
+            revision=revision or self.args.hub_revision,
+        )
+        return upload() if blocking else HfApi().run_as_future(upload)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo. With `push_to_hub=True` the Trainer calls this when it is built, so a missing or
+        invalid token or an unreachable Hub stops the run before any training, with one `HubPublishError`."""
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = ensure_repo(
+            self._hub_repo_name(),
+            token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+        )
+        self.push_in_progress = None
+
+    def _hub_repo_name(self) -> str:
+        return self.args.hub_model_id or Path(self.args.output_dir).absolute().name
 
 
 class L2Trainer(L2PenaltyMixin, Trainer):

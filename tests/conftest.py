@@ -33,6 +33,11 @@ def gpt2_from_checkpoint(checkpoint) -> GPT2LMHeadModel:
     return model
 
 
+def penalized(name: str) -> bool:
+    """GPT-2's decayed weights, the Trainer's own no-decay rule written out: no biases, no LayerNorms."""
+    return "bias" not in name and ".ln_" not in name
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Random token sequences with some padding (label -100), so per-batch token counts differ."""
 

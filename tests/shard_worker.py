@@ -19,6 +19,7 @@ from conftest import TokenDataset, max_rel_diff, params_of, tiny_gpt2  # noqa: E
 
 from hf_l2 import WeightNormCallback  # noqa: E402
 from hf_l2.anchor import load_anchor, save_anchor  # noqa: E402
+from hf_l2.callbacks import parameter_group  # noqa: E402
 from hf_l2.penalty import L2Penalty, snapshot  # noqa: E402
 from hf_l2.sharding import clean_name, local_pieces  # noqa: E402
 
@@ -93,6 +94,8 @@ def run(how, impl, rank, world, out_dir):
                       step(model, penalty, opt, (ids[rows], labels[rows], n_items), impl, world, how)))
     stats = {k: v.item() for k, v in penalty.statistics().items()}
     ref_stats = {k: v.item() for k, v in ref_penalty.statistics().items()}
+    groups = penalty.group_statistics(lambda name: parameter_group(name, "type"))  # the model card's numbers
+    ref_groups = ref_penalty.group_statistics(lambda name: parameter_group(name, "type"))
     value = torch.tensor(penalty.value().item())
     dist.all_reduce(value)  # each rank's share of Ω; together they are Ω
 
@@ -128,6 +131,8 @@ def run(how, impl, rank, world, out_dir):
         "norms": norms,
         "stats": stats,
         "ref_stats": ref_stats,
+        "groups": groups,
+        "ref_groups": ref_groups,
         "value": value.item(),
         "ref_value": ref_penalty.value().item(),
         "resumed_stats": resumed_stats,

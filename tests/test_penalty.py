@@ -66,6 +66,24 @@ def test_resized_embedding_anchors_overlapping_rows_only():
     torch.testing.assert_close(emb.weight.grad, torch.cat([w[:4], 0.5 * w[4:]]))
 
 
+def test_group_statistics_by_hand():
+    emb = nn.Embedding(3, 2)
+    extra = nn.Parameter(torch.tensor([2.0, -1.0]))
+    with torch.no_grad():
+        emb.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 4.0]]))
+    params = {"emb": emb.weight, "extra": extra}
+    # The embedding grew from 2 rows to 3: rows 0-1 are anchored, row 2 is new; "extra" is new altogether.
+    pen = L2Penalty(1.0, 1.0, ["emb"], ["extra"], {"emb": torch.tensor([[1.0, 0.0], [0.0, 0.0]])})
+    pen.bind(params)
+    got = pen.group_statistics(lambda name: name)  # one group per parameter
+    # emb: Σθ² over all 3 rows = 1+4+0+1+9+16; Σ(θ−θ₀)² over rows 0-1 = 0+4+0+1; Σθ₀² = 1; 4 anchored, 2 new values
+    assert got["emb"] == pytest.approx(
+        {"weight_sq": 31.0, "drift_sq": 5.0, "anchor_sq": 1.0, "anchored_values": 4.0, "new_values": 2.0})
+    assert got["extra"] == pytest.approx({"weight_sq": 5.0, "anchored_values": 0.0, "new_values": 2.0})
+    assert got["all"] == pytest.approx(
+        {"weight_sq": 36.0, "drift_sq": 5.0, "anchor_sq": 1.0, "anchored_values": 4.0, "new_values": 4.0})
+
+
 def test_bf16_and_cpu_anchor_storage():
     m = Two()
     stored = snapshot(dict(m.named_parameters()), ["a", "b"], torch.bfloat16, "cpu")

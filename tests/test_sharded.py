@@ -48,6 +48,9 @@ def test_statistics_are_global_and_anchor_is_split(sharded_runs, case):
         assert run["stats"][key] == pytest.approx(value, rel=1e-5), key
         assert run["resumed_stats"][key] == pytest.approx(value, rel=1e-5), key  # θ₀ restored from rank files
     assert run["value"] == pytest.approx(run["ref_value"], rel=1e-5)  # the ranks' shares add up to Ω
+    assert run["groups"].keys() == run["ref_groups"].keys()  # the model card's drift per group: global too
+    for group, sums in run["ref_groups"].items():
+        assert run["groups"][group] == pytest.approx(sums, rel=1e-5), group
     assert sum(run["anchor_per_rank"]) == run["anchored_total"]  # each value of θ₀ is kept on exactly one rank
     assert max(run["anchor_per_rank"]) <= 0.51 * run["anchored_total"]
     assert run["weight_norms"].keys() == run["ref_weight_norms"].keys()

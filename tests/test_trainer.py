@@ -9,14 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Model, MarianConfig, MarianMTModel, Seq2SeqTrainer, Trainer
 
-from conftest import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, tiny_gpt2
+from conftest import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
 from hf_l2.anchor import ANCHOR_FILE
-
-
-def penalized(name: str) -> bool:
-    """GPT-2's decayed weights, the Trainer's own no-decay rule written out: no biases, no LayerNorms."""
-    return "bias" not in name and ".ln_" not in name
 
 
 def omega_by_hand(model, anchor, alpha):

@@ -1,0 +1,90 @@
+"""The `hf-l2` command. Subcommands: `push` (publish a finished run to the Hub without retraining).
+
+Each subcommand registers its parser in `build_parser` and sets `run`, a function of the parsed arguments that
+returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+from huggingface_hub import ModelCard
+
+from .hub import HubPublishError, upload_run
+from .model_card import CARD_FILE
+
+# A folder written by `save_model` holds a config and weights: full (sharded or not) or a PEFT adapter.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-l2", description="Tools for runs fine-tuned with hf_l2.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    push = commands.add_parser(
+        "push",
+        help="publish a saved run (model, tokenizer, card, plot) to the Hugging Face Hub",
+        description="Upload OUTPUT_DIR, as written by trainer.save_model(), to a Hub model repo (created if needed). "
+        "Checkpoint folders are left out.",
+    )
+    push.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output folder")
+    push.add_argument("--repo-id", required=True, help="'name' (in your namespace) or 'user-or-org/name'")
+    push.add_argument("--private", action="store_true", help="make the repo private when creating it")
+    push.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN, `hf auth login`)")
+    push.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    push.add_argument("--commit-message", default="Upload fine-tuned model with hf_l2")
+    push.set_defaults(run=_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def _push(args: argparse.Namespace) -> int:
+    folder = args.output_dir
+    if not _holds_saved_model(folder):
+        print(
+            f"hf-l2 push: {folder} holds no saved model (a config and {' or '.join(_WEIGHT_FILES)}): pass the folder "
+            "that trainer.save_model() wrote.",
+            file=sys.stderr,
+        )
+        return 2
+    card = os.path.join(folder, CARD_FILE)
+    if not os.path.isfile(card):
+        print(f"hf-l2 push: warning: no {CARD_FILE} in {folder}; the repo will have no model card.", file=sys.stderr)
+    else:
+        try:
+            ModelCard.load(card)  # the Hub checks the YAML header too, but only after the token and repo
+        except (ValueError, yaml.YAMLError) as err:
+            print(f"hf-l2 push: the metadata of {card} is invalid ({err}); correct its YAML header.", file=sys.stderr)
+            return 2
+    try:
+        commit = upload_run(
+            folder,
+            args.repo_id,
+            token=args.token,
+            private=args.private or None,
+            commit_message=args.commit_message,
+            revision=args.revision,
+        )
+    except HubPublishError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"Pushed {folder} to {commit.repo_url}: {commit.commit_url}")
+    return 0
+
+
+def _holds_saved_model(folder: str) -> bool:
+    def has(name: str) -> bool:
+        return os.path.isfile(os.path.join(folder, name))
+
+    return (has("config.json") or has("adapter_config.json")) and any(has(name) for name in _WEIGHT_FILES)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""The model card of a run: Hub metadata, the regularization in words, eval results, drift, curves and the command.
+
+The text comes from the Jinja template `model_cards/template.md` (installed as `hf_l2/model_cards/`), rendered with
+`huggingface_hub.ModelCard.from_template`, so the YAML header is built by `ModelCardData` the way the Hub reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers.modelcard import TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING, extract_hyperparameters_from_trainer
+from transformers.utils import logging
+
+from .callbacks import parameter_group
+
+logger = logging.get_logger(__name__)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .lora import LoraDeltaPenalty
+    from .penalty import L2Penalty
+
+TEMPLATE_NAME = "template.md"
+CARD_FILE = "README.md"
+PLOT_FILE = "l2_training.png"
+MODE_TAGS = {"l2_sp": "l2-sp", "l2": "l2", "none": "no-penalty"}
+# Keys of an evaluation log that describe the run, not the model.
+_NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step"}
+
+
+def template_path() -> Path:
+    """The card template: `hf_l2/model_cards/` in an installed package, `model_cards/` at the root of a checkout."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "model_cards", package.parent / "model_cards"):
+        if (folder / TEMPLATE_NAME).is_file():
+            return folder / TEMPLATE_NAME
+    raise FileNotFoundError(f"hf_l2's card template {TEMPLATE_NAME} is missing; reinstall hf_l2.")
+
+
+@dataclass
+class PenaltyReport:
+    """The penalty's numbers at the end of a run: `L2Penalty.group_statistics` by layer group (with `"all"`) and the
+    LoRA weight change ‖ΔW − ΔW₀‖ (`l2_lora_delta`)."""
+
+    groups: dict[str, dict[str, float]]
+    lora_delta: float | None = None
+    lora_layers: int = 0
+
+
+def measure_penalty(
+    penalty: L2Penalty | None, lora: LoraDeltaPenalty | None = None, group_by: str = "type"
+) -> PenaltyReport | None:
+    """The `PenaltyReport` of bound penalty terms; call it on every process (a collective under FSDP / ZeRO-3)."""
+    if penalty is None:
+        return None
+    groups = penalty.group_statistics(lambda name: parameter_group(name, group_by))
+    if lora is None:
+        return PenaltyReport(groups)
+    return PenaltyReport(groups, lora.delta_sq().sqrt().item(), len(lora.layers))
+
+
+def write_model_card(
+    trainer,
+    output_dir: str,
+    report: PenaltyReport | None,
+    *,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+    command: str | None = None,
+) -> ModelCard:
+    """Write `README.md` and the training plot for an `L2Trainer`'s run into `output_dir`; return the card.
+
+    `report` is `measure_penalty` of the trainer's penalty terms (None for `l2_mode="none"`). The other arguments
+    are those of `Trainer.create_model_card` (`dataset_tags` are Hub dataset ids, the first one being the
+    evaluation data; `dataset_args` its config name) plus `command`, the command line to record (default: this
+    process's own, see `reproduce_command`).
+    """
+    args, model = trainer.args, trainer.model
+    base_model, source = _model_source(model, finetuned_from)
+    datasets = _as_list(dataset_tags)
+    step, metrics = final_evaluation(trainer.state.log_history)
+    model_name = model_name or (args.hub_model_id or Path(output_dir).absolute().name).split("/")[-1]
+    task = _task(model, tasks)
+    eval_results = None
+    if metrics and task and datasets:  # the Hub drops a model-index entry without a task and a dataset
+        eval_results = [
+            EvalResult(
+                task_type=task,
+                task_name=TASK_TAG_TO_NAME_MAPPING.get(task),
+                dataset_type=datasets[0],
+                dataset_name=(_as_list(dataset) or datasets)[0],
+                dataset_config=(_as_list(dataset_args) or [None])[0],
+                metric_type=key,
+                metric_name=f"eval_{key}",
+                metric_value=value,
+            )
+            for key, value in metrics.items()
+        ]
+    card_tags = ["hf_l2", MODE_TAGS[args.l2_mode], *_as_list(tags), *(getattr(model, "model_tags", None) or [])]
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=datasets or None,
+        language=language,
+        license=license,
+        library_name="peft" if _is_peft(model) else "transformers",
+        tags=card_tags + ["generated_from_trainer"],
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
+    )
+
+    os.makedirs(output_dir, exist_ok=True)
+    plotted = plot_training(trainer.state.log_history, os.path.join(output_dir, PLOT_FILE))
+    drift_rows, drift_intro, has_anchor, lora_delta = _drift_section(report, args.l2_mode, trainer.state.global_step)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        model_name=model_name,
+        origin=_origin(model, base_model, source),
+        data=", ".join(_as_list(dataset) or datasets),
+        reg=_regularization(args, trainer._l2, report, source),
+        eval_step=step,
+        eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
+        drift_rows=drift_rows,
+        drift_intro=drift_intro,
+        has_anchor=has_anchor,
+        lora_delta=lora_delta,
+        plot_file=PLOT_FILE if plotted is not None else None,
+        hyperparameters=list(extract_hyperparameters_from_trainer(trainer).items()),
+        command=command or reproduce_command(),
+        versions=_versions(_is_peft(model)),
+    )
+    card.save(os.path.join(output_dir, CARD_FILE))
+    return card
+
+
+# ---- facts about the run ----------------------------------------------------------------------------------------
+def final_evaluation(log_history: list[dict]) -> tuple[int | None, dict[str, float]]:
+    """Step and metrics (without the `eval_` prefix) of the last evaluation in `log_history`.
+
+    Entries logged at that step are merged, so a metric logged after `evaluate()` (e.g. a perplexity) counts too.
+    """
+    def metrics_of(entry: dict) -> dict[str, float]:
+        return {
+            key.removeprefix("eval_"): value
+            for key, value in entry.items()
+            if key.startswith("eval_") and key.removeprefix("eval_") not in _NOT_METRICS
+            and isinstance(value, (int, float))
+        }
+
+    evaluations = [entry for entry in log_history if metrics_of(entry)]
+    if not evaluations:
+        return None, {}
+    step = evaluations[-1].get("step")
+    merged: dict[str, float] = {}
+    for entry in evaluations:
+        if entry.get("step") == step:
+            merged.update(metrics_of(entry))
+    return step, merged
+
+
+def drift_by_group(groups: dict[str, dict[str, float]]) -> list[dict[str, float | str | None]]:
+    """Rows of ‖θ‖, ‖θ − θ₀‖ and ‖θ − θ₀‖/‖θ₀‖ from `L2Penalty.group_statistics`: `"all"` first, then each group.
+
+    Drift is `None` where a group has no anchored parameter.
+    """
+    rows = []
+    for group in sorted(groups, key=lambda g: (g != "all", g)):
+        sums = groups[group]
+        drift = math.sqrt(sums["drift_sq"]) if "drift_sq" in sums else None
+        rel = drift / math.sqrt(sums["anchor_sq"]) if drift is not None and sums["anchor_sq"] > 0 else None
+        rows.append({"group": group, "norm": math.sqrt(sums["weight_sq"]), "drift": drift, "rel_drift": rel})
+    return rows
+
+
+def reproduce_command() -> str:
+    """This process's command line as a user types it, behind `torchrun` or `accelerate launch` when one started it.
+
+    Launchers are recognized by the variables they set in each process they start; of their options only the number
+    of processes and machines (and accelerate's mixed precision) can be recovered.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    script = sys.argv[0]
+    if spec is not None and spec.name:  # python -m package.module
+        program = ["-m", spec.name.removesuffix(".__main__")]
+    elif not script.endswith(".py") and shutil.which(os.path.basename(script)) == script:  # a console script
+        return shlex.join([os.path.basename(script), *sys.argv[1:]])
+    else:
+        program = [script]
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+    nodes = max(world // max(per_node, 1), 1)
+    if "ACCELERATE_MIXED_PRECISION" in env:  # set by `accelerate launch` in every process
+        launcher = ["accelerate", "launch"]
+        launcher += ["--num_processes", str(world)] if world > 1 else []
+        launcher += ["--num_machines", str(nodes)] if nodes > 1 else []
+        precision = env["ACCELERATE_MIXED_PRECISION"]
+        launcher += ["--mixed_precision", precision] if precision != "no" else []
+    elif "TORCHELASTIC_RUN_ID" in env:  # set by torchrun
+        launcher = ["torchrun"] + (["--nnodes", str(nodes)] if nodes > 1 else []) + ["--nproc_per_node", str(per_node)]
+    else:
+        launcher = ["python"]
+    return shlex.join(launcher + program + sys.argv[1:])
+
+
+def plot_training(log_history: list[dict], path: str) -> Figure | None:
+    """Task loss (and eval loss), penalty Ω, drift ‖θ − θ₀‖ and a scheduled α against the step, saved as a PNG;
+    None if nothing was logged."""
+    panels = [  # (y label, [(logged key, legend)], drawn only when its values change)
+        ("loss", [("loss", "train (task loss)"), ("eval_loss", "eval")], False),
+        (r"penalty $\Omega$", [("l2/penalty", r"$\Omega(\theta)$")], False),
+        ("drift", [("l2/drift", r"$\|\theta - \theta_0\|$"), ("l2/lora_delta", r"LoRA $\|\Delta W - \Delta W_0\|$")],
+         False),
+        (r"scheduled $\alpha$", [("l2/coef", r"$\alpha \cdot f(t)$")], True),
+    ]
+    series = []
+    for ylabel, lines, only_if_changing in panels:
+        drawn = []
+        for key, label in lines:
+            points = [(h["step"], h[key]) for h in log_history if key in h]
+            if points and not (only_if_changing and len({value for _, value in points}) < 2):
+                drawn.append((label, points))
+        if drawn:
+            series.append((ylabel, drawn))
+    if not series:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6.4, 1.9 * len(series) + 0.6), layout="constrained")
+    axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (ylabel, lines) in zip(axes, series):
+        for label, points in lines:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[-1].set_xlabel("optimizer step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.savefig(path, dpi=110)
+    return figure
+
+
+# ---- text for the template --------------------------------------------------------------------------------------
+_IMPLS = {
+    "grad": "`grad`: ∇Ω added to the gradients once per optimizer step, after the last backward and before gradient "
+    "clipping",
+    "loss": "`loss`: Ω added to the loss once per optimizer step",
+    "decoupled": "`decoupled`: each optimizer step first moves θ ← θ − lr·α·(θ − θ₀) (new parameters: θ ← θ − lr·β·θ), "
+    "outside the gradient, as AdamW applies weight decay",
+}
+
+
+def _regularization(args, penalty: L2Penalty | None, report: PenaltyReport | None, source: str | None) -> dict:
+    mode = args.l2_mode
+    decay = f" The optimizer's own decoupled `weight_decay` was {args.weight_decay}." if args.weight_decay else ""
+    if mode == "none" or penalty is None or report is None:
+        return {
+            "mode": mode,
+            "title": "no explicit penalty (a baseline)",
+            "meaning": "No penalty was added (`l2_mode=none`): this run trained exactly like the stock `Trainer` "
+            "and serves as a baseline for L2-SP runs." + decay,
+        }
+    anchored_values, new_values = (f"{int(report.groups['all'][k]):,}" for k in ("anchored_values", "new_values"))
+    excluded = ["parameters that are not trained"]
+    if args.l2_exclude_bias_and_norm:
+        excluded.append("biases and normalization weights")
+    excluded += [f"names matching `{p}`" for p in args.l2_exclude or []]
+    omega = "Ω(θ) = (α/2)·‖θ‖²" if mode == "l2" else "Ω(θ) = (α/2)·‖θ − θ₀‖² + (β/2)·‖θ_new‖²"
+    if args.l2_impl == "decoupled":
+        how = f"Each optimizer step also took a step of the learning rate's size on {omega} alone"
+    else:
+        how = f"The training loss was the task loss plus {omega}"
+    facts = {
+        "mode": mode,
+        "alpha": _number(args.l2_coef),
+        "beta": _number(args.l2_head_coef),
+        "schedule": _schedule(args),
+        "impl": _IMPLS[args.l2_impl],
+        "excluded": "; ".join(excluded),
+    }
+    if mode == "l2":
+        return facts | {
+            "title": "an L2 penalty",
+            "meaning": f"{how}: the classic L2 penalty, a pull of every regularized weight toward zero. Unlike "
+            "AdamW's `weight_decay`, its strength α is a term of the objective." + decay,
+            "regularized": f"{len(penalty.new_names)} tensors ({new_values} values)",
+        }
+    if args.l2_anchor_path:
+        anchor = f"the weights in `{args.l2_anchor_path}`; parameters absent there count as new"
+    elif source:
+        anchor = f"the weights of `{source}` when fine-tuning started"
+    else:
+        anchor = "the model's weights when fine-tuning started"
+    heads = ", ".join(f"`{p}`" for p in args.l2_head_params or [])
+    regularized = (
+        f"{len(penalty.anchored_names)} tensors anchored to θ₀ ({anchored_values} values); "
+        f"{len(penalty.new_names)} new ({new_values} values)" + (f", including names matching {heads}" if heads else "")
+    )
+    lora_text = ""
+    if report.lora_delta is not None:
+        regularized += f"; {report.lora_layers} LoRA layers through their weight change ΔW = s·B·A (`l2_lora_delta`)"
+        lora_text = (
+            " On the LoRA adapters Ω penalizes the change of each adapted layer's effective weight, "
+            "(α/2)·‖ΔW − ΔW₀‖², instead of the factors A and B separately."
+        )
+    return facts | {
+        "title": "an L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)",
+        "meaning": f"{how}, where θ₀ are the weights fine-tuning started from (normally the pretrained ones). Instead "
+        "of shrinking the weights toward zero as weight decay does, the penalty keeps them close to where "
+        "fine-tuning started, so the model keeps what it learned in pretraining unless the new data pays for the "
+        "change. Parameters with no pretrained counterpart (θ_new, such as a new head) are pulled toward zero with "
+        "strength β." + lora_text + decay,
+        "anchor": anchor,
+        "regularized": regularized,
+    }
+
+
+def _schedule(args) -> str | None:
+    """α and β over training in words, or None when they stay constant."""
+    name, end = args.l2_coef_schedule, _number(args.l2_coef_end_factor)
+    if name == "constant":
+        return None
+    if name == "sigmoid":
+        t0 = "half the steps" if args.l2_sigmoid_t0 is None else _number(args.l2_sigmoid_t0)
+        return (
+            f"`sigmoid` (RecAdam's annealing): α and β × (e + (1 − e)·σ(−k·(t − t₀))), k = {_number(args.l2_sigmoid_k)}"
+            f", t₀ = {t0}, e = {end}"
+        )
+    return f"`{name}`: α and β × a factor going from 1 to {end} (`l2_coef_end_factor`) over the optimizer steps"
+
+
+def _drift_section(
+    report: PenaltyReport | None, mode: str, step: int
+) -> tuple[list[dict[str, str]], str, bool, str | None]:
+    """Table rows, the sentence before them, whether there is a drift column, and the LoRA weight change."""
+    if report is None:
+        return [], "`l2_mode=none` keeps no anchor θ₀ and regularizes nothing.", False, None
+    regularized = report.groups["all"]["anchored_values"] + report.groups["all"]["new_values"] > 0
+    rows = drift_by_group(report.groups) if regularized else []
+    has_anchor = any(row["drift"] is not None for row in rows)
+    if has_anchor or not rows:
+        intro = (
+            f"Distance of the regularized weights from θ₀ at the end of training (step {step}), over all of them "
+            "and per group of layers:"
+        )
+    else:
+        intro = f"Norm of the regularized weights at the end of training (step {step}); `{mode}` keeps no anchor:"
+    lora_delta = None
+    if report.lora_delta is not None:
+        lora_delta = (
+            f"LoRA weight change ‖ΔW − ΔW₀‖ over the {report.lora_layers} adapted layers at step {step}: "
+            f"{_number(report.lora_delta)}."
+        )
+    formatted = [{key: value if key == "group" else _number(value) for key, value in row.items()} for row in rows]
+    return formatted, intro, has_anchor, lora_delta
+
+
+def _origin(model, base_model: str | None, source: str | None) -> str:
+    if base_model:
+        return f"[{base_model}](https://huggingface.co/{base_model})"
+    if source:
+        return f"the local model `{source}`"
+    return f"a `{type(_unwrap(model)).__name__}` (not from the Hub)"
+
+
+def _versions(peft: bool) -> list[tuple[str, str]]:
+    from . import __version__
+
+    names = ["transformers", "torch", "accelerate"] + (["peft"] if peft else []) + ["datasets", "tokenizers"]
+    found = [("hf_l2", __version__)]
+    for name in names:
+        try:
+            found.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------------
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.6g}"
+
+
+def _is_peft(model) -> bool:
+    from transformers.trainer_utils import _is_peft_model
+
+    return _is_peft_model(model)
+
+
+def _unwrap(model):
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _model_source(model, finetuned_from: str | None) -> tuple[str | None, str | None]:
+    """(Hub id for the `base_model` metadata, name to show) of the model fine-tuned: `finetuned_from`, else the
+    model's `_name_or_path` (empty for a model built from a config, a path for one loaded from a folder)."""
+    name = finetuned_from or getattr(getattr(_unwrap(model), "config", None), "_name_or_path", "") or None
+    if name is None or os.path.exists(name):  # a local folder is named in the text, not claimed as a Hub id
+        return None, name
+    if _is_repo_id(name):
+        return name, name
+    if finetuned_from is not None:
+        logger.warning(
+            f"`finetuned_from`={finetuned_from!r} is neither a Hub model id ('name' or 'org/name') nor a local "
+            "folder: the card names it but leaves `base_model` out of its metadata."
+        )
+    return None, name
+
+
+def _task(model, tasks: str | list[str] | None) -> str | None:
+    """The first of `tasks`, else the pipeline task of the model's class (as the stock Trainer card infers it)."""
+    if tasks:
+        return _as_list(tasks)[0]
+    class_name = type(_unwrap(model)).__name__
+    for task, mapping in TASK_MAPPING.items():
+        for names in mapping.values():
+            if class_name in ((names,) if isinstance(names, str) else names):
+                return task
+    return None
