@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate() -> dict:
         metrics = trainer.evaluate()
         metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+        trainer.log({"eval_perplexity": metrics["eval_perplexity"]})  # into the log history, so the card has it
         return metrics
 
     metrics = train_and_report(trainer, training_args, len(train_set), len(eval_set), evaluate)
