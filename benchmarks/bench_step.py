@@ -1,4 +1,4 @@
-"""Throughput of whole optimizer steps: stock `transformers.Trainer` vs `L2Trainer` (L2-SP, `l2_impl` grad and loss).
+"""Throughput of whole optimizer steps: stock `transformers.Trainer` vs `L2Trainer` (L2-SP; impls grad, loss, decoupled).
 
     python benchmarks/bench_step.py                                         # CPU defaults, ~2 min
     python benchmarks/bench_step.py --device cuda --bf16 --n_layer 12 --n_embd 768 --seq_len 1024 --steps 30
@@ -31,6 +31,7 @@ VARIANTS = {
     "stock Trainer": (Trainer, TrainingArguments, {}),
     "L2Trainer grad": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "grad", "l2_coef": COEF}),
     "L2Trainer loss": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "loss", "l2_coef": COEF}),
+    "L2Trainer decoupled": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "decoupled", "l2_coef": COEF}),
 }
 
 
