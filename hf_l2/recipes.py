@@ -6,6 +6,7 @@ itself (penalty, logging, checkpoints, card) lives in the trainers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -30,6 +31,31 @@ class RecipeInputError(ValueError):
     """Bad user input to a recipe: the message says which argument and what to do."""
 
 
+# The shipped recipes sit beside the package in a source checkout (`pip install -e .`).
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def load_recipe(name_or_path: str):
+    """Import a recipe script as a module: a shipped one by name (`gpt2_generation`) or any `.py` path.
+
+    A recipe is a script with `main(argv) -> metrics dict` that saves its model to `--output_dir`.
+    """
+    path = Path(name_or_path) if name_or_path.endswith(".py") else RECIPES_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.py")) if RECIPES_DIR.is_dir() else []
+        raise RecipeInputError(
+            f"Recipe {name_or_path!r} not found ({path}). Give a shipped recipe's name {shipped} (from a source "
+            "checkout installed with `pip install -e .`) or the path of a script with `main(argv)`."
+        )
+    spec = importlib.util.spec_from_file_location(f"hf_l2_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "main", None)):
+        raise RecipeInputError(f"Recipe {path} has no `main(argv)` function.")
+    return module
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the pretrained model."})
@@ -45,6 +71,13 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
     train_file: str | None = field(default=None, metadata={"help": "Local training data: .txt, .json, .jsonl or .csv."})
     validation_file: str | None = field(default=None, metadata={"help": "Local evaluation data, same formats."})
+    pretrain_validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out data from the domain the model was pretrained on, in the layout of the training data. "
+            "Evaluated like the validation data, with metrics named eval_pretrain_*: how much fine-tuning forgot."
+        },
+    )
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Share of the training data held out when there is no validation split."}
     )
@@ -57,7 +90,7 @@ class DataArguments:
     def __post_init__(self):
         if self.dataset_name is None and self.train_file is None:
             raise RecipeInputError("Give `--dataset_name` (a Hub dataset) or `--train_file` (a local file).")
-        for name in ("train_file", "validation_file"):
+        for name in ("train_file", "validation_file", "pretrain_validation_file"):
             path = getattr(self, name)
             if path is None:
                 continue
@@ -106,7 +139,10 @@ def setup_logging(training_args) -> None:
 
 
 def load_raw_datasets(data_args: DataArguments, cache_dir: str | None, seed: int) -> DatasetDict:
-    """`train` and `validation` splits from the Hub or local files; a missing validation split is carved from train."""
+    """`train` and `validation` splits from the Hub or local files; a missing validation split is carved from train.
+
+    With `--pretrain_validation_file`, a third split `pretrain_validation` holds it.
+    """
     if data_args.dataset_name is not None:
         try:
             raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
@@ -119,15 +155,26 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None, seed: int
         raw = DatasetDict()
         for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
             if path is not None:
-                builder = DATA_BUILDERS[Path(path).suffix]
-                extra = {"keep_linebreaks": True} if builder == "text" else {}
-                raw[split] = load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **extra)
+                raw[split] = _load_file(path, cache_dir)
     if "train" not in raw:
         raise RecipeInputError(f"The dataset has no `train` split (splits: {list(raw)}).")
     if "validation" not in raw:
         held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
         raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
+    if data_args.pretrain_validation_file is not None:
+        raw["pretrain_validation"] = _load_file(data_args.pretrain_validation_file, cache_dir)
+        if raw["pretrain_validation"].column_names != raw["train"].column_names:
+            raise RecipeInputError(
+                f"`--pretrain_validation_file` has columns {raw['pretrain_validation'].column_names}, the training "
+                f"data {raw['train'].column_names}: give it in the same layout."
+            )
     return raw
+
+
+def _load_file(path: str, cache_dir: str | None) -> Dataset:
+    builder = DATA_BUILDERS[Path(path).suffix]
+    extra = {"keep_linebreaks": True} if builder == "text" else {}
+    return load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **extra)
 
 
 def limit(dataset: Dataset, max_samples: int | None) -> Dataset:

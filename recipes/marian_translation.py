@@ -3,8 +3,9 @@
 The shape of transformers' `run_translation.py` with the `--l2_*` flags of `hf_l2.L2Seq2SeqConfig` added.
 Data are pairs, either in the `{"translation": {"en": ..., "de": ...}}` layout or as two columns (by default
 named after `--source_lang` / `--target_lang`). Evaluation generates translations and reports `eval_bleu` and
-`eval_chrf` (sacreBLEU, from metric modules shipped with hf_l2, so no Hub access is needed), and writes
-source / reference / hypothesis triples to `translations.jsonl`.
+`eval_chrf` (sacreBLEU, from metric modules shipped with hf_l2, so no Hub access is needed) and the references'
+`eval_perplexity`, and writes source / reference / hypothesis triples to `translations.jsonl`. With
+`--pretrain_validation_file`, held-out pairs of the pretraining domain get the same metrics as `eval_pretrain_*`.
 
     python recipes/marian_translation.py --dataset_name wmt16 --dataset_config_name de-en \\
         --source_lang en --target_lang de --output_dir runs/opus-en-de --l2_mode l2_sp --l2_coef 0.01
@@ -36,6 +37,7 @@ from hf_l2.recipes import (
     limit,
     load_raw_datasets,
     parse_args,
+    perplexity,
     publish,
     require_architecture,
     run,
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokens, read = tokenize_pairs(raw, tokenizer, data_args, training_args)
     train_set = limit(tokens["train"], data_args.max_train_samples)
     eval_set = limit(tokens["validation"], data_args.max_eval_samples)
+    pretrain_set = tokens.get("pretrain_validation")
+    if pretrain_set is not None:
+        pretrain_set = limit(pretrain_set, data_args.max_eval_samples)
     pad_to = 8 if training_args.fp16 or training_args.bf16 else None
     trainer = L2Seq2SeqTrainer(
         model=model,
@@ -164,7 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
     max_length = training_args.generation_max_length or data_args.max_target_length
 
     def evaluate() -> dict:
-        return trainer.evaluate(max_length=max_length)
+        metrics = trainer.evaluate(max_length=max_length)
+        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])  # of the references, teacher-forced
+        if pretrain_set is not None:  # the pretraining domain: what fine-tuning forgot
+            metrics.update(trainer.evaluate(pretrain_set, metric_key_prefix="eval_pretrain", max_length=max_length),
+                           eval_pretrain_samples=len(pretrain_set))
+            metrics["eval_pretrain_perplexity"] = perplexity(metrics["eval_pretrain_loss"])
+        return metrics
 
     results = train_and_report(trainer, training_args, len(train_set), len(eval_set), evaluate)
     if data_args.num_samples > 0:
