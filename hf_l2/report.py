@@ -104,8 +104,13 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
 
     wanted = list(summaries[0].values)
     targets = [c for c in wanted if c.startswith("eval_") and not c.startswith("eval_pretrain_")]
-    fig = Figure(figsize=(4.6 * (len(targets) + 1), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(targets) + 1, squeeze=False)[0]
+    panels = len(targets) + 1
+    cols = panels if panels <= 3 else 2
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(5 * cols, 4.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
     for ax, target in zip(axes, targets):
         x_column = target.replace("eval_", "eval_pretrain_", 1)
         x_column = x_column if x_column in wanted else "drift"
@@ -119,7 +124,7 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
         ax.set_xlabel(column_label(x_column) + (" (held-out pretraining data)" if x_column != "drift" else ""))
         ax.set_ylabel(column_label(target) + " (held-out fine-tuning data)")
         ax.grid(alpha=0.3)
-    _plot_drift(axes[-1], summaries)
+    _plot_drift(axes[panels - 1], summaries)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
 

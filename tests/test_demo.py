@@ -154,3 +154,31 @@ def test_report_refuses_missing_or_non_finite_numbers(tmp_path):
     with pytest.raises(report.ReportError, match="'none' seed 1: `eval_perplexity` is nan"):
         report.write_report(rows, tmp_path, "t")
     assert not list(tmp_path.iterdir())
+
+
+def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, capsys):
+    import argparse
+
+    from hf_l2.sweep import add_sweep_parser
+
+    parser = argparse.ArgumentParser(prog="hf-l2")
+    add_sweep_parser(parser.add_subparsers())
+    data = prepare(demo["cache"])
+    recipe_args = ["--model_name_or_path", str(next(demo["cache"].glob("start-generation-*"))),
+                   "--train_file", str(data.generation("target_train")),
+                   "--validation_file", str(data.generation("target_validation")),
+                   "--block_size", "32", "--max_steps", "2", "--max_eval_samples", "4", "--use_cpu", "true",
+                   "--cache_dir", str(demo["cache"] / "datasets")]
+    args = parser.parse_args(["sweep", "--recipe", "gpt2_generation", "--l2_mode", "l2_sp", "--l2_coef", "0", "1",
+                              "--seeds", "3", "--output_dir", str(tmp_path), "--", *recipe_args])
+    args.func(args)
+    printed = capsys.readouterr().out
+    assert "[3/3] l2_sp-1-seed3" in printed and "| l2_sp α=1 | 1 |" in printed
+    header = table_rows((tmp_path / "results.md").read_text())[0]
+    assert header == ["setting", "runs", "target perplexity ↓", "drift ‖θ−θ₀‖"]  # no pretraining-domain file given
+    assert (tmp_path / "results.png").is_file() and (tmp_path / "runs" / "l2_sp-0-seed3.log").is_file()
+
+    args = parser.parse_args(["sweep", "--recipe", "gpt2_generation", "--l2_coef", "1", "--output_dir", str(tmp_path),
+                              "--", "--train_file", "x.txt"])
+    with pytest.raises(SystemExit, match="error: Pass `--model_name_or_path`"):
+        args.func(args)

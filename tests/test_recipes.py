@@ -120,9 +120,9 @@ def test_generation_recipe_l2_sp_stays_closer_to_the_pretrained_model(workdir, t
 def test_translation_recipe_reports_bleu_chrf_and_writes_triples(workdir, tmp_path, layout):
     columns = ["--source_column", "english", "--target_column", "german"] if layout == "csv" else []
     mode = ["--l2_mode", "l2_sp", "--l2_coef", "0.1"] if layout == "jsonl" else ["--l2_mode", "none"]
-    valid = workdir["pairs"]["validation" if layout == "jsonl" else "validation_csv"]
+    # The held-out pairs again as the pretraining domain, in the `translation` layout even for the csv run.
     metrics = translation.main(marian_args(workdir, tmp_path, *mode, *columns, "--pretrain_validation_file",
-                                           str(valid), layout=layout))
+                                           str(workdir["pairs"]["validation"]), layout=layout))
 
     for key in ("eval_bleu", "eval_chrf"):
         assert 0.0 <= metrics[key] <= 100.0
@@ -179,6 +179,10 @@ def test_config_file_overrides_recipe_defaults(workdir, tmp_path):
 
 # ---- bad input ----------------------------------------------------------------------------------------------
 def test_bad_inputs_get_clear_errors(workdir, tmp_path):
+    # jsonl training data (column `content`, validation carved from it) with a .txt pretraining-domain file
+    mixed = gpt2_args(workdir, tmp_path, "--text_column", "content", "--pretrain_validation_file",
+                      str(workdir["text"]["validation"]), train="jsonl")
+    del mixed[mixed.index("--validation_file"):mixed.index("--validation_file") + 2]
     cases = [
         (generation, gpt2_args(workdir, tmp_path) + ["--train_file", str(tmp_path / "nope.txt")],
          r"--train_file.*nope\.txt.*does not exist"),
@@ -191,9 +195,10 @@ def test_bad_inputs_get_clear_errors(workdir, tmp_path):
          r"decoder-only.*gpt2_generation\.py"),
         (translation, marian_args(workdir, tmp_path, "--target_lang", "fr"), r"keys \['de', 'en'\], not \['fr'\]"),
         (translation, marian_args(workdir, tmp_path, layout="csv"), r"no column \['en', 'de'\].*--source_column"),
-        (generation, gpt2_args(workdir, tmp_path, "--text_column", "content", "--pretrain_validation_file",
-                               str(workdir["text"]["validation"]), train="jsonl"),
-         r"--pretrain_validation_file` has columns \['text'\], the training data \['content'\]"),
+        (generation, mixed, r"--text_column content` is not in the pretrain_validation data; its columns: \['text'\]"),
+        (translation, marian_args(workdir, tmp_path, "--pretrain_validation_file",
+                                  str(workdir["pairs"]["validation_csv"])),
+         r"The pretrain_validation data has no column \['en', 'de'\]"),
         (generation, gpt2_args(workdir, tmp_path, "--pretrain_validation_file", str(tmp_path / "gone.txt")),
          r"--pretrain_validation_file.*gone\.txt.*does not exist"),
     ]
