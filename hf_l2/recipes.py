@@ -1,4 +1,5 @@
-"""What the recipes share: arguments, logging set-up, data loading with clear errors, and the end of a run.
+"""What the recipes share: arguments, logging set-up, data loading with clear errors, the end of a run, and
+`load_recipe` to import one by name (the sweep and the demo call recipes in-process).
 
 The recipes in `recipes/` stay thin: the data plumbing and bookkeeping common to both live here, and the training
 itself (penalty, logging, checkpoints, card) lives in the trainers.

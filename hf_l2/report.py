@@ -42,24 +42,17 @@ class Summary:
         return len(self.values["drift"])
 
 
-def headline_metrics(rows: list[dict]) -> list[str]:
-    """The headline metrics every run reported (`eval_loss` when none of `HEADLINE` is there)."""
-    found = [m for m in HEADLINE if all(f"eval_{m}" in row for row in rows)]
-    return found or ["loss"]
-
-
-def columns(rows: list[dict]) -> list[str]:
-    """Reported columns: the target-domain metrics, the pretraining-domain ones when every run has them, drift."""
-    metrics = headline_metrics(rows)
-    target = [f"eval_{m}" for m in metrics]
+def columns(first: dict) -> list[str]:
+    """Reported columns, decided by the first run: its headline metrics (`loss` when it has none of `HEADLINE`),
+    the same on the pretraining domain when it has them, and drift. Every other run must have them all."""
+    metrics = [m for m in HEADLINE if f"eval_{m}" in first] or ["loss"]
     pretrain = [f"eval_pretrain_{m}" for m in metrics]
-    has_pretrain = all(key in row for row in rows for key in pretrain)
-    return target + (pretrain if has_pretrain else []) + ["drift"]
+    return [f"eval_{m}" for m in metrics] + (pretrain if all(k in first for k in pretrain) else []) + ["drift"]
 
 
 def summarize(rows: list[dict]) -> list[Summary]:
     """Group runs by setting (in the order they ran) and check every reported number is there and finite."""
-    wanted = columns(rows)
+    wanted = columns(rows[0])
     groups: dict[str, Summary] = {}
     for row in rows:
         group = groups.setdefault(row["setting"], Summary(row["setting"], row["mode"], row["coef"]))
@@ -117,10 +110,10 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
         for s in summaries:
             ax.errorbar(s.mean(x_column), s.mean(target), xerr=s.std(x_column), yerr=s.std(target),
                         fmt="*" if s.mode == "start" else "o", markersize=11 if s.mode == "start" else 6,
-                        color=COLORS.get(s.mode, "tab:green"), capsize=3)
+                        color=COLORS[s.mode], capsize=3)
             name = s.mode if s.mode in ("start", "none") else f"α={s.coef:g}"
             ax.annotate(name, (s.mean(x_column), s.mean(target)), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8, color=COLORS.get(s.mode, "tab:green"))
+                        fontsize=8, color=COLORS[s.mode])
         ax.set_xlabel(column_label(x_column) + (" (held-out pretraining data)" if x_column != "drift" else ""))
         ax.set_ylabel(column_label(target) + " (held-out fine-tuning data)")
         ax.grid(alpha=0.3)
@@ -135,15 +128,16 @@ def _plot_drift(ax, summaries: list[Summary]) -> None:
     for mode in dict.fromkeys(s.mode for s in penalized):
         points = sorted((s for s in penalized if s.mode == mode), key=lambda s: s.coef)
         ax.errorbar([s.coef for s in points], [s.mean("drift") for s in points],
-                    yerr=[s.std("drift") for s in points], marker="o", capsize=3, label=mode,
-                    color=COLORS.get(mode, "tab:green"))
+                    yerr=[s.std("drift") for s in points], marker="o", capsize=3, label=mode, color=COLORS[mode])
     for s in summaries:
         if s.mode == "none":
             ax.axhline(s.mean("drift"), color=COLORS["none"], linestyle="--", label="none")
             ax.axhspan(s.mean("drift") - s.std("drift"), s.mean("drift") + s.std("drift"), color="black", alpha=0.08)
-    if coefs and coefs[-1] > 0:
-        positive = [c for c in coefs if c > 0]
-        ax.set_xscale("symlog", linthresh=positive[0]) if coefs[0] == 0 else ax.set_xscale("log")
+    positive = [c for c in coefs if c > 0]
+    if positive and coefs[0] == 0:  # α = 0 has no place on a log axis
+        ax.set_xscale("symlog", linthresh=positive[0])
+    elif positive:
+        ax.set_xscale("log")
     ax.set_xlabel("α (l2_coef)")
     ax.set_ylabel(column_label("drift") + " from the starting model")
     ax.legend(fontsize=8)

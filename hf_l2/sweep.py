@@ -2,10 +2,10 @@
 
 Each run is the recipe itself (`main(argv)`, in this process) with `--l2_mode`, `--l2_coef`, `--seed` and
 `--output_dir` set by the sweep and every other argument passed through. One extra run evaluates the starting
-model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with `--pretrain_validation_file`
-also `eval_pretrain_*`: the pretraining domain, i.e. what was forgotten) and measures the drift ‖θ − θ₀‖ between
-the saved model and the starting one. The results are written as `results.jsonl`, a markdown table and a plot
-(see `hf_l2.report`), from this invocation's runs only.
+model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with
+`--pretrain_validation_file` also `eval_pretrain_*`: the pretraining domain, i.e. what was forgotten) and
+measures the drift ‖θ − θ₀‖ between the saved model and the starting one. The results are written as
+`results.jsonl`, a markdown table and a plot (see `hf_l2.report`), from this invocation's runs only.
 
     hf-l2 sweep --recipe gpt2_generation --l2_mode none l2 l2_sp --l2_coef 1e-3 1e-2 1e-1 --seeds 0 1 2 \\
         --output_dir runs/sweep -- --model_name_or_path gpt2 --train_file target.txt \\
@@ -35,7 +35,7 @@ from .recipes import RecipeInputError, load_recipe
 
 # Set by the sweep for every run; the recipe arguments may not set them.
 OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
-# Defaults for in-process runs, placed before the user's recipe arguments so that those win.
+# Quiet in-process runs without checkpoints; placed before the user's recipe arguments, so that those win.
 RUN_DEFAULTS = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "warning",
                 "--num_samples", "0"]
 SHOWN = ("perplexity", "bleu", "chrf", "pretrain_perplexity", "pretrain_bleu", "pretrain_chrf")  # progress lines
@@ -116,6 +116,7 @@ def run_sweep(
     """
     if not settings or not seeds:
         raise RecipeInputError("The sweep needs at least one setting and one seed.")
+    seeds = list(dict.fromkeys(seeds))  # a repeated seed would repeat a run, not add one
     start_path = starting_point(recipe_args)
     module = load_recipe(recipe)
     output_dir = Path(output_dir)
@@ -159,7 +160,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("sweep", help="Run a recipe over l2_mode × α × seeds; table and plot.",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True,
-                        help="gpt2_generation, marian_translation, or the path of a script with main(argv).")
+                        help="gpt2_generation, marian_translation, or the path of a script with main(argv) that "
+                        "takes the shipped recipes' arguments.")
     parser.add_argument("--l2_mode", nargs="+", default=["none", "l2", "l2_sp"], choices=MODES,
                         help="Modes to run (none runs once, the others at every α). Default: none l2 l2_sp.")
     parser.add_argument("--l2_coef", nargs="+", type=float, default=[], help="α values for l2 and l2_sp.")

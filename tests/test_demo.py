@@ -53,7 +53,8 @@ def test_reduced_demo_tables_have_every_setting_with_finite_numbers(demo, task, 
     rows = table_rows((demo["out"] / task / "results.md").read_text())
     header, body = rows[0], rows[2:]
     expected = ["setting", "runs"] + [f"target {m} {'↓' if m == 'perplexity' else '↑'}" for m in metrics]
-    expected += [f"pretraining {m} {'↓' if m == 'perplexity' else '↑'}" for m in metrics] + ["drift ‖θ−θ₀‖"]
+    expected += [f"pretraining {m} {'↓' if m == 'perplexity' else '↑'}" for m in metrics]
+    expected += ["drift ‖θ−θ₀‖"]
     assert header == expected
     assert [(r[0], r[1]) for r in body] == [("start", "1"), ("none", "2"), ("l2_sp α=1", "2")]
     for row in body:
@@ -148,12 +149,15 @@ def test_sweep_refuses_recipe_arguments_it_sets_and_needs_the_starting_model():
         starting_point(["--train_file", "a.txt"])
 
 
-def test_report_refuses_missing_or_non_finite_numbers(tmp_path):
+@pytest.mark.parametrize("second, message", [(float("nan"), "is nan"), (None, "is None")])
+def test_report_refuses_missing_or_non_finite_numbers(tmp_path, second, message):
     rows = [{"setting": "none", "mode": "none", "coef": 0.0, "seed": s, "drift": 1.0, "eval_perplexity": p}
-            for s, p in ((0, 10.0), (1, float("nan")))]
-    with pytest.raises(report.ReportError, match="'none' seed 1: `eval_perplexity` is nan"):
+            for s, p in ((0, 10.0), (1, second))]
+    if second is None:
+        del rows[1]["eval_perplexity"]
+    with pytest.raises(report.ReportError, match=f"'none' seed 1: `eval_perplexity` {message}, not a number"):
         report.write_report(rows, tmp_path, "t")
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, capsys):
@@ -175,10 +179,19 @@ def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, c
     printed = capsys.readouterr().out
     assert "[3/3] l2_sp-1-seed3" in printed and "| l2_sp α=1 | 1 |" in printed
     header = table_rows((tmp_path / "results.md").read_text())[0]
-    assert header == ["setting", "runs", "target perplexity ↓", "drift ‖θ−θ₀‖"]  # no pretraining-domain file given
+    # No pretraining-domain file was given: no forgetting columns.
+    assert header == ["setting", "runs", "target perplexity ↓", "drift ‖θ−θ₀‖"]
     assert (tmp_path / "results.png").is_file() and (tmp_path / "runs" / "l2_sp-0-seed3.log").is_file()
 
     args = parser.parse_args(["sweep", "--recipe", "gpt2_generation", "--l2_coef", "1", "--output_dir", str(tmp_path),
                               "--", "--train_file", "x.txt"])
     with pytest.raises(SystemExit, match="error: Pass `--model_name_or_path`"):
         args.func(args)
+
+
+def test_missing_catalogs_say_what_to_install(monkeypatch):
+    from hf_l2.demo import data
+
+    monkeypatch.setitem(data.CATALOGS, "django", ("not_an_installed_module", "de"))
+    with pytest.raises(data.DemoDataError, match=r"`not_an_installed_module`.*pip install -e \"\.\[demo\]\""):
+        data.prepare("unused")

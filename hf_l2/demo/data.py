@@ -1,9 +1,9 @@
 """The demo's data: a pretraining domain and a fine-tuning domain per task, from text a machine has offline.
 
-| task        | pretraining domain (builds the starting model)            | fine-tuning domain (small)            |
-|-------------|------------------------------------------------------------|---------------------------------------|
-| generation  | Python's language reference (`pydoc_data.topics`)          | Django's English user-interface messages |
-| translation | JupyterLab's English→German UI messages (its language pack) | Django's English→German UI messages   |
+| task        | pretraining domain (builds the starting model)              | fine-tuning domain (small)   |
+|-------------|-------------------------------------------------------------|------------------------------|
+| generation  | Python's language reference (`pydoc_data.topics`)           | Django's English UI messages |
+| translation | JupyterLab's English→German UI messages (its language pack) | Django's en→de UI messages   |
 
 Python ships `pydoc_data`; the `demo` extra installs the pinned Django and JupyterLab language-pack wheels, whose
 gettext catalogs (`.mo`) hold the message pairs. Everything is read, sorted and split the same way every time, so
@@ -24,6 +24,7 @@ from pathlib import Path
 # Catalogs the `demo` extra installs: (package to import, catalog language folder).
 CATALOGS = {"django": ("django", "de"), "jupyterlab": ("jupyterlab_language_pack_de_DE", "de_DE")}
 SPLIT_SEED = 0  # fixed: the same held-out examples on every machine
+INSTALL = 'install the demo extra, `pip install -e ".[demo]"`.'
 
 
 class DemoDataError(RuntimeError):
@@ -53,17 +54,16 @@ def catalog_pairs(package: str) -> list[tuple[str, str]]:
     """
     import importlib.util
 
-    import polib
-
     module, language = CATALOGS[package]
     spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise DemoDataError(f"The demo reads the German catalogs of `{module}`: install them with "
-                            "`pip install -e \".[demo]\"`.")
+    if spec is None or spec.origin is None or importlib.util.find_spec("polib") is None:
+        raise DemoDataError(f"The demo reads the German catalogs of `{module}` with `polib`: {INSTALL}")
+    import polib
+
     root = Path(spec.origin).parent
     files = sorted(root.rglob(f"locale/{language}/LC_MESSAGES/*.mo"))
     if not files:
-        raise DemoDataError(f"No German catalogs under {root}: reinstall it with `pip install -e \".[demo]\"`.")
+        raise DemoDataError(f"No German catalogs under {root}: {INSTALL}")
     pairs: dict[str, str] = {}
     for path in files:
         for entry in polib.mofile(str(path)):

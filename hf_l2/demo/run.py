@@ -22,12 +22,12 @@ from .. import report
 from ..recipes import RecipeInputError
 from ..sweep import grid, run_sweep
 from .data import DemoData, DemoDataError, prepare
-from .starting_models import GENERATION, TRANSLATION, Pretraining, starting_model
+from .starting_models import GENERATION, RECIPES, TRANSLATION, Pretraining, starting_model
 
-TASKS = ("generation", "translation")
-RECIPES = {"generation": "gpt2_generation", "translation": "marian_translation"}
+TASKS = tuple(RECIPES)
 TITLES = {
-    "generation": "Generation: tiny GPT-2 pretrained on Python's language reference, fine-tuned on Django's UI messages",
+    "generation": "Generation: tiny GPT-2 pretrained on Python's language reference, "
+    "fine-tuned on Django's UI messages",
     "translation": "Translation en→de: tiny Marian pretrained on JupyterLab's UI messages, fine-tuned on Django's",
 }
 
@@ -133,6 +133,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     import datasets
 
+    if args.threads < 1:
+        sys.exit(f"error: `--threads` must be at least 1, got {args.threads}.")
     datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     try:

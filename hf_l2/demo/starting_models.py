@@ -23,7 +23,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTMode
 
 from ..build import train_bpe_tokenizer, train_marian_tokenizer
 from ..recipes import load_recipe
+from ..sweep import RUN_DEFAULTS
 from .data import DemoData, publish
+
+
+RECIPES = {"generation": "gpt2_generation", "translation": "marian_translation"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,6 @@ GENERATION = Pretraining(vocab_size=1024, width=64, layers=2, heads=4, context=6
 TRANSLATION = Pretraining(vocab_size=500, width=64, layers=1, heads=4, context=64, steps=3000, batch_size=16,
                           learning_rate=3e-3)
 
-# Shared by every pretraining run: no network, no checkpoints, quiet logs.
-QUIET = ["--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
-         "--log_level", "warning", "--num_samples", "0", "--seed", "0"]
 
 
 def starting_model(task: str, data: DemoData, settings: Pretraining, cache_dir: str | Path) -> Path:
@@ -108,13 +109,13 @@ def _pretrain(task: str, data: DemoData, s: Pretraining, init: Path, out: Path, 
         "--train_file", str(files("pretrain_train")), "--validation_file", str(files("pretrain_validation")),
         "--l2_mode", "none", "--max_steps", str(s.steps), "--per_device_train_batch_size", str(s.batch_size),
         "--learning_rate", str(s.learning_rate), "--lr_scheduler_type", "cosine", "--warmup_steps", str(s.steps // 10),
-        "--weight_decay", "0", *QUIET,
+        "--weight_decay", "0", "--use_cpu", "true", "--seed", "0", *RUN_DEFAULTS,
     ]
     if task == "generation":
         argv += ["--block_size", str(s.context)]
     else:
         argv += ["--max_source_length", str(s.context), "--max_target_length", str(s.context),
                  "--per_device_eval_batch_size", "64"]
-    recipe = load_recipe("gpt2_generation" if task == "generation" else "marian_translation")
+    recipe = load_recipe(RECIPES[task])
     with open(out.parent / "pretraining.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
         return recipe.main(argv)
