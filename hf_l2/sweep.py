@@ -74,6 +74,11 @@ def grid(modes: list[str], coefs: list[float]) -> list[Setting]:
 
 def starting_point(recipe_args: list[str]) -> str:
     """The recipe's `--model_name_or_path`: the θ₀ every run's drift is measured from."""
+    if recipe_args and Path(recipe_args[0]).suffix in (".yaml", ".yml", ".json"):
+        raise RecipeInputError(
+            f"{recipe_args[0]}: the sweep passes the recipe's arguments as flags, which a config file would not "
+            "combine with; give its settings as flags after `--`."
+        )
     for flag in OWNED_FLAGS:
         if any(arg == flag or arg.startswith(flag + "=") for arg in recipe_args):
             raise RecipeInputError(

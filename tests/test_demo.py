@@ -147,6 +147,8 @@ def test_sweep_refuses_recipe_arguments_it_sets_and_needs_the_starting_model():
         starting_point(["--model_name_or_path", "m", "--l2_coef", "0.1"])
     with pytest.raises(RecipeInputError, match="--model_name_or_path"):
         starting_point(["--train_file", "a.txt"])
+    with pytest.raises(RecipeInputError, match="run.yaml: .*as flags"):
+        starting_point(["run.yaml"])
 
 
 @pytest.mark.parametrize("second, message", [(float("nan"), "is nan"), (None, "is None")])
