@@ -35,8 +35,12 @@ TINY = Sizes(
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    torch.set_num_threads(1)
-    path = run_demo(root / "out", root / "cache", modes=("none", "l2_sp"), coefs=(1.0,), seeds=(0, 1), sizes=TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `hf-l2 demo` runs; restored for the other tests
+    try:
+        path = run_demo(root / "out", root / "cache", modes=("none", "l2_sp"), coefs=(1.0,), seeds=(0, 1), sizes=TINY)
+    finally:
+        torch.set_num_threads(threads)
     return {"root": root, "out": root / "out", "cache": root / "cache", "report": path}
 
 
