@@ -2,11 +2,14 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install quickstart test bench
+.PHONY: install demo quickstart test bench
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
 	$(PYTHON) -m pip install -q -e ".[test]"
+
+demo: install
+	hf-l2 demo --output_dir runs/demo
 
 quickstart: install
 	$(PYTHON) examples/quickstart.py --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1

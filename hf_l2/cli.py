@@ -1,4 +1,5 @@
-"""The `hf-l2` command. Subcommands: `push` (publish a finished run to the Hub without retraining).
+"""The `hf-l2` command. Subcommands: `push` (publish a finished run to the Hub without retraining), `sweep` (a
+recipe over an l2_mode × α × seed grid, with a table and plot) and `demo` (the offline L2-SP demo).
 
 Each subcommand registers its parser in `build_parser` and sets `run`, a function of the parsed arguments that
 returns the exit status.
@@ -13,8 +14,10 @@ import sys
 import yaml
 from huggingface_hub import ModelCard
 
+from .demo import add_demo_parser
 from .hub import HubPublishError, upload_run
 from .model_card import CARD_FILE
+from .sweep import add_sweep_parser
 
 # A folder written by `save_model` holds a config and weights: full (sharded or not) or a PEFT adapter.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="branch to push to (default: main)")
     push.add_argument("--commit-message", default="Upload fine-tuned model with hf_l2")
     push.set_defaults(run=_push)
+    add_sweep_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 

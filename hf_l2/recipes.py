@@ -1,4 +1,5 @@
-"""What the recipes share: arguments, logging set-up, data loading with clear errors, and the end of a run.
+"""What the recipes share: arguments, logging set-up, data loading with clear errors, the end of a run, and
+`load_recipe` to import one by name (the sweep and the demo call recipes in-process).
 
 The recipes in `recipes/` stay thin: the data plumbing and bookkeeping common to both live here, and the training
 itself (penalty, logging, checkpoints, card) lives in the trainers.
@@ -6,6 +7,7 @@ itself (penalty, logging, checkpoints, card) lives in the trainers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -32,6 +34,31 @@ class RecipeInputError(ValueError):
     """Bad user input to a recipe: the message says which argument and what to do."""
 
 
+# The shipped recipes sit beside the package in a source checkout (`pip install -e .`).
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def load_recipe(name_or_path: str):
+    """Import a recipe script as a module: a shipped one by name (`gpt2_generation`) or any `.py` path.
+
+    A recipe is a script with `main(argv) -> metrics dict` that saves its model to `--output_dir`.
+    """
+    path = Path(name_or_path) if name_or_path.endswith(".py") else RECIPES_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.py")) if RECIPES_DIR.is_dir() else []
+        raise RecipeInputError(
+            f"Recipe {name_or_path!r} not found ({path}). Give a shipped recipe's name {shipped} (from a source "
+            "checkout installed with `pip install -e .`) or the path of a script with `main(argv)`."
+        )
+    spec = importlib.util.spec_from_file_location(f"hf_l2_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "main", None)):
+        raise RecipeInputError(f"Recipe {path} has no `main(argv)` function.")
+    return module
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the pretrained model."})
@@ -47,6 +74,14 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
     train_file: str | None = field(default=None, metadata={"help": "Local training data: .txt, .json, .jsonl or .csv."})
     validation_file: str | None = field(default=None, metadata={"help": "Local evaluation data, same formats."})
+    pretrain_validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local held-out data from the domain the model was pretrained on (same formats; the text column or "
+            "language pairs the recipe reads). Evaluated like the validation data, as eval_pretrain_* metrics: "
+            "how much fine-tuning forgot."
+        },
+    )
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Share of the training data held out when there is no validation split."}
     )
@@ -59,7 +94,7 @@ class DataArguments:
     def __post_init__(self):
         if self.dataset_name is None and self.train_file is None:
             raise RecipeInputError("Give `--dataset_name` (a Hub dataset) or `--train_file` (a local file).")
-        for name in ("train_file", "validation_file"):
+        for name in ("train_file", "validation_file", "pretrain_validation_file"):
             path = getattr(self, name)
             if path is None:
                 continue
@@ -108,7 +143,10 @@ def setup_logging(training_args) -> None:
 
 
 def load_raw_datasets(data_args: DataArguments, cache_dir: str | None, seed: int) -> DatasetDict:
-    """`train` and `validation` splits from the Hub or local files; a missing validation split is carved from train."""
+    """`train` and `validation` splits from the Hub or local files; a missing validation split is carved from train.
+
+    With `--pretrain_validation_file`, a third split `pretrain_validation` holds it.
+    """
     if data_args.dataset_name is not None:
         try:
             raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
@@ -121,15 +159,21 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None, seed: int
         raw = DatasetDict()
         for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
             if path is not None:
-                builder = DATA_BUILDERS[Path(path).suffix]
-                extra = {"keep_linebreaks": True} if builder == "text" else {}
-                raw[split] = load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **extra)
+                raw[split] = _load_file(path, cache_dir)
     if "train" not in raw:
         raise RecipeInputError(f"The dataset has no `train` split (splits: {list(raw)}).")
     if "validation" not in raw:
         held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
         raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
+    if data_args.pretrain_validation_file is not None:
+        raw["pretrain_validation"] = _load_file(data_args.pretrain_validation_file, cache_dir)
     return raw
+
+
+def _load_file(path: str, cache_dir: str | None) -> Dataset:
+    builder = DATA_BUILDERS[Path(path).suffix]
+    extra = {"keep_linebreaks": True} if builder == "text" else {}
+    return load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **extra)
 
 
 def limit(dataset: Dataset, max_samples: int | None) -> Dataset:
@@ -151,6 +195,21 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
+
+
+def evaluate_with_forgetting(trainer: Trainer, pretrain_set: Dataset | None = None, **kwargs) -> dict:
+    """Eval metrics plus perplexity, and the same on the pretraining domain (`eval_pretrain_*`: what was forgotten).
+
+    The perplexities are logged too, so that they reach the log history and the model card.
+    """
+    metrics = trainer.evaluate(**kwargs)
+    metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+    if pretrain_set is not None:
+        metrics.update(trainer.evaluate(pretrain_set, metric_key_prefix="eval_pretrain", **kwargs),
+                       eval_pretrain_samples=len(pretrain_set))
+        metrics["eval_pretrain_perplexity"] = perplexity(metrics["eval_pretrain_loss"])
+    trainer.log({k: v for k, v in metrics.items() if k.endswith("perplexity")})
+    return metrics
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

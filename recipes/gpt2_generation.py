@@ -2,7 +2,8 @@
 
 The shape of transformers' `run_clm.py` with the `--l2_*` flags of `hf_l2.L2Config` added. Texts are tokenized,
 concatenated and cut into `--block_size` blocks; evaluation reports `eval_loss` and `eval_perplexity` and writes
-sampled continuations of held-out prompts to `samples.jsonl`.
+sampled continuations of held-out prompts to `samples.jsonl`. With `--pretrain_validation_file`, held-out text of
+the pretraining domain gets the same metrics as `eval_pretrain_*`.
 
     python recipes/gpt2_generation.py --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \\
         --output_dir runs/gpt2-wikitext --l2_mode l2_sp --l2_coef 0.01
@@ -33,10 +34,10 @@ from hf_l2.recipes import (
     DataArguments,
     ModelArguments,
     RecipeInputError,
+    evaluate_with_forgetting,
     limit,
     load_raw_datasets,
     parse_args,
-    perplexity,
     publish,
     require_architecture,
     run,
@@ -92,7 +93,7 @@ def tokenize_and_block(raw, tokenizer, data_args, training_args, block_size):
             .map(group, desc=f"Grouping {split} into blocks of {block_size}", **common)
             for split, dataset in raw.items()
         })
-    for split in ("train", "validation"):
+    for split in blocks:
         if len(blocks[split]) == 0:
             raise RecipeInputError(
                 f"The {split} data holds fewer than `--block_size {block_size}` tokens: lower --block_size "
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = tokenize_and_block(raw, tokenizer, data_args, training_args, block_size)
     train_set = limit(blocks["train"], data_args.max_train_samples)
     eval_set = limit(blocks["validation"], data_args.max_eval_samples)
+    pretrain_set = blocks.get("pretrain_validation")
+    if pretrain_set is not None:
+        pretrain_set = limit(pretrain_set, data_args.max_eval_samples)
 
     trainer = L2Trainer(
         model=model,
@@ -175,10 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     def evaluate() -> dict:
-        metrics = trainer.evaluate()
-        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
-        trainer.log({"eval_perplexity": metrics["eval_perplexity"]})  # into the log history, so the card has it
-        return metrics
+        return evaluate_with_forgetting(trainer, pretrain_set)
 
     metrics = train_and_report(trainer, training_args, len(train_set), len(eval_set), evaluate)
     if data_args.num_samples > 0:

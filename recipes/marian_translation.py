@@ -3,8 +3,9 @@
 The shape of transformers' `run_translation.py` with the `--l2_*` flags of `hf_l2.L2Seq2SeqConfig` added.
 Data are pairs, either in the `{"translation": {"en": ..., "de": ...}}` layout or as two columns (by default
 named after `--source_lang` / `--target_lang`). Evaluation generates translations and reports `eval_bleu` and
-`eval_chrf` (sacreBLEU, from metric modules shipped with hf_l2, so no Hub access is needed), and writes
-source / reference / hypothesis triples to `translations.jsonl`.
+`eval_chrf` (sacreBLEU, from metric modules shipped with hf_l2, so no Hub access is needed) and the references'
+`eval_perplexity`, and writes source / reference / hypothesis triples to `translations.jsonl`. With
+`--pretrain_validation_file`, held-out pairs of the pretraining domain get the same metrics as `eval_pretrain_*`.
 
     python recipes/marian_translation.py --dataset_name wmt16 --dataset_config_name de-en \\
         --source_lang en --target_lang de --output_dir runs/opus-en-de --l2_mode l2_sp --l2_coef 0.01
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, metrics
@@ -33,6 +35,7 @@ from hf_l2.recipes import (
     DataArguments,
     ModelArguments,
     RecipeInputError,
+    evaluate_with_forgetting,
     limit,
     load_raw_datasets,
     parse_args,
@@ -70,14 +73,16 @@ class TranslationDataArguments(DataArguments):
     max_target_length: int = field(default=128, metadata={"help": "Target tokens kept (longer targets are truncated)."})
 
 
-def pair_reader(columns: list[str], first: dict, data_args: TranslationDataArguments):
-    """A function example → (source, target), for the `translation` layout or two plain columns."""
+def pair_reader(dataset, split: str, data_args: TranslationDataArguments):
+    """A function example → (source, target) for one split, in the `translation` layout or two plain columns."""
+    columns = dataset.column_names
     src, tgt = data_args.source_lang, data_args.target_lang
     if "translation" in columns:
-        missing = [k for k in (src, tgt) if k not in first["translation"]]
+        keys = dataset[0]["translation"]
+        missing = [k for k in (src, tgt) if k not in keys]
         if missing:
             raise RecipeInputError(
-                f"The `translation` entries have keys {sorted(first['translation'])}, not {missing}: "
+                f"The `translation` entries of the {split} data have keys {sorted(keys)}, not {missing}: "
                 "set `--source_lang` / `--target_lang` to keys the data has."
             )
         return lambda ex: (ex["translation"][src], ex["translation"][tgt])
@@ -85,17 +90,17 @@ def pair_reader(columns: list[str], first: dict, data_args: TranslationDataArgum
     missing = [c for c in (source_column, target_column) if c not in columns]
     if missing:
         raise RecipeInputError(
-            f"The data has no column {missing} and no `translation` column; its columns: {columns}. "
+            f"The {split} data has no column {missing} and no `translation` column; its columns: {columns}. "
             "Set `--source_column` / `--target_column` (or `--source_lang` / `--target_lang`)."
         )
     return lambda ex: (ex[source_column], ex[target_column])
 
 
 def tokenize_pairs(raw, tokenizer, data_args, training_args):
-    columns = raw["train"].column_names
-    read = pair_reader(columns, raw["train"][0], data_args)
+    """Tokenized splits and the validation split's reader; each split is read in its own layout."""
+    readers = {split: pair_reader(dataset, split, data_args) for split, dataset in raw.items()}
 
-    def tokenize(batch):
+    def tokenize(batch, read):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         sources, targets = zip(*(read(row) for row in rows))
         inputs = tokenizer(list(sources), max_length=data_args.max_source_length, truncation=True)
@@ -104,10 +109,14 @@ def tokenize_pairs(raw, tokenizer, data_args, training_args):
         return inputs
 
     with training_args.main_process_first(desc="tokenizing"):
-        tokens = raw.map(tokenize, batched=True, remove_columns=columns, desc="Tokenizing",
-                         num_proc=data_args.preprocessing_num_workers,
-                         load_from_cache_file=not data_args.overwrite_cache)
-    return tokens, read
+        tokens = DatasetDict({
+            split: dataset.map(tokenize, fn_kwargs={"read": readers[split]}, batched=True,
+                               remove_columns=dataset.column_names, desc=f"Tokenizing {split}",
+                               num_proc=data_args.preprocessing_num_workers,
+                               load_from_cache_file=not data_args.overwrite_cache)
+            for split, dataset in raw.items()
+        })
+    return tokens, readers["validation"]
 
 
 def bleu_and_chrf(tokenizer):
@@ -151,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokens, read = tokenize_pairs(raw, tokenizer, data_args, training_args)
     train_set = limit(tokens["train"], data_args.max_train_samples)
     eval_set = limit(tokens["validation"], data_args.max_eval_samples)
+    pretrain_set = tokens.get("pretrain_validation")
+    if pretrain_set is not None:
+        pretrain_set = limit(pretrain_set, data_args.max_eval_samples)
     pad_to = 8 if training_args.fp16 or training_args.bf16 else None
     trainer = L2Seq2SeqTrainer(
         model=model,
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_length = training_args.generation_max_length or data_args.max_target_length
 
     def evaluate() -> dict:
-        return trainer.evaluate(max_length=max_length)
+        return evaluate_with_forgetting(trainer, pretrain_set, max_length=max_length)
 
     results = train_and_report(trainer, training_args, len(train_set), len(eval_set), evaluate)
     if data_args.num_samples > 0:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import inspect
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -20,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOUNS = [("file", "Datei", "die"), ("window", "Fenster", "das"), ("folder", "Ordner", "der"),
          ("document", "Dokument", "das"), ("message", "Nachricht", "die")]
 ADJECTIVES = [("red", "rot"), ("open", "offen"), ("empty", "leer"), ("new", "neu"), ("old", "alt"), ("ready", "bereit")]
-
-
-def load_recipe(name: str):
-    """Import `recipes/<name>.py` as a module (the recipes are scripts, not part of the package)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def english_text() -> list[str]:

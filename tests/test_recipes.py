@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from hf_l2.recipes import RecipeInputError, parse_args
+from hf_l2.recipes import RecipeInputError, load_recipe, parse_args
 from recipe_fixtures import (
     ROOT,
-    load_recipe,
     save_tiny_gpt2,
     save_tiny_marian,
     translation_pairs,
@@ -76,11 +75,16 @@ def distance(folder_a, folder_b) -> float:
 def test_generation_recipe_writes_every_output(workdir, tmp_path):
     out = tmp_path / "run"
     # 31 prompt tokens + 100 new ones exceed the 64-token context: sampling must stop at the context.
-    argv = gpt2_args(workdir, out, "--l2_mode", "l2_sp", "--l2_coef", "0.1", "--max_new_tokens", "100")
+    same_as_validation = ["--pretrain_validation_file", str(workdir["text"]["validation"])]
+    argv = gpt2_args(workdir, out, "--l2_mode", "l2_sp", "--l2_coef", "0.1", "--max_new_tokens", "100",
+                     *same_as_validation)
     metrics = generation.main(argv)
 
     results = read_json(out / "all_results.json")
     assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
+    # The pretraining-domain file here is the validation file: the same data must give the same numbers.
+    assert results["eval_pretrain_loss"] == pytest.approx(results["eval_loss"], rel=1e-6)
+    assert results["eval_pretrain_perplexity"] == pytest.approx(results["eval_perplexity"], rel=1e-6)
     assert results == pytest.approx(metrics)
     assert read_json(out / "train_results.json")["train_samples"] > 0
     assert read_json(out / "eval_results.json")["eval_samples"] > 0
@@ -119,10 +123,15 @@ def test_generation_recipe_l2_sp_stays_closer_to_the_pretrained_model(workdir, t
 def test_translation_recipe_reports_bleu_chrf_and_writes_triples(workdir, tmp_path, layout):
     columns = ["--source_column", "english", "--target_column", "german"] if layout == "csv" else []
     mode = ["--l2_mode", "l2_sp", "--l2_coef", "0.1"] if layout == "jsonl" else ["--l2_mode", "none"]
-    metrics = translation.main(marian_args(workdir, tmp_path, *mode, *columns, layout=layout))
+    # The held-out pairs again as the pretraining domain, in the `translation` layout even for the csv run.
+    metrics = translation.main(marian_args(workdir, tmp_path, *mode, *columns, "--pretrain_validation_file",
+                                           str(workdir["pairs"]["validation"]), layout=layout))
 
     for key in ("eval_bleu", "eval_chrf"):
         assert 0.0 <= metrics[key] <= 100.0
+        assert metrics[key.replace("eval_", "eval_pretrain_")] == pytest.approx(metrics[key])  # same data
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-6)
+    assert metrics["eval_pretrain_perplexity"] == pytest.approx(metrics["eval_perplexity"], rel=1e-6)
     assert metrics["eval_samples"] == 12
     triples = [json.loads(line) for line in (tmp_path / "translations.jsonl").read_text().splitlines()]
     held_out = dict(translation_pairs())
@@ -173,6 +182,10 @@ def test_config_file_overrides_recipe_defaults(workdir, tmp_path):
 
 # ---- bad input ----------------------------------------------------------------------------------------------
 def test_bad_inputs_get_clear_errors(workdir, tmp_path):
+    # jsonl training data (column `content`, validation carved from it) with a .txt pretraining-domain file
+    mixed = gpt2_args(workdir, tmp_path, "--text_column", "content", "--pretrain_validation_file",
+                      str(workdir["text"]["validation"]), train="jsonl")
+    del mixed[mixed.index("--validation_file"):mixed.index("--validation_file") + 2]
     cases = [
         (generation, gpt2_args(workdir, tmp_path) + ["--train_file", str(tmp_path / "nope.txt")],
          r"--train_file.*nope\.txt.*does not exist"),
@@ -185,6 +198,12 @@ def test_bad_inputs_get_clear_errors(workdir, tmp_path):
          r"decoder-only.*gpt2_generation\.py"),
         (translation, marian_args(workdir, tmp_path, "--target_lang", "fr"), r"keys \['de', 'en'\], not \['fr'\]"),
         (translation, marian_args(workdir, tmp_path, layout="csv"), r"no column \['en', 'de'\].*--source_column"),
+        (generation, mixed, r"--text_column content` is not in the pretrain_validation data; its columns: \['text'\]"),
+        (translation, marian_args(workdir, tmp_path, "--pretrain_validation_file",
+                                  str(workdir["pairs"]["validation_csv"])),
+         r"The pretrain_validation data has no column \['en', 'de'\]"),
+        (generation, gpt2_args(workdir, tmp_path, "--pretrain_validation_file", str(tmp_path / "gone.txt")),
+         r"--pretrain_validation_file.*gone\.txt.*does not exist"),
     ]
     for recipe, argv, message in cases:
         with pytest.raises(RecipeInputError, match=message):

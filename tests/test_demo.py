@@ -1,0 +1,196 @@
+"""The offline demo and the sweep: a reduced demo end to end, data preparation, drift, tables and their errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_l2 import report
+from hf_l2.demo import FineTuning, Sizes, run_demo
+from hf_l2.demo.data import prepare
+from hf_l2.demo.starting_models import Pretraining, starting_model
+from hf_l2.recipes import RecipeInputError
+from hf_l2.sweep import Setting, grid, starting_point
+
+# A demo small enough for the test suite: the same code path as `hf-l2 demo`, seconds instead of minutes.
+TINY = Sizes(
+    pretraining={
+        "generation": Pretraining(vocab_size=300, width=16, layers=1, heads=2, context=32, steps=4, batch_size=4,
+                                  learning_rate=1e-2),
+        "translation": Pretraining(vocab_size=150, width=16, layers=1, heads=2, context=32, steps=4, batch_size=4,
+                                   learning_rate=1e-2),
+    },
+    fine_tuning={
+        "generation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4),
+        "translation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `hf-l2 demo` runs; restored for the other tests
+    try:
+        path = run_demo(root / "out", root / "cache", modes=("none", "l2_sp"), coefs=(1.0,), seeds=(0, 1), sizes=TINY)
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "out": root / "out", "cache": root / "cache", "report": path}
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+@pytest.mark.parametrize(
+    "task, metrics",
+    [("generation", ["perplexity"]), ("translation", ["perplexity", "BLEU", "chrF"])],
+)
+def test_reduced_demo_tables_have_every_setting_with_finite_numbers(demo, task, metrics):
+    rows = table_rows((demo["out"] / task / "results.md").read_text())
+    header, body = rows[0], rows[2:]
+    expected = ["setting", "runs"] + [f"target {m} {'↓' if m == 'perplexity' else '↑'}" for m in metrics]
+    expected += [f"pretraining {m} {'↓' if m == 'perplexity' else '↑'}" for m in metrics]
+    expected += ["drift ‖θ−θ₀‖"]
+    assert header == expected
+    assert [(r[0], r[1]) for r in body] == [("start", "1"), ("none", "2"), ("l2_sp α=1", "2")]
+    for row in body:
+        cells = row[2:]
+        assert len(cells) == len(expected) - 2
+        for cell in cells:
+            numbers = [float(x) for x in cell.split(" ± ")]
+            assert all(math.isfinite(x) for x in numbers) and len(numbers) == (1 if row[0] == "start" else 2)
+    assert (demo["out"] / task / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![{task}]({task}/results.png)" in demo["report"].read_text()
+
+
+def test_table_is_the_mean_and_spread_of_the_recorded_runs(demo):
+    """Recompute one cell from results.jsonl: the table shows mean ± sample standard deviation over seeds."""
+    runs = [json.loads(line) for line in (demo["out"] / "generation" / "results.jsonl").read_text().splitlines()]
+    none = [r["eval_perplexity"] for r in runs if r["setting"] == "none"]
+    assert len(none) == 2 and all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in runs)
+    cell = next(r for r in table_rows((demo["out"] / "generation" / "results.md").read_text()) if r[0] == "none")[2]
+    mean, std = statistics.fmean(none), statistics.stdev(none)
+    digits = 1 if mean >= 100 else 2
+    assert cell == f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def test_drift_is_the_distance_from_the_starting_model(demo):
+    """Checked against the models' parameters loaded by transformers, not the saved tensors the sweep reads."""
+    runs = [json.loads(line) for line in (demo["out"] / "generation" / "results.jsonl").read_text().splitlines()]
+    start_folder = next(demo["cache"].glob("start-generation-*"))
+    start = dict(AutoModelForCausalLM.from_pretrained(start_folder).named_parameters())
+    for run in runs[1:]:
+        folder = demo["out"] / "generation" / "runs" / f"{Setting(run['mode'], run['coef']).slug}-seed{run['seed']}"
+        tuned = dict(AutoModelForCausalLM.from_pretrained(folder).named_parameters())
+        expected = math.sqrt(sum((tuned[n].double() - start[n].double()).pow(2).sum().item() for n in start))
+        assert run["drift"] == pytest.approx(expected, rel=1e-6) and run["drift"] > 0
+    assert runs[0]["setting"] == "start" and runs[0]["drift"] == 0.0
+
+
+def test_starting_models_are_cached_by_their_settings(demo):
+    data = prepare(demo["cache"])
+    folder = starting_model("translation", data, TINY.pretraining["translation"], demo["cache"])
+    assert folder.parent == demo["cache"] and (folder / "model.safetensors").is_file()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert starting_model("translation", data, TINY.pretraining["translation"], demo["cache"]) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    identity = json.loads((folder / "pretraining.json").read_text())
+    assert identity["settings"]["steps"] == 4 and identity["data"] == data.key
+
+
+def test_data_preparation_is_deterministic_and_cached(tmp_path):
+    first, second = prepare(tmp_path / "a"), prepare(tmp_path / "b")
+    assert first.key == second.key
+    files = sorted(p.relative_to(first.folder) for p in first.folder.rglob("*") if p.is_file())
+    assert files and all((first.folder / f).read_bytes() == (second.folder / f).read_bytes() for f in files)
+    mtime = first.generation("target_train").stat().st_mtime_ns
+    assert prepare(tmp_path / "a").folder == first.folder
+    assert first.generation("target_train").stat().st_mtime_ns == mtime
+    # The domains are disjoint where they must be: nothing held out was trained on.
+    for task, suffix in (("generation", "txt"), ("translation", "jsonl")):
+        for domain in ("pretrain", "target"):
+            train = set((first.folder / task / f"{domain}_train.{suffix}").read_text().splitlines())
+            held_out = set((first.folder / task / f"{domain}_validation.{suffix}").read_text().splitlines())
+            assert held_out and not train & held_out
+    pair = json.loads(first.translation("target_train").read_text().splitlines()[0])["translation"]
+    assert set(pair) == {"en", "de"} and all(pair.values())
+
+
+def test_a_failed_demo_leaves_no_old_report(tmp_path):
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / "demo.md"
+    stale.write_text("# an old table")
+    with pytest.raises(RecipeInputError, match="l2_coef"):
+        run_demo(tmp_path / "out", tmp_path / "cache", coefs=(-1.0,), sizes=TINY)
+    assert not stale.exists()
+
+
+# ---- sweep and report pieces --------------------------------------------------------------------------------
+def test_grid_runs_none_once_and_every_other_mode_at_every_alpha():
+    assert grid(["none", "l2", "l2_sp"], [0.1, 1.0]) == [
+        Setting("none", 0.0), Setting("l2", 0.1), Setting("l2", 1.0), Setting("l2_sp", 0.1), Setting("l2_sp", 1.0)
+    ]
+    assert [s.label for s in grid(["l2_sp"], [0.01])] == ["l2_sp α=0.01"]
+    for modes, coefs, message in [(["l3"], [1.0], "l2_mode.*l3"), (["l2"], [], "at least one α"),
+                                  (["l2_sp"], [float("nan")], "finite")]:
+        with pytest.raises(RecipeInputError, match=message):
+            grid(modes, coefs)
+
+
+def test_sweep_refuses_recipe_arguments_it_sets_and_needs_the_starting_model():
+    assert starting_point(["--train_file", "a.txt", "--model_name_or_path", "m1", "--model_name_or_path=m2"]) == "m2"
+    with pytest.raises(RecipeInputError, match="--l2_coef.*set by the sweep"):
+        starting_point(["--model_name_or_path", "m", "--l2_coef", "0.1"])
+    with pytest.raises(RecipeInputError, match="--model_name_or_path"):
+        starting_point(["--train_file", "a.txt"])
+    with pytest.raises(RecipeInputError, match="run.yaml: .*as flags"):
+        starting_point(["run.yaml"])
+
+
+@pytest.mark.parametrize("second, message", [(float("nan"), "is nan"), (None, "is None")])
+def test_report_refuses_missing_or_non_finite_numbers(tmp_path, second, message):
+    rows = [{"setting": "none", "mode": "none", "coef": 0.0, "seed": s, "drift": 1.0, "eval_perplexity": p}
+            for s, p in ((0, 10.0), (1, second))]
+    if second is None:
+        del rows[1]["eval_perplexity"]
+    with pytest.raises(report.ReportError, match=f"'none' seed 1: `eval_perplexity` {message}, not a number"):
+        report.write_report(rows, tmp_path, "t")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, capsys):
+    from hf_l2.cli import main
+    data = prepare(demo["cache"])
+    recipe_args = ["--model_name_or_path", str(next(demo["cache"].glob("start-generation-*"))),
+                   "--train_file", str(data.generation("target_train")),
+                   "--validation_file", str(data.generation("target_validation")),
+                   "--block_size", "32", "--max_steps", "2", "--max_eval_samples", "4", "--use_cpu", "true",
+                   "--cache_dir", str(demo["cache"] / "datasets")]
+    assert main(["sweep", "--recipe", "gpt2_generation", "--l2_mode", "l2_sp", "--l2_coef", "0", "1",
+                 "--seeds", "3", "--output_dir", str(tmp_path), "--", *recipe_args]) == 0
+    printed = capsys.readouterr().out
+    assert "[3/3] l2_sp-1-seed3" in printed and "| l2_sp α=1 | 1 |" in printed
+    header = table_rows((tmp_path / "results.md").read_text())[0]
+    # No pretraining-domain file was given: no forgetting columns.
+    assert header == ["setting", "runs", "target perplexity ↓", "drift ‖θ−θ₀‖"]
+    assert (tmp_path / "results.png").is_file() and (tmp_path / "runs" / "l2_sp-0-seed3.log").is_file()
+
+    with pytest.raises(SystemExit, match="error: Pass `--model_name_or_path`"):
+        main(["sweep", "--recipe", "gpt2_generation", "--l2_coef", "1", "--output_dir", str(tmp_path),
+              "--", "--train_file", "x.txt"])
+
+
+def test_missing_catalogs_say_what_to_install(monkeypatch):
+    from hf_l2.demo import data
+
+    monkeypatch.setitem(data.CATALOGS, "django", ("not_an_installed_module", "de"))
+    with pytest.raises(data.DemoDataError, match=r"`not_an_installed_module`.*pip install -e \"\.\[demo\]\""):
+        data.prepare("unused")
