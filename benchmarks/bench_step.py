@@ -1,4 +1,4 @@
-"""Throughput of whole optimizer steps: stock `transformers.Trainer` vs `L2Trainer` (L2-SP; impls grad, loss, decoupled).
+"""Throughput of whole optimizer steps: stock `transformers.Trainer` vs `L2Trainer` (L2-SP: grad, loss, decoupled).
 
     python benchmarks/bench_step.py                                         # CPU defaults, ~2 min
     python benchmarks/bench_step.py --device cuda --bf16 --n_layer 12 --n_embd 768 --seq_len 1024 --steps 30

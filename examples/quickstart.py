@@ -53,7 +53,8 @@ def main() -> None:
     trainer.train()
     metrics = trainer.evaluate()
     last = [h for h in trainer.state.log_history if "loss" in h][-1]
-    summary = {k: v for k, v in {**last, **metrics}.items() if k.startswith(("loss", "eval_loss", "l2/", "weights/drift"))}
+    shown = ("loss", "eval_loss", "l2/", "weights/drift")
+    summary = {k: v for k, v in {**last, **metrics}.items() if k.startswith(shown)}
     print(json.dumps(summary, indent=2))
     trainer.save_model()
 

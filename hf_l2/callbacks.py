@@ -114,7 +114,8 @@ class WeightNormCallback(TrainerCallback):
         sharded = any(p.sharded for p in pieces.values()) and world_size() > 1
         named = [(n, p) for n, p in pieces.items() if p.numel]
         device = next(iter(pieces.values())).param.device
-        weights = torch.tensor([1.0 / (p.replicas or world_size()) if sharded else 1.0 for _, p in named], device=device)
+        shares = [1.0 / (p.replicas or world_size()) if sharded else 1.0 for _, p in named]
+        weights = torch.tensor(shares, device=device)
         tensors = [p.local for _, p in named]
         squares = {"norm": self._squares(tensors, device) * weights}
         if self._snapshot is not None:

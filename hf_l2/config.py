@@ -94,7 +94,8 @@ class L2Config(TrainingArguments):
         default="float32", metadata={"help": "dtype θ₀ is stored in.", "choices": list(ANCHOR_DTYPES)}
     )
     l2_anchor_device: str = field(
-        default="param", metadata={"help": "param: θ₀ beside each parameter; cpu: in host memory.", "choices": list(ANCHOR_DEVICES)}
+        default="param",
+        metadata={"help": "param: θ₀ beside each parameter; cpu: in host memory.", "choices": list(ANCHOR_DEVICES)},
     )
     l2_lora_delta: bool = field(
         default=False,

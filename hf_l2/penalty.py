@@ -244,7 +244,8 @@ class L2Penalty:
         offset = piece.start - stored_start
         if offset < 0 or offset + under > stored.numel():
             raise ValueError(
-                f"L2 penalty: the stored θ₀ of {name!r} holds elements [{stored_start}, {stored_start + stored.numel()})"
+                f"L2 penalty: the stored θ₀ of {name!r} holds elements "
+                f"[{stored_start}, {stored_start + stored.numel()})"
                 f" of the full tensor, but this rank's piece needs [{piece.start}, {piece.start + under}). It was "
                 "saved by a run sharded differently: resume with the same number of processes and the same "
                 "FSDP/ZeRO settings, or from a checkpoint with a full l2_anchor.safetensors."
@@ -477,7 +478,8 @@ class L2Penalty:
             for (_, piece, _), d in zip(anchored, diffs):
                 flat(piece)[: d.numel()] = d.reshape(-1)
         if new:
-            grads = torch._foreach_mul([self._view(p.local, r, True) for p, r in new], self._factor(self.head_coef, scale))
+            values = [self._view(p.local, r, True) for p, r in new]
+            grads = torch._foreach_mul(values, self._factor(self.head_coef, scale))
             for (piece, _), g in zip(new, grads):
                 target = flat(piece)
                 target[target.numel() - g.numel() :] = g.reshape(-1)

@@ -38,7 +38,8 @@ def wrap(model, how):
         for block in model.transformer.h:
             fully_shard(block)
         return fully_shard(model)
-    return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({GPT2Block}))
+    wrap = ModuleWrapPolicy({GPT2Block})
+    return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"), auto_wrap_policy=wrap)
 
 
 def full_params(model, how):
