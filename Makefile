@@ -9,7 +9,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install
-	hf-l2 demo --output_dir runs/demo
+	$(PYTHON) -m hf_l2.cli demo --output_dir runs/demo
 
 quickstart: install
 	$(PYTHON) examples/quickstart.py --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1
