@@ -52,7 +52,7 @@ def main() -> None:
                         callbacks=[WeightNormCallback(track_drift=True)])
     trainer.train()
     metrics = trainer.evaluate()
-    last = [h for h in trainer.state.log_history if "loss" in h][-1]
+    last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})  # none if steps < logging_steps
     shown = ("loss", "eval_loss", "l2/", "weights/drift")
     summary = {k: v for k, v in {**last, **metrics}.items() if k.startswith(shown)}
     print(json.dumps(summary, indent=2))
