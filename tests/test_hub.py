@@ -254,7 +254,8 @@ def test_recipes_push_model_tokenizer_card_and_plot(recipe_inputs, fake_hub, tmp
     run_recipe(monkeypatch, recipe, recipe_command(recipe, recipe_inputs, out, "--hub_private_repo", "true"))
 
     assert fake_hub.created[0] == ("alice/tiny", "private")
-    final = fake_hub.commits[-1]  # save_model() pushes too (as the stock Trainer does); the last push has it all
+    assert len(fake_hub.commits) == 1  # one push, at the end, after the local save of everything
+    final = fake_hub.commits[-1]
     assert final["repo_id"] == "alice/tiny"
     assert set(final["files"]) == local_files(out)
     assert {"model.safetensors", "tokenizer_config.json", "README.md", PLOT_FILE, samples, "all_results.json"} <= set(
