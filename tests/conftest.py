@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,6 +118,18 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     assert a.keys() == b.keys()
     num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in a)
     return (num / sum(b[k].double().pow(2).sum() for k in a)).sqrt().item()
+
+
+def run_two_processes(worker: str, *args: str, **env: str) -> None:
+    """Run `tests/<worker>` under torchrun as 2 CPU processes (gloo), failing with its stderr.
+
+    `--standalone` lets the rendezvous pick its own free port, so runs side by side cannot collide.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(os.path.dirname(__file__), worker), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture

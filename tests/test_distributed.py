@@ -1,32 +1,16 @@
 """Two CPU processes (gloo) give the parameters of one process with the same global batch."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import TokenDataset, l2_args, max_rel_diff, params_of, tiny_gpt2
+from conftest import TokenDataset, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
 from hf_l2 import L2Trainer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("impl", ["grad", "loss"])
 def test_two_process_ddp_equals_one_process(tmp_path, impl):
     out = tmp_path / "ddp.pt"
-    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), worker, str(out), impl]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_processes("ddp_worker.py", str(out), impl)
     ddp = torch.load(out, weights_only=False)
     assert ddp["world_size"] == 2
 

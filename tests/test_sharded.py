@@ -5,14 +5,11 @@ the shard-level code directly: 2 gloo processes, each with its shards and half t
 unsharded model trained on the whole batch in the same processes.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from test_distributed import free_port
+from conftest import run_two_processes
 from hf_l2.anchor import load_anchor, save_anchor
 
 CASES = [f"{how}-{impl}" for how in ("fsdp2", "fsdp1") for impl in ("grad", "loss")]
@@ -21,12 +18,7 @@ CASES = [f"{how}-{impl}" for how in ("fsdp2", "fsdp1") for impl in ("grad", "los
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded") / "results.pt"
-    worker = os.path.join(os.path.dirname(__file__), "shard_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), worker, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_processes("shard_worker.py", str(out))
     results = torch.load(out, weights_only=False)
     assert results["world"] == 2
     return results

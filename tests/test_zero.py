@@ -5,14 +5,11 @@ sends ∇Ω through DeepSpeed's own gradient reduction (see hf_l2/zero3.py). Ski
 installed (it is an optional extra; see docs/distributed.md for how these tests were run).
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from test_distributed import free_port
+from conftest import run_two_processes
 
 pytest.importorskip("deepspeed")
 
@@ -20,12 +17,7 @@ pytest.importorskip("deepspeed")
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero") / "results.pt"
-    worker = os.path.join(os.path.dirname(__file__), "zero_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), worker, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_processes("zero_worker.py", str(out), DS_ACCELERATOR="cpu")
     results = torch.load(out, weights_only=False)
     assert results["world"] == 2
     return results
