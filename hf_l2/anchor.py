@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .lora import modules_to_save_originals
-from .penalty import snapshot
+from .penalty import L2Penalty, Selection, snapshot
 from .sharding import local_pieces
 
 # Saved next to optimizer.pt in every checkpoint, so that resume restores θ₀ instead of re-snapshotting it.
@@ -133,6 +133,28 @@ def take_anchors(
     )
     anchors.update({n: t.to(dtype=dtype, device=device or parameters[n].device) for n, t in found.items()})
     return anchors, absent, {}
+
+
+def l2_sp_penalty(
+    model: nn.Module,
+    parameters: dict[str, torch.Tensor],
+    selection: Selection,
+    coef: float,
+    head_coef: float,
+    weights: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    field: str = "l2_anchor_path",
+) -> tuple[L2Penalty, list[str]]:
+    """The L2-SP term over ``selection`` with θ₀ from :func:`take_anchors`, and the selected names that have no
+    θ₀ (they join the new parameters)."""
+    anchors, absent, layout = take_anchors(model, parameters, selection.anchored, weights, dtype, device, field)
+    anchored = [n for n in selection.anchored if n in anchors]
+    penalty = L2Penalty(
+        coef, head_coef, anchored, selection.new + absent, anchors, anchors_on_cpu=device == "cpu",
+        anchor_layout=layout,
+    )
+    return penalty, absent
 
 
 def save_anchor(

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .anchor import take_anchors
+from .anchor import l2_sp_penalty
 from .decoupled import DecoupledPull
-from .penalty import L2Penalty, check_number, compile_patterns, select_parameters
+from .penalty import check_number, compile_patterns, select_parameters
 from .schedule import CoefSchedule
 from .sharding import Piece, local_pieces, world_size
 
@@ -213,11 +213,7 @@ class DecoupledL2SPCallback(TrainerCallback):
         for pattern in selection.unmatched_patterns:
             logger.warning(f"DecoupledL2SPCallback: pattern {pattern!r} matches no trainable parameter.")
         weights = reference.state_dict() if isinstance(reference, nn.Module) else reference
-        anchors, absent, layout = take_anchors(model, parameters, selection.anchored, weights, field="reference")
-        anchored = [n for n in selection.anchored if n in anchors]
-        self.penalty = L2Penalty(
-            coef, head_coef, anchored, selection.new + absent, anchors, anchor_layout=layout
-        )
+        self.penalty, _ = l2_sp_penalty(model, parameters, selection, coef, head_coef, weights, field="reference")
         self.schedule = schedule or CoefSchedule()
         self._pull = DecoupledPull([self.penalty])
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from .anchor import ANCHOR_FILE, load_anchor, read_weights, save_anchor, take_anchors
+from .anchor import ANCHOR_FILE, l2_sp_penalty, load_anchor, read_weights, save_anchor
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
 from .decoupled import DecoupledPull
@@ -113,14 +113,11 @@ class L2PenaltyMixin:
             dtype = ANCHOR_DTYPES[args.l2_anchor_dtype]
             device = "cpu" if args.l2_anchor_device == "cpu" else None
             weights = read_weights(args.l2_anchor_path) if args.l2_anchor_path else None
-            anchors, absent, layout = take_anchors(model, parameters, selection.anchored, weights, dtype, device)
-            anchored, new = [n for n in selection.anchored if n in anchors], selection.new + absent
+            penalty, absent = l2_sp_penalty(
+                model, parameters, selection, args.l2_coef, args.l2_head_coef, weights, dtype, device
+            )
             if absent:
                 logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
-            penalty = L2Penalty(
-                args.l2_coef, args.l2_head_coef, anchored, new, anchors, anchors_on_cpu=device == "cpu",
-                anchor_layout=layout,
-            )
 
         pieces = local_pieces(model)  # ZeRO-3 `zero.Init` placeholders count by their real size
         count = lambda names: sum(math.prod(pieces[n].shape) for n in names)  # noqa: E731
