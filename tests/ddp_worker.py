@@ -21,3 +21,6 @@ if __name__ == "__main__":
     world = dist.get_world_size() if dist.is_initialized() else 1
     if trainer.args.process_index == 0:
         torch.save({"params": params_of(model), "world_size": world, "log": trainer.state.log_history}, out)
+    # Tear the process group down before the interpreter exits: gloo can abort a process exiting with it alive.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
