@@ -120,16 +120,26 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return (num / sum(b[k].double().pow(2).sum() for k in a)).sqrt().item()
 
 
+def run_distributed(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a multi-process command, once more if gloo aborted it, and fail with its stderr."""
+    for _ in range(2):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        # gloo on CPU aborts now and then with this line (std::terminate in one process, at any point of the run;
+        # about 1 run in 8 on the 2-core machine, cause not found). Such a run shows nothing either way: run again.
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def run_two_processes(worker: str, *args: str, **env: str) -> None:
-    """Run `tests/<worker>` under torchrun as 2 CPU processes (gloo), failing with its stderr.
+    """Run `tests/<worker>` under torchrun as 2 CPU processes (gloo).
 
     `--standalone` lets the rendezvous pick its own free port, so runs side by side cannot collide.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(os.path.dirname(__file__), worker), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_distributed(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env})
 
 
 @pytest.fixture

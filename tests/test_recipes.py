@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from conftest import run_distributed
 from hf_l2.recipes import RecipeInputError, load_recipe, parse_args
 from recipe_fixtures import (
     ROOT,
@@ -233,13 +234,12 @@ def test_generation_recipe_under_accelerate_launch_with_two_processes(workdir, t
     argv += ["--num_train_epochs", "1", "--max_train_samples", "16"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
+    run_distributed(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
          str(ROOT / "recipes" / "gpt2_generation.py"), *argv],
-        capture_output=True, text=True, env=env, timeout=300,
+        env,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     state = read_json(out / "trainer_state.json")
     assert state["global_step"] == 16 // (4 * 2)  # 16 blocks, 4 per process, 2 processes
     assert any("l2/penalty" in h for h in state["log_history"])
