@@ -31,7 +31,7 @@ import torch
 
 from .anchor import read_weights
 from .config import MODES
-from .recipes import RecipeInputError, load_recipe
+from .recipe_common import RecipeInputError, load_recipe
 
 # Set by the sweep for every run; the recipe arguments may not set them.
 OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--seed", "--output_dir", "--do_train", "--do_eval")

@@ -30,7 +30,7 @@ from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from hf_l2 import L2Config, L2Trainer
-from hf_l2.recipes import (
+from hf_l2.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,

@@ -31,7 +31,7 @@ from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, metrics
-from hf_l2.recipes import (
+from hf_l2.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,

@@ -14,7 +14,7 @@ from hf_l2 import report
 from hf_l2.demo import FineTuning, Sizes, run_demo
 from hf_l2.demo.data import prepare
 from hf_l2.demo.starting_models import Pretraining, starting_model
-from hf_l2.recipes import RecipeInputError
+from hf_l2.recipe_common import RecipeInputError
 from hf_l2.sweep import Setting, grid, starting_point
 
 # A demo small enough for the test suite: the same code path as `hf-l2 demo`, seconds instead of minutes.

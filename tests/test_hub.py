@@ -20,7 +20,7 @@ from recipe_fixtures import save_tiny_gpt2, save_tiny_marian, write_text_files, 
 from hf_l2 import HubPublishError, L2Trainer
 from hf_l2.cli import main as hf_l2_main
 from hf_l2.model_card import PLOT_FILE
-from hf_l2.recipes import load_recipe
+from hf_l2.recipe_common import load_recipe
 
 TOKEN = "hf_test_token"
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from conftest import run_distributed
-from hf_l2.recipes import RecipeInputError, load_recipe, parse_args
+from hf_l2.recipe_common import RecipeInputError, load_recipe, parse_args
 from recipe_fixtures import (
     ROOT,
     save_tiny_gpt2,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import report
-from ..recipes import RecipeInputError
+from ..recipe_common import RecipeInputError
 from ..sweep import grid, run_sweep
 from .data import DemoData, DemoDataError, prepare
 from .starting_models import GENERATION, RECIPES, TRANSLATION, Pretraining, starting_model

@@ -22,7 +22,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
 from ..build import train_bpe_tokenizer, train_marian_tokenizer
-from ..recipes import load_recipe
+from ..recipe_common import load_recipe
 from ..sweep import RUN_DEFAULTS
 from .data import DemoData, publish
 
