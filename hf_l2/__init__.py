@@ -5,7 +5,8 @@ from .config import L2Config, L2Seq2SeqConfig
 from .hub import HubPublishError
 from .penalty import L2Penalty
 from .schedule import CoefSchedule
-from .trainer import L2Seq2SeqTrainer, L2Trainer
+from .publishing import L2PublishingMixin
+from .trainer import L2PenaltyMixin, L2Seq2SeqTrainer, L2Trainer, L2TrainerMixin
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,9 @@ __all__ = [
     "L2Seq2SeqConfig",
     "L2Trainer",
     "L2Seq2SeqTrainer",
+    "L2TrainerMixin",
+    "L2PenaltyMixin",
+    "L2PublishingMixin",
     "WeightNormCallback",
     "DecoupledL2SPCallback",
     "CoefSchedule",

@@ -13,11 +13,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .anchor import l2_sp_penalty
+from .builder import build_penalty
 from .decoupled import DecoupledPull
-from .penalty import check_number, compile_patterns, select_parameters
 from .schedule import CoefSchedule
 from .sharding import Piece, local_pieces, world_size
+from .validation import check_number
 
 logger = logging.get_logger(__name__)
 
@@ -201,19 +201,19 @@ class DecoupledL2SPCallback(TrainerCallback):
     ):
         check_number("coef", coef)
         check_number("head_coef", head_coef)
-        parameters = dict(model.named_parameters())
-        # The Trainer's own no-decay rule; `get_decay_parameter_names` does not use its `self`.
-        decay = frozenset(Trainer.get_decay_parameter_names(None, model))
-        selection = select_parameters(
-            parameters.items(),
-            exclude=compile_patterns(exclude, "exclude"),
-            exclude_names=frozenset(parameters) - decay if exclude_bias_and_norm else frozenset(),
-            new=compile_patterns(head_params, "head_params"),
+        self.penalty = build_penalty(
+            model,
+            mode="l2_sp",
+            coef=coef,
+            head_coef=head_coef,
+            head_params=head_params,
+            exclude=exclude,
+            # The Trainer's own no-decay rule; `get_decay_parameter_names` does not use its `self`.
+            decay_names=Trainer.get_decay_parameter_names(None, model) if exclude_bias_and_norm else None,
+            weights=reference.state_dict() if isinstance(reference, nn.Module) else reference,
+            fields=("head_params", "exclude", "reference"),
+            who="DecoupledL2SPCallback",
         )
-        for pattern in selection.unmatched_patterns:
-            logger.warning(f"DecoupledL2SPCallback: pattern {pattern!r} matches no trainable parameter.")
-        weights = reference.state_dict() if isinstance(reference, nn.Module) else reference
-        self.penalty, _ = l2_sp_penalty(model, parameters, selection, coef, head_coef, weights, field="reference")
         self.schedule = schedule or CoefSchedule()
         self._pull = DecoupledPull([self.penalty])
 

@@ -8,7 +8,7 @@ import torch
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
-from .penalty import check_number, compile_patterns
+from .validation import check_number, compile_patterns
 from .schedule import SCHEDULES, CoefSchedule
 
 logger = logging.get_logger(__name__)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .penalty import matches
+from .validation import matches
 
 
 @dataclass

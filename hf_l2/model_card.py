@@ -11,7 +11,7 @@ import os
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,35 +71,44 @@ def measure_penalty(
     return PenaltyReport(groups, lora.delta_sq().sqrt().item(), len(lora.layers))
 
 
-def write_model_card(
-    trainer,
-    output_dir: str,
-    report: PenaltyReport | None,
-    *,
-    language: str | list[str] | None = None,
-    license: str | None = None,
-    tags: str | list[str] | None = None,
-    model_name: str | None = None,
-    finetuned_from: str | None = None,
-    tasks: str | list[str] | None = None,
-    dataset_tags: str | list[str] | None = None,
-    dataset: str | list[str] | None = None,
-    dataset_args: str | list[str] | None = None,
-    command: str | None = None,
-) -> ModelCard:
+@dataclass(frozen=True)
+class CardInfo:
+    """What the caller tells the card, the fields of `Trainer.create_model_card` in its order plus `command`.
+
+    `dataset_tags` are Hub dataset ids, the first one being the evaluation data; `dataset` their display names and
+    `dataset_args` the first one's config name; `command` is the command line to record (default: this process's
+    own, see `reproduce_command`). None means "not given".
+    """
+
+    language: str | list[str] | None = None
+    license: str | None = None
+    tags: str | list[str] | None = None
+    model_name: str | None = None
+    finetuned_from: str | None = None
+    tasks: str | list[str] | None = None
+    dataset_tags: str | list[str] | None = None
+    dataset: str | list[str] | None = None
+    dataset_args: str | list[str] | None = None
+    command: str | None = None
+
+    def updated(self, given: CardInfo) -> CardInfo:
+        """These values, with those set in `given` taking their place."""
+        return replace(self, **{f.name: v for f in fields(given) if (v := getattr(given, f.name)) is not None})
+
+
+def write_model_card(trainer, output_dir: str, report: PenaltyReport | None, info: CardInfo | None = None) -> ModelCard:
     """Write `README.md` and the training plot for an `L2Trainer`'s run into `output_dir`; return the card.
 
-    `report` is `measure_penalty` of the trainer's penalty terms (None for `l2_mode="none"`). The other arguments
-    are those of `Trainer.create_model_card` (`dataset_tags` are Hub dataset ids, the first one being the
-    evaluation data; `dataset_args` its config name) plus `command`, the command line to record (default: this
-    process's own, see `reproduce_command`).
+    `report` is `measure_penalty` of the trainer's penalty terms (None for `l2_mode="none"`); `info` what the caller
+    said about the run.
     """
+    info = info or CardInfo()
     args, model = trainer.args, trainer.model
-    base_model, source = _model_source(model, finetuned_from)
-    datasets = _as_list(dataset_tags)
+    base_model, source = _model_source(model, info.finetuned_from)
+    datasets = _as_list(info.dataset_tags)
     step, metrics = final_evaluation(trainer.state.log_history)
-    model_name = model_name or (args.hub_model_id or Path(output_dir).absolute().name).split("/")[-1]
-    task = _task(model, tasks)
+    model_name = info.model_name or (args.hub_model_id or Path(output_dir).absolute().name).split("/")[-1]
+    task = _task(model, info.tasks)
     eval_results = None
     if metrics and task and datasets:  # the Hub drops a model-index entry without a task and a dataset
         eval_results = [
@@ -107,20 +116,20 @@ def write_model_card(
                 task_type=task,
                 task_name=TASK_TAG_TO_NAME_MAPPING.get(task),
                 dataset_type=datasets[0],
-                dataset_name=(_as_list(dataset) or datasets)[0],
-                dataset_config=(_as_list(dataset_args) or [None])[0],
+                dataset_name=(_as_list(info.dataset) or datasets)[0],
+                dataset_config=(_as_list(info.dataset_args) or [None])[0],
                 metric_type=key,
                 metric_name=f"eval_{key}",
                 metric_value=value,
             )
             for key, value in metrics.items()
         ]
-    card_tags = ["hf_l2", MODE_TAGS[args.l2_mode], *_as_list(tags), *(getattr(model, "model_tags", None) or [])]
+    card_tags = ["hf_l2", MODE_TAGS[args.l2_mode], *_as_list(info.tags), *(getattr(model, "model_tags", None) or [])]
     card_data = ModelCardData(
         base_model=base_model,
         datasets=datasets or None,
-        language=language,
-        license=license,
+        language=info.language,
+        license=info.license,
         library_name="peft" if _is_peft(model) else "transformers",
         tags=card_tags + ["generated_from_trainer"],
         model_name=model_name if eval_results else None,
@@ -135,8 +144,8 @@ def write_model_card(
         template_path=str(template_path()),
         model_name=model_name,
         origin=_origin(model, base_model, source),
-        data=", ".join(_as_list(dataset) or datasets),
-        reg=_regularization(args, trainer._l2, report, source),
+        data=", ".join(_as_list(info.dataset) or datasets),
+        reg=_regularization(args, trainer.l2_terms.penalty, report, source),
         eval_step=step,
         eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
         drift_rows=drift_rows,
@@ -145,7 +154,7 @@ def write_model_card(
         lora_delta=lora_delta,
         plot_file=PLOT_FILE if plotted is not None else None,
         hyperparameters=list(extract_hyperparameters_from_trainer(trainer).items()),
-        command=command or reproduce_command(),
+        command=info.command or reproduce_command(),
         versions=_versions(_is_peft(model)),
     )
     card.save(os.path.join(output_dir, CARD_FILE))

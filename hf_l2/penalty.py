@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,32 +30,6 @@ from .sharding import Piece, world_size
 
 # Elements per chunk of temporaries (θ − θ₀); 2**24 fp32 values = 64 MiB, a few chunks for GPT-2 small.
 CHUNK_NUMEL = 1 << 24
-
-
-def compile_patterns(patterns: Sequence[str] | str | None, field_name: str) -> list[re.Pattern]:
-    """Compile user regexes, naming the config field when one is invalid."""
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as err:
-            raise ValueError(f"`{field_name}`: {pattern!r} is not a valid regular expression ({err}).") from err
-    return compiled
-
-
-def check_number(field_name: str, value, minimum: float = 0.0, strict: bool = False) -> None:
-    """Reject a non-number, NaN, infinity or a value below ``minimum`` (or equal, when ``strict``), naming the field."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        raise ValueError(f"`{field_name}` must be a number {'>' if strict else '≥'} {minimum:g}, got {value!r}.")
-
-
-def matches(name: str, patterns: Iterable[re.Pattern]) -> bool:
-    return any(p.search(name) for p in patterns)
 
 
 @dataclass
@@ -287,28 +261,23 @@ class L2Penalty:
             [self._view(p.local, r, True) for p, r in self._new],
         )
 
-    def _anchors_on(self, tensors: Sequence[torch.Tensor], sl: slice) -> list[torch.Tensor]:
-        """Anchors of a chunk on the parameters' device (an anchor kept on the CPU is copied per step)."""
-        return [
-            a if a.device == t.device else a.to(t.device, non_blocking=True)
-            for a, t in zip(self._anchor_tensors[sl], tensors[sl])
-        ]
+    def _drift_chunks(
+        self, anchored: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor] | None = None,
+        chunks: Sequence[slice] | None = None, diff: bool = True,
+    ) -> Iterator[tuple[slice, list[torch.Tensor], list[torch.Tensor] | None]]:
+        """The one loop over θ − θ₀: per chunk, its slice of ``anchored``, its θ₀ on the parameters' device (an
+        anchor kept on the CPU is copied per step) and θ − θ₀ (None unless ``diff``).
 
-    # ---- gradient -------------------------------------------------------------------------------------------
-    def gradients(self, scale: torch.Tensor | float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """∇Ω·scale as new tensors, for the anchored and new parts (used by the in-loss autograd form)."""
-        anchored, new = self.tensors()
-        grads_a: list[torch.Tensor] = []
-        for sl in self._anchored_chunks:
-            diff = torch._foreach_sub(anchored[sl], self._anchors_on(anchored, sl))
-            torch._foreach_mul_(diff, self._factor(self.coef, scale))
-            grads_a += diff
-        grads_n = torch._foreach_mul(new, self._factor(self.head_coef, scale)) if new else []
-        return grads_a, grads_n
-
-    @staticmethod
-    def _factor(coef: float, scale: torch.Tensor | float):
-        return scale * coef if isinstance(scale, torch.Tensor) else coef * scale
+        ``anchors`` default to the bound θ₀ and ``chunks`` to chunks of bounded size: a caller that drops a chunk's
+        tensors before taking the next keeps one chunk of temporaries alive.
+        """
+        anchors = self._anchor_tensors if anchors is None else anchors
+        for sl in self._anchored_chunks if chunks is None else chunks:
+            here = [a if a.device == t.device else a.to(t.device, non_blocking=True)
+                    for a, t in zip(anchors[sl], anchored[sl])]
+            delta = torch._foreach_sub(anchored[sl], here) if diff else None
+            yield sl, here, delta
+            del here, delta
 
     @torch.no_grad()
     def add_to_grads_(self, scale: torch.Tensor | None = None) -> None:
@@ -321,8 +290,7 @@ class L2Penalty:
         anchored, new = self.tensors()
         grads_a = [self._view(p.grad(), r, False) for p, r in self._anchored]
         grads_n = [self._view(p.grad(), r, True) for p, r in self._new]
-        for sl in self._anchored_chunks:
-            diff = torch._foreach_sub(anchored[sl], self._anchors_on(anchored, sl))
+        for sl, _, diff in self._drift_chunks(anchored):
             if scale is not None:
                 torch._foreach_mul_(diff, scale)
             torch._foreach_add_(grads_a[sl], diff, alpha=self.coef)
@@ -343,10 +311,10 @@ class L2Penalty:
         anchored, new = self.tensors()
         if self.coef:
             lrs = [lr_of(p.param) for p, _ in self._anchored]
-            for sl in self._anchored_chunks:
+            for sl, anchors, _ in self._drift_chunks(anchored, diff=False):
                 params = anchored[sl]
                 # lerp takes one dtype: a bf16 anchor is widened chunk by chunk
-                anchors = [a.to(p.dtype) for a, p in zip(self._anchors_on(anchored, sl), params)]
+                anchors = [a.to(p.dtype) for a, p in zip(anchors, params)]
                 for lr, idx in group_by_value(lrs[sl]).items():
                     torch._foreach_lerp_([params[i] for i in idx], [anchors[i] for i in idx], lr * self.coef)
                 del anchors
@@ -358,8 +326,7 @@ class L2Penalty:
     def _drift_sq(self, anchored: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self._home)
         with torch.no_grad():
-            for sl in self._anchored_chunks:
-                diff = torch._foreach_sub(anchored[sl], self._anchors_on(anchored, sl))
+            for sl, _, diff in self._drift_chunks(anchored):
                 total = total + _sum_sq(diff, None if weights is None else weights[sl]).to(total.device)
         return total
 
@@ -408,9 +375,8 @@ class L2Penalty:
         anchored, new = self.tensors()
         columns = []  # per entry: weight_sq, drift_sq, anchor_sq, anchored values, new values
         with torch.no_grad():
-            for sl in self._anchored_chunks:
-                anchors = self._anchors_on(anchored, sl)
-                drift = _norms_sq(torch._foreach_sub(anchored[sl], anchors))
+            for sl, anchors, diff in self._drift_chunks(anchored):
+                drift = _norms_sq(diff)
                 counts = torch.tensor([float(t.numel()) for t in anchored[sl]], device=drift.device)
                 columns.append(torch.stack([_norms_sq(anchored[sl]), drift, _norms_sq(anchors), counts,
                                             torch.zeros_like(counts)], dim=1).to(self._home))
@@ -437,6 +403,7 @@ class L2Penalty:
                 out[group] |= {"drift_sq": drift_sq, "anchor_sq": anchor_sq}
         return out
 
+    # ---- the in-loss (autograd) form, and its ZeRO-3 variant --------------------------------------------------
     def loss_term(self) -> torch.Tensor:
         """Ω as a differentiable scalar whose backward adds ∇Ω with multi-tensor kernels (the in-loss form).
 
@@ -450,6 +417,20 @@ class L2Penalty:
             return zero3_loss_term(self)
         anchored, new = self.tensors()
         return _PenaltyFunction.apply(self, *anchored, *new)
+
+    def gradients(self, scale: torch.Tensor | float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """∇Ω·scale as new tensors, for the anchored and new parts (the backward of :meth:`loss_term`)."""
+        anchored, new = self.tensors()
+        grads_a: list[torch.Tensor] = []
+        for _, _, diff in self._drift_chunks(anchored):
+            torch._foreach_mul_(diff, self._factor(self.coef, scale))
+            grads_a += diff
+        grads_n = torch._foreach_mul(new, self._factor(self.head_coef, scale)) if new else []
+        return grads_a, grads_n
+
+    @staticmethod
+    def _factor(coef: float, scale: torch.Tensor | float):
+        return scale * coef if isinstance(scale, torch.Tensor) else coef * scale
 
     def bound_parameters(self) -> list[torch.Tensor]:
         """Each parameter with a non-empty piece under the penalty, once, in binding order."""
@@ -472,8 +453,8 @@ class L2Penalty:
 
         if anchored:
             values = [self._view(p.local, r, False) for _, p, r in anchored]
-            anchors = [self._anchor_tensors[i].to(v.device) for (i, _, _), v in zip(anchored, values)]
-            diffs = torch._foreach_sub(values, anchors)
+            anchors = [self._anchor_tensors[i] for i, _, _ in anchored]
+            ((_, _, diffs),) = self._drift_chunks(values, anchors, [slice(None)])  # a few gathered tensors: one chunk
             torch._foreach_mul_(diffs, self._factor(self.coef, scale))
             for (_, piece, _), d in zip(anchored, diffs):
                 flat(piece)[: d.numel()] = d.reshape(-1)

@@ -223,9 +223,9 @@ def train_and_report(trainer: Trainer, training_args, n_train: int, n_eval: int,
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        # Model + tokenizer now, before anything that could fail (sampling, pushing); `_internal_call` skips the
-        # card and the push, which `publish` does once at the end, when the card can hold the eval results.
-        trainer.save_model(_internal_call=True)
+        # Model + tokenizer now, before anything that could fail (sampling, pushing); the card and the push come
+        # once at the end (`publish`), when the card can hold the eval results.
+        trainer.save_weights()
         train_metrics = {**result.metrics, "train_samples": n_train}
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
