@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import TokenDataset, l2_args, params_of, tiny_gpt2  # noqa: E402
+from helpers import TokenDataset, l2_args, params_of, tiny_gpt2  # noqa: E402
 
 from hf_l2 import L2Trainer  # noqa: E402
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import Trainer, get_linear_schedule_with_warmup
 
-from conftest import (
+from helpers import (
     Regression,
     RegressionData,
     TokenDataset,

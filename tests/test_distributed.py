@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from conftest import TokenDataset, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
+from helpers import TokenDataset, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
 from hf_l2 import L2Trainer
+
+pytestmark = pytest.mark.distributed  # 2 processes under torchrun
 
 
 @pytest.mark.parametrize("impl", ["grad", "loss"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from conftest import (
+from helpers import (
     Regression,
     RegressionData,
     TokenDataset,

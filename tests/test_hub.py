@@ -15,8 +15,16 @@ from huggingface_hub.utils._http import default_client_factory
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from conftest import TokenDataset, l2_args, params_of, tiny_gpt2
-from recipe_fixtures import save_tiny_gpt2, save_tiny_marian, write_text_files, write_translation_files
+from helpers import (
+    TokenDataset,
+    l2_args,
+    params_of,
+    save_tiny_gpt2,
+    save_tiny_marian,
+    tiny_gpt2,
+    write_text_files,
+    write_translation_files,
+)
 from hf_l2 import HubPublishError, L2Trainer
 from hf_l2.cli import main as hf_l2_main
 from hf_l2.model_card import PLOT_FILE

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from conftest import TokenDataset, l2_args, max_rel_diff, tiny_gpt2
+from helpers import TokenDataset, l2_args, max_rel_diff, tiny_gpt2
 from hf_l2 import L2Config, L2Trainer
 from hf_l2.anchor import ANCHOR_FILE, take_anchors
 from hf_l2.lora import LoraDeltaPenalty, find_lora_layers
@@ -166,8 +166,10 @@ def test_impls_agree_and_decoupled_sgd_equals_the_gradient_step(tmp_path):
         model = lora_with_saved_module()
         args = l2_args(tmp_path, l2_impl=impl.removesuffix("_sgd"), **common, **extra)
         trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset())
-        assert trainer._l2_lora is not None
-        assert trainer._l2.anchored_names == ["base_model.model.transformer.wpe.modules_to_save.default.weight"]
+        assert trainer.l2_terms.lora is not None
+        assert trainer.l2_terms.penalty.anchored_names == [
+            "base_model.model.transformer.wpe.modules_to_save.default.weight"
+        ]
         trainer.train()
         results[impl] = trainable_of(model)
         if impl == "grad":

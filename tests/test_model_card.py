@@ -11,7 +11,7 @@ import zipfile
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from conftest import TokenDataset, l2_args, params_of, penalized, tiny_gpt2
+from helpers import TokenDataset, l2_args, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Trainer, model_card
 from hf_l2.model_card import PLOT_FILE, final_evaluation, plot_training, reproduce_command
 

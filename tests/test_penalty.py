@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_l2.penalty import CHUNK_NUMEL, L2Penalty, _chunks, compile_patterns, select_parameters, snapshot
+from hf_l2.penalty import CHUNK_NUMEL, L2Penalty, _chunks, select_parameters, snapshot
+from hf_l2.validation import compile_patterns
 
 
 class Two(nn.Module):

@@ -13,16 +13,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from conftest import run_distributed
-from hf_l2.recipe_common import RecipeInputError, load_recipe, parse_args
-from recipe_fixtures import (
+from helpers import (
     ROOT,
+    run_distributed,
     save_tiny_gpt2,
     save_tiny_marian,
     translation_pairs,
     write_text_files,
     write_translation_files,
 )
+from hf_l2.recipe_common import RecipeInputError, load_recipe, parse_args
 
 generation = load_recipe("gpt2_generation")
 translation = load_recipe("marian_translation")
@@ -222,6 +222,7 @@ def test_command_line_error_is_one_line_not_a_traceback(tmp_path):
 
 
 # ---- several processes --------------------------------------------------------------------------------------
+@pytest.mark.distributed
 def test_generation_recipe_under_accelerate_launch_with_two_processes(workdir, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 ... --use_cpu true` runs 2 gloo processes on a CPU.
 

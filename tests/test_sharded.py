@@ -9,7 +9,7 @@ unsharded model trained on the whole batch in the same processes.
 import pytest
 import torch
 
-from conftest import run_two_processes
+from helpers import run_two_processes
 from hf_l2.anchor import load_anchor, save_anchor
 
 CASES = [f"{how}-{impl}" for how in ("fsdp2", "fsdp1") for impl in ("grad", "loss")]
@@ -24,6 +24,7 @@ def sharded_runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_training_equals_one_process(sharded_runs, case):
     run = sharded_runs[case]
@@ -33,6 +34,7 @@ def test_sharded_training_equals_one_process(sharded_runs, case):
         assert sharded == pytest.approx(reference, rel=1e-5)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 def test_statistics_are_global_and_anchor_is_split(sharded_runs, case):
     run = sharded_runs[case]

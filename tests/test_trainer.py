@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Model, MarianConfig, MarianMTModel, Seq2SeqTrainer, Trainer
 
-from conftest import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
+from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
 from hf_l2.anchor import ANCHOR_FILE
 
@@ -177,7 +177,7 @@ def test_anchor_path_from_a_base_model_with_resized_embeddings(tmp_path):
     args = l2_args(tmp_path, l2_anchor_path=str(tmp_path / "base"), l2_coef=0.4, l2_head_coef=0.1)
     trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset())
     trainer.train()
-    penalty = trainer._l2
+    penalty = trainer.l2_terms.penalty
     assert "transformer.h.0.attn.c_attn.weight" in penalty.anchored_names
     wte = model.transformer.wte.weight.detach()
     base_sd = base.state_dict()
@@ -245,7 +245,7 @@ def test_peft_lora_penalizes_only_trainable_adapters(tmp_path):
 
     model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_coef=1.0), train_dataset=TokenDataset())
-    names = trainer._l2.anchored_names + trainer._l2.new_names
+    names = trainer.l2_terms.penalty.anchored_names + trainer.l2_terms.penalty.new_names
     assert names and all("lora_" in n for n in names)
     frozen_before = model.base_model.model.transformer.h[0].mlp.c_fc.weight.detach().clone()
     trainer.train()
@@ -260,7 +260,7 @@ def test_bf16_anchor_on_cpu_stays_close_to_fp32(tmp_path):
         trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_coef=1.0, optim="sgd", learning_rate=0.1,
                                                       l2_anchor_dtype=dtype, l2_anchor_device=device),
                             train_dataset=TokenDataset())
-        assert {t.dtype for t in trainer._l2.anchors.values()} == {getattr(torch, dtype)}
+        assert {t.dtype for t in trainer.l2_terms.penalty.anchors.values()} == {getattr(torch, dtype)}
         trainer.train()
         results[dtype] = params_of(model)
     # bf16 keeps 8 bits of mantissa: θ₀ is off by ≤ 2⁻⁹ relative, and so is the pull, scaled by lr·α·steps.

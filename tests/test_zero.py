@@ -9,9 +9,10 @@ installed (it is an optional extra; see docs/distributed.md for how these tests 
 import pytest
 import torch
 
-from conftest import run_two_processes
+from helpers import run_two_processes
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.distributed  # 2 processes under torchrun
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import TokenDataset, max_rel_diff, params_of, tiny_gpt2  # noqa: E402
+from helpers import TokenDataset, max_rel_diff, params_of, tiny_gpt2  # noqa: E402
 from shard_worker import ALPHA, MAX_NORM, STEPS, build_penalty, step  # noqa: E402
 
 from hf_l2.penalty import L2Penalty, snapshot  # noqa: E402
