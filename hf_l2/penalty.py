@@ -26,11 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .chunks import chunk_slices
 from .sharding import Piece, world_size
-
-# Elements per chunk of temporaries (θ − θ₀); 2**24 fp32 values = 64 MiB, a few chunks for GPT-2 small.
-CHUNK_NUMEL = 1 << 24
-
 
 @dataclass
 class Selection:
@@ -84,19 +81,6 @@ def snapshot(
             # A meta tensor (weights not loaded yet on this rank) stays meta: `bind` takes θ₀ then.
             out[n] = t.detach().to(dtype=dtype, device="meta" if t.is_meta else device or t.device, copy=True)
         return out
-
-
-def _chunks(numels: Sequence[int], limit: int = CHUNK_NUMEL) -> list[slice]:
-    """Consecutive index ranges whose total size stays near ``limit`` (one tensor may exceed it alone)."""
-    out, start, total = [], 0, 0
-    for i, n in enumerate(numels):
-        if total and total + n > limit:
-            out.append(slice(start, i))
-            start, total = i, 0
-        total += n
-    if start < len(numels):
-        out.append(slice(start, len(numels)))
-    return out
 
 
 def group_by_value(values: Sequence[float]) -> dict[float, list[int]]:
@@ -186,7 +170,7 @@ class L2Penalty:
         fresh = [n for n in self.new_names if pieces[n].numel]
         self._new += [(pieces[n], None) for n in fresh]
         self._labels_n += fresh
-        self._anchored_chunks = _chunks([a.numel() for a in self._anchor_tensors])
+        self._anchored_chunks = chunk_slices([a.numel() for a in self._anchor_tensors])
         # Every rank sees the same wrapping, so all of them agree on whether statistics need a reduction.
         self._sharded = any(p.sharded for p in pieces.values()) and world_size() > 1
         self._zero3 = any(p.zero3 for p in pieces.values())

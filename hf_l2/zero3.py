@@ -13,24 +13,23 @@ Cost per optimizer step (not per micro-batch): one all-gather of the penalized p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .penalty import _chunks
+from .chunks import chunk_slices
 from .sharding import world_size
 
-if TYPE_CHECKING:
-    from .penalty import L2Penalty
 
+def zero3_loss_term(penalty) -> torch.Tensor:
+    """Ω's local share, plus zero-valued autograd nodes whose backward delivers ∇Ω to DeepSpeed's gradient hooks.
 
-def zero3_loss_term(penalty: "L2Penalty") -> torch.Tensor:
-    """Ω's local share, plus zero-valued autograd nodes whose backward delivers ∇Ω to DeepSpeed's gradient hooks."""
+    ``penalty`` is the bound `L2Penalty` (its ``value``, ``bound_parameters`` and ``local_gradients``); this module
+    does not import it, so that `penalty.py` alone depends on the other.
+    """
     import deepspeed
 
     params = penalty.bound_parameters()
     term = penalty.value()
-    for sl in _chunks([p.ds_numel for p in params]):
+    for sl in chunk_slices([p.ds_numel for p in params]):
         chunk = params[sl]
         with deepspeed.zero.GatheredParameters(chunk, modifier_rank=None):
             term = term + _Zero3Gradient.apply(penalty, *chunk)
@@ -41,7 +40,7 @@ class _Zero3Gradient(torch.autograd.Function):
     """Value 0; gradient: world × ∇Ω on this rank's partition of each (gathered) parameter, zero elsewhere."""
 
     @staticmethod
-    def forward(ctx, penalty: "L2Penalty", *params):
+    def forward(ctx, penalty, *params):
         ctx.penalty = penalty
         ctx.ids = [id(p) for p in params]
         ctx.shapes = [p.shape for p in params]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_l2.penalty import CHUNK_NUMEL, L2Penalty, _chunks, select_parameters, snapshot
+from hf_l2.chunks import CHUNK_NUMEL, chunk_slices
+from hf_l2.penalty import L2Penalty, select_parameters, snapshot
 from hf_l2.validation import compile_patterns
 
 
@@ -100,9 +101,9 @@ def test_bf16_and_cpu_anchor_storage():
 
 def test_chunks_cover_every_tensor_once():
     sizes = [CHUNK_NUMEL // 2, CHUNK_NUMEL // 2, 3, CHUNK_NUMEL * 2, 1]
-    covered = [i for sl in _chunks(sizes) for i in range(len(sizes))[sl]]
+    covered = [i for sl in chunk_slices(sizes) for i in range(len(sizes))[sl]]
     assert covered == list(range(len(sizes)))
-    for sl in _chunks(sizes):  # bounded temporaries: a chunk is one tensor or fits in the limit
+    for sl in chunk_slices(sizes):  # bounded temporaries: a chunk is one tensor or fits in the limit
         assert sl.stop - sl.start == 1 or sum(sizes[sl]) <= CHUNK_NUMEL
 
 

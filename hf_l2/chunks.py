@@ -1,0 +1,21 @@
+"""Lists of tensors cut into chunks of bounded total size, so that per-chunk temporaries stay small."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Elements per chunk of temporaries (θ − θ₀); 2**24 fp32 values = 64 MiB, a few chunks for GPT-2 small.
+CHUNK_NUMEL = 1 << 24
+
+
+def chunk_slices(numels: Sequence[int], limit: int = CHUNK_NUMEL) -> list[slice]:
+    """Consecutive index ranges whose total size stays near ``limit`` (one tensor may exceed it alone)."""
+    out, start, total = [], 0, 0
+    for i, n in enumerate(numels):
+        if total and total + n > limit:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    if start < len(numels):
+        out.append(slice(start, len(numels)))
+    return out
