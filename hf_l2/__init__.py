@@ -1,14 +1,13 @@
 """hf_l2: fine-tune Hugging Face models with an explicit L2 or L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)."""
 
+from ._version import __version__
 from .callbacks import DecoupledL2SPCallback, WeightNormCallback
 from .config import L2Config, L2Seq2SeqConfig
 from .hub import HubPublishError
 from .penalty import L2Penalty
-from .schedule import CoefSchedule
 from .publishing import L2PublishingMixin
+from .schedule import CoefSchedule
 from .trainer import L2PenaltyMixin, L2Seq2SeqTrainer, L2Trainer, L2TrainerMixin
-
-__version__ = "0.1.0"
 
 __all__ = [
     "L2Config",

@@ -4,41 +4,22 @@ step) and `DecoupledL2SPCallback` (the decoupled L2-SP pull, for code that canno
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .builder import build_penalty
 from .decoupled import DecoupledPull
+from .groups import GROUPINGS, parameter_group
+from .penalty import L2Penalty, snapshot
 from .schedule import CoefSchedule
-from .sharding import Piece, local_pieces, world_size
+from .sharding import local_pieces
 from .validation import check_number
 
 logger = logging.get_logger(__name__)
-
-# First matching rule names the group; order matters ("attn.c_proj" is attention, "mlp.c_proj" is MLP).
-_TYPE_RULES = [
-    ("layer_norm", re.compile(r"(^|[._])(ln|norm|layernorm|layer_norm|rmsnorm)[._\d]|norm(\.|$)", re.I)),
-    ("embeddings", re.compile(r"embed|(^|\.)(wte|wpe|shared)(\.|$)", re.I)),
-    ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|final_logits_bias)(\.|$)", re.I)),
-    ("attention", re.compile(r"attn|attention|(^|\.)(q|k|v|o|out|qkv)_proj(\.|$)", re.I)),
-    ("mlp", re.compile(r"mlp|(^|\.)(fc\d?|c_fc|ffn|feed_forward|up_proj|down_proj|gate_proj|wi|wo)(\.|$)", re.I)),
-]
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def parameter_group(name: str, group_by: str) -> str:
-    """Group of a parameter name: by kind of layer (`"type"`) or by block index (`"layer"`, else by kind)."""
-    if group_by == "layer":
-        hit = _LAYER.search(name)
-        if hit:
-            return f"layer_{int(hit.group(1)):02d}"
-    return next((group for group, rule in _TYPE_RULES if rule.search(name)), "other")
 
 
 class WeightNormCallback(TrainerCallback):
@@ -47,6 +28,8 @@ class WeightNormCallback(TrainerCallback):
     Works with the stock `transformers.Trainer`. Reporting integrations (TensorBoard, W&B) only see keys added
     by callbacks that run before them: `L2Trainer` puts this callback first by itself; with the stock Trainer
     call `callback.attach(trainer)` instead of `add_callback`. `log_history` gets the keys either way.
+    The numbers come from `L2Penalty.group_statistics` over all trainable weights (the snapshot as θ₀), the same
+    path as the `l2/*` logs and the model card's drift table.
 
     Args:
         group_by: `"type"` (embeddings, attention, mlp, layer_norm, head, other) or `"layer"` (per block index).
@@ -64,22 +47,20 @@ class WeightNormCallback(TrainerCallback):
         snapshot_dtype: torch.dtype = torch.float32,
         snapshot_device: str | None = None,
     ):
-        if group_by not in ("type", "layer"):
+        if group_by not in GROUPINGS:
             raise ValueError(f"`group_by` must be 'type' or 'layer', got {group_by!r}.")
         self.group_by = group_by
         self.track_drift = track_drift or reference is not None
         self.snapshot_dtype = snapshot_dtype
         self.snapshot_device = snapshot_device
         self._snapshot: dict[str, torch.Tensor] | None = None
+        # Where each snapshot tensor sits in its full parameter: whole for `reference`, this rank's piece otherwise.
+        self._layout: dict[str, tuple[int, torch.Size]] = {}
+        self._measure: L2Penalty | None = None  # α = β = 0: only its statistics, over the trainable weights
+        self._measured: list[str] = []  # the names it was built for
         if reference is not None:
             state = reference.state_dict() if isinstance(reference, nn.Module) else reference
-            self._snapshot = self._copy(state)
-
-    def _copy(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
-            n: t.detach().to(dtype=self.snapshot_dtype, device=self.snapshot_device or t.device, copy=True)
-            for n, t in tensors.items()
-        }
+            self._snapshot = snapshot(state, list(state), snapshot_dtype, snapshot_device)
 
     def attach(self, trainer) -> "WeightNormCallback":
         """Register on a trainer ahead of its reporting callbacks, so TensorBoard and W&B get the norms."""
@@ -90,8 +71,10 @@ class WeightNormCallback(TrainerCallback):
         if self.track_drift and self._snapshot is None:
             if state.global_step > 0:
                 logger.warning("WeightNormCallback: resumed run without `reference`; drift is from resumed weights.")
-            trainable = {n: p.local for n, p in local_pieces(model).items() if p.param.requires_grad}
-            self._snapshot = self._copy(trainable)
+            trainable = {n: p for n, p in local_pieces(model).items() if p.param.requires_grad}
+            self._snapshot = snapshot(trainable, list(trainable), self.snapshot_dtype, self.snapshot_device)
+            self._layout = {n: (p.start, p.shape) for n, p in trainable.items()}
+            self._measure = None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or model is None:
@@ -111,61 +94,29 @@ class WeightNormCallback(TrainerCallback):
         pieces = {n: p for n, p in local_pieces(model).items() if p.param.requires_grad and math.prod(p.shape)}
         if not pieces:
             return {}
-        sharded = any(p.sharded for p in pieces.values()) and world_size() > 1
-        named = [(n, p) for n, p in pieces.items() if p.numel]
-        device = next(iter(pieces.values())).param.device
-        shares = [1.0 / (p.replicas or world_size()) if sharded else 1.0 for _, p in named]
-        weights = torch.tensor(shares, device=device)
-        tensors = [p.local for _, p in named]
-        squares = {"norm": self._squares(tensors, device) * weights}
-        if self._snapshot is not None:
-            pairs = [(i, t, self._piece_of(n, p, t)) for i, ((n, p), t) in enumerate(zip(named, tensors))
-                     if n in self._snapshot]
-            drift = torch.zeros(len(named), dtype=torch.float32, device=device)
-            ref = torch.zeros_like(drift)
-            if pairs:
-                index = torch.tensor([i for i, _, _ in pairs], device=device)
-                params = [t for _, t, _ in pairs]
-                anchors = [a.to(t.device) for _, t, a in pairs]
-                drift[index] = self._squares(torch._foreach_sub(params, anchors), device)
-                ref[index] = self._squares(anchors, device)
-            squares["drift"], squares["ref"] = drift * weights, ref * weights
-        groups = [parameter_group(n, self.group_by) for n, _ in named]
-        every_group = sorted({parameter_group(n, self.group_by) for n in pieces})  # the same list on every rank
-        keys, sums = [], []
-        for kind, per_tensor in squares.items():
-            keys.append((kind, None))
-            sums.append(per_tensor.sum())
-            for group in every_group:
-                mask = torch.tensor([g == group for g in groups], dtype=torch.bool, device=device)
-                keys.append((kind, group))
-                sums.append(per_tensor[mask].sum())
-        totals = torch.stack(sums)
-        if sharded:
-            dist.all_reduce(totals)
-        numbers = dict(zip(keys, totals.sqrt().tolist()))
-        out = {}
-        for (kind, group), value in numbers.items():
-            if kind == "ref":
-                continue
-            out[f"weights/{kind}" + (f"/{group}" if group else "")] = value
-        if self._snapshot is not None and numbers[("ref", None)] > 0:
-            out["weights/rel_drift"] = numbers[("drift", None)] / numbers[("ref", None)]
+        names = list(pieces)
+        if self._measure is None or self._measured != names:
+            known = self._snapshot or {}
+            self._measure = L2Penalty(
+                0.0, 0.0, [n for n in pieces if n in known], [n for n in pieces if n not in known], known,
+                # a snapshot in host memory stays there (copied per measurement), as the penalty's θ₀ can
+                anchors_on_cpu=all(t.device.type == "cpu" for t in known.values()), anchor_layout=self._layout,
+            )
+            # The penalty cuts a full `reference` to this rank's pieces once, and keeps where they sit.
+            self._layout, self._measured = self._measure.anchor_layout, names
+        self._measure.bind(pieces)
+        groups = self._measure.group_statistics(lambda name: parameter_group(name, self.group_by))
+        everything = groups.pop("all")
+        out = {"weights/norm": math.sqrt(everything["weight_sq"])}
+        out |= {f"weights/norm/{group}": math.sqrt(sums["weight_sq"]) for group, sums in groups.items()}
+        if self._snapshot is not None:  # a group (or all) without a snapshot has no drift: 0
+            drift = math.sqrt(everything.get("drift_sq", 0.0))
+            out["weights/drift"] = drift
+            out |= {f"weights/drift/{group}": math.sqrt(sums.get("drift_sq", 0.0)) for group, sums in groups.items()}
+            reference = math.sqrt(everything.get("anchor_sq", 0.0))
+            if reference > 0:
+                out["weights/rel_drift"] = drift / reference
         return out
-
-    def _piece_of(self, name: str, piece: Piece, local: torch.Tensor) -> torch.Tensor:
-        """The snapshot for this rank's piece; a full `reference` is cut to it once (and the rest freed)."""
-        full = self._snapshot[name]
-        if full.shape != local.shape:
-            cut = full.reshape(-1)[piece.start : piece.start + local.numel()].view(local.shape)
-            self._snapshot[name] = cut.clone() if cut.numel() < full.numel() else cut
-        return self._snapshot[name]
-
-    @staticmethod
-    def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        if not tensors:
-            return torch.zeros(0, dtype=torch.float32, device=device)
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().to(device)
 
 
 class DecoupledL2SPCallback(TrainerCallback):

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
+from ._version import __version__
+
 # What the Trainer leaves out of its own pushes: private files and intermediate checkpoints.
 UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*"]
 
@@ -24,8 +26,6 @@ class HubPublishError(RuntimeError):
 
 
 def _api() -> HfApi:
-    from . import __version__
-
     return HfApi(library_name="hf_l2", library_version=__version__)
 
 

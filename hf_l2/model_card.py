@@ -22,7 +22,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.modelcard import TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING, extract_hyperparameters_from_trainer
 from transformers.utils import logging
 
-from .callbacks import parameter_group
+from ._version import __version__
+from .groups import parameter_group
 
 logger = logging.get_logger(__name__)
 
@@ -50,7 +51,7 @@ def template_path() -> Path:
 
 
 @dataclass
-class PenaltyReport:
+class PenaltyMeasurement:
     """The penalty's numbers at the end of a run: `L2Penalty.group_statistics` by layer group (with `"all"`) and the
     LoRA weight change ‖ΔW − ΔW₀‖ (`l2_lora_delta`)."""
 
@@ -61,14 +62,14 @@ class PenaltyReport:
 
 def measure_penalty(
     penalty: L2Penalty | None, lora: LoraDeltaPenalty | None = None, group_by: str = "type"
-) -> PenaltyReport | None:
-    """The `PenaltyReport` of bound penalty terms; call it on every process (a collective under FSDP / ZeRO-3)."""
+) -> PenaltyMeasurement | None:
+    """The `PenaltyMeasurement` of bound penalty terms; call it on every process (a collective under FSDP / ZeRO-3)."""
     if penalty is None:
         return None
     groups = penalty.group_statistics(lambda name: parameter_group(name, group_by))
     if lora is None:
-        return PenaltyReport(groups)
-    return PenaltyReport(groups, lora.delta_sq().sqrt().item(), len(lora.layers))
+        return PenaltyMeasurement(groups)
+    return PenaltyMeasurement(groups, lora.delta_sq().sqrt().item(), len(lora.layers))
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,13 @@ class CardInfo:
         return replace(self, **{f.name: v for f in fields(given) if (v := getattr(given, f.name)) is not None})
 
 
-def write_model_card(trainer, output_dir: str, report: PenaltyReport | None, info: CardInfo | None = None) -> ModelCard:
+def write_model_card(
+    trainer, output_dir: str, measurement: PenaltyMeasurement | None, info: CardInfo | None = None
+) -> ModelCard:
     """Write `README.md` and the training plot for an `L2Trainer`'s run into `output_dir`; return the card.
 
-    `report` is `measure_penalty` of the trainer's penalty terms (None for `l2_mode="none"`); `info` what the caller
-    said about the run.
+    `measurement` is `measure_penalty` of the trainer's penalty terms (None for `l2_mode="none"`); `info` what the
+    caller said about the run.
     """
     info = info or CardInfo()
     args, model = trainer.args, trainer.model
@@ -138,20 +141,21 @@ def write_model_card(trainer, output_dir: str, report: PenaltyReport | None, inf
 
     os.makedirs(output_dir, exist_ok=True)
     plotted = plot_training(trainer.state.log_history, os.path.join(output_dir, PLOT_FILE))
-    drift_rows, drift_intro, has_anchor, lora_delta = _drift_section(report, args.l2_mode, trainer.state.global_step)
+    drift_rows = _drift_rows(measurement)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
         model_name=model_name,
-        origin=_origin(model, base_model, source),
+        base_model=base_model,
+        source=source,
+        model_class=type(_unwrap(model)).__name__,
         data=", ".join(_as_list(info.dataset) or datasets),
-        reg=_regularization(args, trainer.l2_terms.penalty, report, source),
+        reg=_regularization(args, trainer.l2_terms.penalty, measurement),
         eval_step=step,
         eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
+        step=trainer.state.global_step,
         drift_rows=drift_rows,
-        drift_intro=drift_intro,
-        has_anchor=has_anchor,
-        lora_delta=lora_delta,
+        has_anchor=bool(drift_rows) and any("drift_sq" in sums for sums in measurement.groups.values()),
         plot_file=PLOT_FILE if plotted is not None else None,
         hyperparameters=list(extract_hyperparameters_from_trainer(trainer).items()),
         command=info.command or reproduce_command(),
@@ -270,132 +274,54 @@ def plot_training(log_history: list[dict], path: str) -> Figure | None:
     return figure
 
 
-# ---- text for the template --------------------------------------------------------------------------------------
-_IMPLS = {
-    "grad": "`grad`: ∇Ω added to the gradients once per optimizer step, after the last backward and before gradient "
-    "clipping",
-    "loss": "`loss`: Ω added to the loss once per optimizer step",
-    "decoupled": "`decoupled`: each optimizer step first moves θ ← θ − lr·α·(θ − θ₀) (new parameters: θ ← θ − lr·β·θ), "
-    "outside the gradient, as AdamW applies weight decay",
-}
-
-
-def _regularization(args, penalty: L2Penalty | None, report: PenaltyReport | None, source: str | None) -> dict:
-    mode = args.l2_mode
-    decay = f" The optimizer's own decoupled `weight_decay` was {args.weight_decay}." if args.weight_decay else ""
-    if mode == "none" or penalty is None or report is None:
-        return {
-            "mode": mode,
-            "title": "no explicit penalty (a baseline)",
-            "meaning": "No penalty was added (`l2_mode=none`): this run trained exactly like the stock `Trainer` "
-            "and serves as a baseline for L2-SP runs." + decay,
-        }
-    anchored_values, new_values = (f"{int(report.groups['all'][k]):,}" for k in ("anchored_values", "new_values"))
-    excluded = ["parameters that are not trained"]
-    if args.l2_exclude_bias_and_norm:
-        excluded.append("biases and normalization weights")
-    excluded += [f"names matching `{p}`" for p in args.l2_exclude or []]
-    omega = "Ω(θ) = (α/2)·‖θ‖²" if mode == "l2" else "Ω(θ) = (α/2)·‖θ − θ₀‖² + (β/2)·‖θ_new‖²"
-    if args.l2_impl == "decoupled":
-        how = f"Each optimizer step also took a step of the learning rate's size on {omega} alone"
-    else:
-        how = f"The training loss was the task loss plus {omega}"
-    facts = {
-        "mode": mode,
+# ---- facts for the template (its words are in model_cards/template.md) ---------------------------------------
+def _regularization(args, penalty: L2Penalty | None, measurement: PenaltyMeasurement | None) -> dict:
+    """The penalty's settings and sizes, numbers formatted; `mode` is `"none"` when no penalty was built."""
+    if penalty is None or measurement is None:
+        return {"mode": "none", "weight_decay": args.weight_decay}
+    totals = measurement.groups["all"]
+    return {
+        "mode": args.l2_mode,
+        "impl": args.l2_impl,
+        "weight_decay": args.weight_decay,
         "alpha": _number(args.l2_coef),
         "beta": _number(args.l2_head_coef),
         "schedule": _schedule(args),
-        "impl": _IMPLS[args.l2_impl],
-        "excluded": "; ".join(excluded),
-    }
-    if mode == "l2":
-        return facts | {
-            "title": "an L2 penalty",
-            "meaning": f"{how}: the classic L2 penalty, a pull of every regularized weight toward zero. Unlike "
-            "AdamW's `weight_decay`, its strength α is a term of the objective." + decay,
-            "regularized": f"{len(penalty.new_names)} tensors ({new_values} values)",
-        }
-    if args.l2_anchor_path:
-        anchor = f"the weights in `{args.l2_anchor_path}`; parameters absent there count as new"
-    elif source:
-        anchor = f"the weights of `{source}` when fine-tuning started"
-    else:
-        anchor = "the model's weights when fine-tuning started"
-    heads = ", ".join(f"`{p}`" for p in args.l2_head_params or [])
-    regularized = (
-        f"{len(penalty.anchored_names)} tensors anchored to θ₀ ({anchored_values} values); "
-        f"{len(penalty.new_names)} new ({new_values} values)" + (f", including names matching {heads}" if heads else "")
-    )
-    lora_text = ""
-    if report.lora_delta is not None:
-        regularized += f"; {report.lora_layers} LoRA layers through their weight change ΔW = s·B·A (`l2_lora_delta`)"
-        lora_text = (
-            " On the LoRA adapters Ω penalizes the change of each adapted layer's effective weight, "
-            "(α/2)·‖ΔW − ΔW₀‖², instead of the factors A and B separately."
-        )
-    return facts | {
-        "title": "an L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)",
-        "meaning": f"{how}, where θ₀ are the weights fine-tuning started from (normally the pretrained ones). Instead "
-        "of shrinking the weights toward zero as weight decay does, the penalty keeps them close to where "
-        "fine-tuning started, so the model keeps what it learned in pretraining unless the new data pays for the "
-        "change. Parameters with no pretrained counterpart (θ_new, such as a new head) are pulled toward zero with "
-        "strength β." + lora_text + decay,
-        "anchor": anchor,
-        "regularized": regularized,
+        "anchor_path": args.l2_anchor_path,
+        "head_params": args.l2_head_params or [],
+        "exclude": args.l2_exclude or [],
+        "exclude_bias_and_norm": args.l2_exclude_bias_and_norm,
+        "anchored_tensors": len(penalty.anchored_names),
+        "anchored_values": f"{int(totals['anchored_values']):,}",
+        "new_tensors": len(penalty.new_names),
+        "new_values": f"{int(totals['new_values']):,}",
+        "lora": None if measurement.lora_delta is None else
+        {"layers": measurement.lora_layers, "delta": _number(measurement.lora_delta)},
     }
 
 
-def _schedule(args) -> str | None:
-    """α and β over training in words, or None when they stay constant."""
-    name, end = args.l2_coef_schedule, _number(args.l2_coef_end_factor)
-    if name == "constant":
+def _schedule(args) -> dict[str, str] | None:
+    """The schedule of α and β and its parameters, or None when they stay constant."""
+    if args.l2_coef_schedule == "constant":
         return None
-    if name == "sigmoid":
-        t0 = "half the steps" if args.l2_sigmoid_t0 is None else _number(args.l2_sigmoid_t0)
-        return (
-            f"`sigmoid` (RecAdam's annealing): α and β × (e + (1 − e)·σ(−k·(t − t₀))), k = {_number(args.l2_sigmoid_k)}"
-            f", t₀ = {t0}, e = {end}"
-        )
-    return f"`{name}`: α and β × a factor going from 1 to {end} (`l2_coef_end_factor`) over the optimizer steps"
+    return {
+        "name": args.l2_coef_schedule,
+        "end": _number(args.l2_coef_end_factor),
+        "k": _number(args.l2_sigmoid_k),
+        "t0": None if args.l2_sigmoid_t0 is None else _number(args.l2_sigmoid_t0),
+    }
 
 
-def _drift_section(
-    report: PenaltyReport | None, mode: str, step: int
-) -> tuple[list[dict[str, str]], str, bool, str | None]:
-    """Table rows, the sentence before them, whether there is a drift column, and the LoRA weight change."""
-    if report is None:
-        return [], "`l2_mode=none` keeps no anchor θ₀ and regularizes nothing.", False, None
-    regularized = report.groups["all"]["anchored_values"] + report.groups["all"]["new_values"] > 0
-    rows = drift_by_group(report.groups) if regularized else []
-    has_anchor = any(row["drift"] is not None for row in rows)
-    if has_anchor or not rows:
-        intro = (
-            f"Distance of the regularized weights from θ₀ at the end of training (step {step}), over all of them "
-            "and per group of layers:"
-        )
-    else:
-        intro = f"Norm of the regularized weights at the end of training (step {step}); `{mode}` keeps no anchor:"
-    lora_delta = None
-    if report.lora_delta is not None:
-        lora_delta = (
-            f"LoRA weight change ‖ΔW − ΔW₀‖ over the {report.lora_layers} adapted layers at step {step}: "
-            f"{_number(report.lora_delta)}."
-        )
-    formatted = [{key: value if key == "group" else _number(value) for key, value in row.items()} for row in rows]
-    return formatted, intro, has_anchor, lora_delta
-
-
-def _origin(model, base_model: str | None, source: str | None) -> str:
-    if base_model:
-        return f"[{base_model}](https://huggingface.co/{base_model})"
-    if source:
-        return f"the local model `{source}`"
-    return f"a `{type(_unwrap(model)).__name__}` (not from the Hub)"
+def _drift_rows(measurement: PenaltyMeasurement | None) -> list[dict[str, str]]:
+    """The drift table, numbers formatted; empty when nothing was regularized."""
+    totals = measurement.groups["all"] if measurement is not None else None
+    if totals is None or totals["anchored_values"] + totals["new_values"] == 0:
+        return []
+    return [{key: value if key == "group" else _number(value) for key, value in row.items()}
+            for row in drift_by_group(measurement.groups)]
 
 
 def _versions(peft: bool) -> list[tuple[str, str]]:
-    from . import __version__
-
     names = ["transformers", "torch", "accelerate"] + (["peft"] if peft else []) + ["datasets", "tokenizers"]
     found = [("hf_l2", __version__)]
     for name in names:

@@ -37,9 +37,9 @@ class L2PublishingMixin:
 
     def _write_model_card(self, output_dir: str, info: CardInfo) -> None:
         terms = self.bound_l2_terms()
-        report = measure_penalty(terms.penalty, terms.lora)  # on every process: a collective under FSDP / ZeRO-3
+        measurement = measure_penalty(terms.penalty, terms.lora)  # on every process: a collective under FSDP / ZeRO-3
         if self.is_world_process_zero():
-            write_model_card(self, output_dir, report, info)
+            write_model_card(self, output_dir, measurement, info)
 
     def save_weights(self, output_dir: str | None = None) -> None:
         """Save the model and tokenizer only: no card, no push (what checkpoints and `push_to_hub` save)."""
