@@ -59,7 +59,9 @@ def build_penalty(
         logger.warning(f"{who}: no trainable parameter is regularized; training is unpenalized.")
     if mode == "l2":
         return L2Penalty(0.0, coef, [], selection.anchored + selection.new)
-    penalty, absent = l2_sp_penalty(model, parameters, selection, coef, head_coef, weights, dtype, device, weights_field)
+    penalty, absent = l2_sp_penalty(
+        model, parameters, selection, coef, head_coef, weights, dtype, device, weights_field
+    )
     if absent:
         logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
     return penalty
