@@ -224,7 +224,7 @@ def train_and_report(trainer: Trainer, training_args, n_train: int, n_eval: int,
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         # Model + tokenizer now, before anything that could fail (sampling, pushing); the card and the push come
-        # once at the end (`publish`), when the card can hold the eval results.
+        # once at the end (`write_card_and_push`), when the card can hold the eval results.
         trainer.save_weights()
         train_metrics = {**result.metrics, "train_samples": n_train}
         trainer.log_metrics("train", train_metrics)
@@ -239,8 +239,8 @@ def train_and_report(trainer: Trainer, training_args, n_train: int, n_eval: int,
     return metrics
 
 
-def publish(trainer: Trainer, training_args, card_kwargs: dict) -> None:
-    """Write the model card; with `--push_to_hub`, push model, tokenizer and card (after the local save)."""
+def write_card_and_push(trainer: Trainer, training_args, card_kwargs: dict) -> None:
+    """Write the model card; with `--push_to_hub`, also push model, tokenizer and card (after the local save)."""
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
     else:

@@ -5,7 +5,7 @@ Each run is the recipe itself (`main(argv)`, in this process) with `--l2_mode`, 
 model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with
 `--pretrain_validation_file` also `eval_pretrain_*`: the pretraining domain, i.e. what was forgotten) and
 measures the drift ‖θ − θ₀‖ between the saved model and the starting one. The results are written as
-`results.jsonl`, a markdown table and a plot (see `hf_l2.report`), from this invocation's runs only.
+`results.jsonl`, a markdown table and a plot (see `hf_l2.sweep_report`), from this invocation's runs only.
 
     hf-l2 sweep --recipe gpt2_generation --l2_mode none l2 l2_sp --l2_coef 1e-3 1e-2 1e-1 --seeds 0 1 2 \\
         --output_dir runs/sweep -- --model_name_or_path gpt2 --train_file target.txt \\
@@ -182,7 +182,7 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import datasets
 
-    from . import report
+    from .sweep_report import write_report
 
     datasets.disable_progress_bars()
     recipe_args = args.recipe_args[1:] if args.recipe_args[:1] == ["--"] else args.recipe_args
@@ -190,6 +190,6 @@ def main(args: argparse.Namespace) -> int:
         rows = run_sweep(args.recipe, recipe_args, grid(args.l2_mode, args.l2_coef), args.seeds, args.output_dir)
     except RecipeInputError as err:
         sys.exit(f"error: {err}")
-    table, figure = report.write_report(rows, args.output_dir, args.title or Path(args.recipe).stem)
+    table, figure = write_report(rows, args.output_dir, args.title or Path(args.recipe).stem)
     print(table.read_text(encoding="utf-8") + f"\nPlot: {figure}")
     return 0

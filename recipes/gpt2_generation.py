@@ -38,11 +38,11 @@ from hf_l2.recipe_common import (
     limit,
     load_raw_datasets,
     parse_args,
-    publish,
     require_architecture,
     run,
     setup_logging,
     train_and_report,
+    write_card_and_push,
     write_jsonl,
 )
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.dataset_name is not None:
         card["dataset_tags"] = data_args.dataset_name
         card["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name or ''}".strip()
-    publish(trainer, training_args, card)
+    write_card_and_push(trainer, training_args, card)
     return metrics
 
 

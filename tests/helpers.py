@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from hf_l2.build import train_bpe_tokenizer, train_marian_tokenizer
+from hf_l2.local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_l2 import report
+from hf_l2 import sweep_report
 from hf_l2.demo import FineTuning, Sizes, run_demo
 from hf_l2.demo.data import prepare
 from hf_l2.demo.starting_models import Pretraining, starting_model
@@ -161,8 +161,8 @@ def test_report_refuses_missing_or_non_finite_numbers(tmp_path, second, message)
             for s, p in ((0, 10.0), (1, second))]
     if second is None:
         del rows[1]["eval_perplexity"]
-    with pytest.raises(report.ReportError, match=f"'none' seed 1: `eval_perplexity` {message}, not a number"):
-        report.write_report(rows, tmp_path, "t")
+    with pytest.raises(sweep_report.SweepResultError, match=f"'none' seed 1: `eval_perplexity` {message}, not a number"):
+        sweep_report.write_report(rows, tmp_path, "t")
     assert not list(tmp_path.iterdir())  # nothing written
 
 

@@ -125,13 +125,13 @@ def prepare(cache_dir: str | Path) -> DemoData:
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".data-"))
         try:
             _write(parts, staging)
-            publish(staging, folder)
+            move_into_cache(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return DemoData(folder, key)
 
 
-def publish(staging: Path, folder: Path) -> None:
+def move_into_cache(staging: Path, folder: Path) -> None:
     """Rename a finished folder into place: a folder in the cache is always complete. If another process got
     there first, its copy (made from the same inputs) is kept."""
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import report
+from ..sweep_report import write_report
 from ..recipe_common import RecipeInputError
 from ..sweep import grid, run_sweep
 from .data import DemoData, DemoDataError, prepare
@@ -98,7 +98,7 @@ def run_demo(
         tuning = sizes.fine_tuning[task]
         argv = recipe_arguments(task, data, start, tuning, sizes.pretraining[task].context, cache_dir / "datasets")
         rows = run_sweep(RECIPES[task], argv, settings, list(seeds), output_dir / task)
-        table, figure = report.write_report(rows, output_dir / task, TITLES[task])
+        table, figure = write_report(rows, output_dir / task, TITLES[task])
         minutes = (time.perf_counter() - task_started) / 60
         sections.append(
             table.read_text(encoding="utf-8")

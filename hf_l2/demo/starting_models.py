@@ -21,10 +21,10 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from ..build import train_bpe_tokenizer, train_marian_tokenizer
+from ..local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
 from ..recipe_common import load_recipe
 from ..sweep import RUN_DEFAULTS
-from .data import DemoData, publish
+from .data import DemoData, move_into_cache
 
 
 RECIPES = {"generation": "gpt2_generation", "translation": "marian_translation"}
@@ -68,7 +68,7 @@ def starting_model(task: str, data: DemoData, settings: Pretraining, cache_dir: 
         metrics = _pretrain(task, data, settings, init, staging / "model", Path(cache_dir) / "datasets")
         (staging / "model" / "pretraining.json").write_text(json.dumps({**identity, "metrics": metrics}, indent=2))
         shutil.move(staging / "pretraining.log", staging / "model" / "pretraining.log")
-        publish(staging / "model", folder)
+        move_into_cache(staging / "model", folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"{task}: starting model pretrained in {time.perf_counter() - started:.0f} s ({folder})", flush=True)

@@ -16,7 +16,7 @@ HEADLINE = {"perplexity": ("perplexity", False), "bleu": ("BLEU", True), "chrf":
 COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "start": "tab:gray"}
 
 
-class ReportError(ValueError):
+class SweepResultError(ValueError):
     """A run's numbers cannot be reported (missing or not finite); the message names the run."""
 
 
@@ -59,7 +59,7 @@ def summarize(rows: list[dict]) -> list[Summary]:
         for column in wanted:
             value = row.get(column)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ReportError(f"Run {row['setting']!r} seed {row['seed']}: `{column}` is {value!r}, not a number.")
+                raise SweepResultError(f"Run {row['setting']!r} seed {row['seed']}: `{column}` is {value!r}, not a number.")
             group.values.setdefault(column, []).append(float(value))
     return list(groups.values())
 
