@@ -8,7 +8,7 @@ first step ≈ lr·sign(g) turns last-bit differences of near-zero gradients int
 from __future__ import annotations
 
 import dataclasses
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -334,14 +334,14 @@ def test_resume_restores_the_anchor_and_the_card_keeps_trl_tags(tokenizer, tmp_p
     assert max_rel_diff(params_of(resumed.model), params_of(whole.model)) < 1e-6
 
     # TRL writes the card at each checkpoint (through hf_l2's `create_model_card`); a user's call adds the dataset.
-    assert "## Trained with TRL" in (checkpoint / "README.md").read_text()
+    assert "## Trained with TRL" in (tmp_path / "whole" / "README.md").read_text()
     whole.create_model_card(dataset_name="trl-lib/Capybara")
     card = ModelCard.load(tmp_path / "whole" / "README.md")
     assert {"trl", "sft", "hf_l2", "l2-sp", "generated_from_trainer"} <= set(card.data.tags)
     assert card.data.datasets == ["trl-lib/Capybara"]
     text = card.text
     assert "## Regularization" in text and "| α (`l2_coef`) | 1 |" in text
-    assert f"TRL's SFT trainer (TRL {__import__('trl').__version__})" in text
+    assert f"'s SFT trainer (TRL {__import__('trl').__version__})" in text and text.count("## Trained with TRL") == 1
     assert "@software{vonwerra2020trl" in text and "@inproceedings{li2018explicit" in text
 
 
@@ -377,26 +377,22 @@ def test_any_trl_trainer_composes_with_the_mixin(tokenizer, tmp_path):
     assert trainer.state.log_history[0]["l2/penalty"] > 0
 
 
-def test_importing_hf_l2_does_not_need_trl(tmp_path):
-    blocker = tmp_path / "trl.py"  # shadows the installed package: `import trl` fails as if it were absent
-    blocker.write_text("raise ImportError('No module named trl')\n")
-    code = (
-        "import hf_l2, sys; assert 'trl' not in sys.modules\n"
-        "try:\n    import hf_l2.trl\nexcept ImportError as e:\n    print(e)\n"
-    )
-    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "pip install 'hf_l2[trl]'" in done.stdout
+def test_importing_hf_l2_does_not_need_trl(monkeypatch):
+    for name in [n for n in sys.modules if n == "hf_l2" or n.startswith("hf_l2.")]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now fails as if TRL were not installed
+    import hf_l2  # noqa: F401
+
+    assert "hf_l2.trl" not in sys.modules
+    with pytest.raises(ImportError, match=r"pip install 'hf_l2\[trl\]'"):
+        import hf_l2.trl  # noqa: F401
 
 
-def test_example_script_runs_offline(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "trl_sft.py"), "--output_dir", str(tmp_path), "--max_steps", "3",
-         "--logging_steps", "1", "--report_to", "none"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_example_script_runs_offline(tmp_path, monkeypatch, capsys):
+    argv = ["trl_sft.py", "--output_dir", str(tmp_path), "--max_steps", "2", "--logging_steps", "1",
+            "--report_to", "none"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "examples" / "trl_sft.py"), run_name="__main__")
     card = ModelCard.load(tmp_path / "README.md")
-    assert {"trl", "sft", "l2-sp"} <= set(card.data.tags)
-    assert "l2/drift" in done.stdout
+    assert {"trl", "sft", "l2-sp"} <= set(card.data.tags) and "## Regularization" in card.text
+    assert "step 2: loss" in capsys.readouterr().out
