@@ -78,6 +78,7 @@ def config(cls, tmp_path, **overrides):
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
         optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=CLIP,
         report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+        gradient_checkpointing=False,  # not under test here; it doubles the time
         max_length=MAX_LENGTH,
     )
     return cls(**{**defaults, **overrides})
