@@ -38,7 +38,7 @@ PAIRS = [
     ("is it raining", "no the sun is out"),
 ]
 MAX_LENGTH = 32  # tiny_gpt2's context
-ALPHA, CLIP, LR, STEPS = 0.7, 0.3, 0.1, 3
+ALPHA, CLIP, LR, STEPS = 5.0, 0.3, 0.1, 3
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
 
 
@@ -252,8 +252,8 @@ def test_sft_grad_and_loss_match_a_hand_written_loop(tokenizer, tmp_path, kind):
     if kind == "prompt_completion":
         assert (batches[0]["labels"][:, :3] == -100).all(), "the prompt is not trained on"
     expected = sft_reference(model_for(tokenizer), trainer)
-    assert max_rel_diff(results["grad"], expected) < 1e-5
-    assert max_rel_diff(results["loss"], expected) < 1e-5
+    assert max_rel_diff(results["grad"], expected) < 1e-6
+    assert max_rel_diff(results["loss"], expected) < 1e-6
     logged = trainer.state.log_history[0]
     assert {"l2/penalty", "l2/drift", "entropy", "mean_token_accuracy"} <= set(logged)  # ours and TRL's metrics
 
@@ -263,17 +263,17 @@ def test_sft_with_peft_config_lora_matches_a_hand_written_loop(tokenizer, tmp_pa
     results = {}
     for impl in ("grad", "loss"):
         trainer, start = run_sft(tokenizer, tmp_path, conversations("messages"), peft=True, l2_impl=impl,
-                                 l2_coef=ALPHA, l2_lora_delta=lora_delta, max_grad_norm=0.02)
+                                 l2_coef=ALPHA, l2_lora_delta=lora_delta, max_grad_norm=0.005)
         results[impl] = {n: p for n, p in params_of(trainer.model).items() if "lora_" in n}
-        assert min(grad_norms(trainer)) > 0.02, "clipping is active"
+        assert min(grad_norms(trainer)) > 0.005, "clipping is active"
     assert (trainer._l2_lora is not None) == lora_delta
     reference = get_peft_model(model_for(tokenizer), LoraConfig(**LORA))
     missing, unexpected = reference.load_state_dict(start, strict=False)  # the trainer's LoRA initialization
     assert not unexpected and missing == ["base_model.model.lm_head.weight"]  # tied to the embedding
     expected = {n: p for n, p in sft_reference(reference, trainer, lora_delta).items() if "lora_" in n}
     assert expected and all(n in results["grad"] for n in expected)
-    assert max_rel_diff(results["grad"], expected) < 1e-5
-    assert max_rel_diff(results["loss"], expected) < 1e-5
+    assert max_rel_diff(results["grad"], expected) < 1e-6
+    assert max_rel_diff(results["loss"], expected) < 1e-6
     assert not torch.equal(expected["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"],
                            start["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"])
 
@@ -297,8 +297,8 @@ def test_dpo_penalizes_the_policy_only_and_matches_a_hand_written_loop(tokenizer
     ref_names = {id(p) for p in ref_model.parameters()}
     assert not any(id(p) in ref_names for p in trainer._l2.parameters.values()), "the reference is not penalized"
     expected = dpo_reference(model_for(tokenizer), ref_model, trainer, beta=0.5)
-    assert max_rel_diff(results["grad"], expected) < 1e-5
-    assert max_rel_diff(results["loss"], expected) < 1e-5
+    assert max_rel_diff(results["grad"], expected) < 1e-6
+    assert max_rel_diff(results["loss"], expected) < 1e-6
     assert {"l2/penalty", "rewards/margins"} <= set(trainer.state.log_history[0])
 
 
