@@ -35,14 +35,15 @@ __all__ = ["L2TRLMixin", "L2SFTConfig", "L2SFTTrainer", "L2DPOConfig", "L2DPOTra
 # TRL's own citation (https://github.com/huggingface/trl#citation), for the cards of runs it trained.
 TRL_CITATION = """@software{vonwerra2020trl,
   title   = {{TRL: Transformers Reinforcement Learning}},
-  author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallouédec, Quentin},
+  author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan
+             and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallouédec, Quentin},
   license = {Apache-2.0},
   url     = {https://github.com/huggingface/trl},
   year    = {2020}
 }"""
 
 
-class L2TRLMixin(L2PenaltyMixin):
+class L2TRLMixin(L2PenaltyMixin):  # the one place hf_l2.trl names hf_l2's trainer mixin
     """hf_l2's penalty for a TRL trainer: `class L2XTrainer(L2TRLMixin, XTrainer)`, with `args` an `L2XConfig`
     declared as `@dataclasses.dataclass class L2XConfig(XConfig, L2Config)`.
 

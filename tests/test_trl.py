@@ -1,8 +1,10 @@
 """`hf_l2.trl`: TRL's SFT and DPO trainers with the penalty, checked against hand-written training loops.
 
 The reference loops see the very micro-batches the trainer trained on (recorded at its collator), compute the task
-loss from the plain model's logits as TRL defines it, Ω by a loop over named parameters, then clip and take an SGD step. SGD, not Adam: Adam's
-first step ≈ lr·sign(g) turns last-bit differences of near-zero gradients into lr-sized ones.
+loss from the plain model's logits as TRL defines it, Ω by a loop over named parameters, then clip and take an SGD
+step. SGD, not Adam: Adam's first step ≈ lr·sign(g) turns last-bit differences of near-zero gradients into lr-sized
+ones. α is large enough that an Ω counted twice or halved moves the parameters by > 1e-4 (relative), 100× the
+tolerance.
 """
 
 from __future__ import annotations
