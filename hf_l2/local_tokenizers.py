@@ -53,3 +53,18 @@ def train_marian_tokenizer(
             source_spm=f"{tmp}/source.model", target_spm=f"{tmp}/target.model", vocab=f"{tmp}/vocab.json",
             model_max_length=model_max_length,
         )
+
+
+# A minimal chat format: `<|role|> content<|endoftext|>` per message, and `<|assistant|>` as the generation prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}" + EOS + "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def train_chat_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int) -> GPT2TokenizerFast:
+    """`train_bpe_tokenizer` with `CHAT_TEMPLATE` and a pad token, as TRL's trainers want a chat model's tokenizer."""
+    tokenizer = train_bpe_tokenizer(texts, vocab_size, model_max_length)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.pad_token = EOS
+    return tokenizer
