@@ -23,7 +23,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from trl import TrlParser
 
-from hf_l2.build import train_chat_tokenizer
+from hf_l2.local_tokenizers import train_chat_tokenizer
 from hf_l2.trl import L2SFTConfig, L2SFTTrainer
 
 CONVERSATIONS = [

@@ -27,8 +27,8 @@ from huggingface_hub import ModelCard
 from transformers import TrainingArguments
 
 from .config import L2Config
-from .model_card import CARD_FILE
-from .trainer import L2PenaltyMixin
+from .model_card import CARD_FILE, CardInfo
+from .trainer import L2PenaltyMixin, L2TrainerMixin
 
 __all__ = ["L2TRLMixin", "L2SFTConfig", "L2SFTTrainer", "L2DPOConfig", "L2DPOTrainer"]
 
@@ -43,11 +43,11 @@ TRL_CITATION = """@software{vonwerra2020trl,
 }"""
 
 
-class L2TRLMixin(L2PenaltyMixin):  # the one place hf_l2.trl names hf_l2's trainer mixin
+class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.trl names hf_l2's trainer mixin
     """hf_l2's penalty for a TRL trainer: `class L2XTrainer(L2TRLMixin, XTrainer)`, with `args` an `L2XConfig`
     declared as `@dataclasses.dataclass class L2XConfig(XConfig, L2Config)`.
 
-    On top of [`L2PenaltyMixin`] it refuses, before the trainer is built, a config class whose base order silently
+    On top of [`L2TrainerMixin`] it refuses, before the trainer is built, a config class whose base order silently
     replaced the TRL config's defaults by the stock Trainer's; and the model card (hf_l2's, which replaces TRL's)
     keeps TRL's tags and adds which TRL trainer ran and its citations. `create_model_card` and `push_to_hub` also
     take TRL's `dataset_name` (a Hub dataset id).
@@ -60,12 +60,12 @@ class L2TRLMixin(L2PenaltyMixin):  # the one place hf_l2.trl names hf_l2's train
         super().__init__(*args, **kwargs)
 
     def create_model_card(self, *args, dataset_name: str | list[str] | None = None, **kwargs) -> None:
-        """hf_l2's card (see `L2PenaltyMixin.create_model_card`); TRL's `dataset_name` counts as `dataset_tags`."""
+        """hf_l2's card (see `L2PublishingMixin.create_model_card`); TRL's `dataset_name` counts as `dataset_tags`."""
         if dataset_name is not None and kwargs.get("dataset_tags") is None:
             kwargs["dataset_tags"] = dataset_name
         super().create_model_card(*args, **kwargs)
 
-    def _write_model_card(self, output_dir: str, info: dict) -> None:
+    def _write_model_card(self, output_dir: str, info: CardInfo) -> None:
         super()._write_model_card(output_dir, info)
         if self.is_world_process_zero():
             add_trl_section(os.path.join(output_dir, CARD_FILE), self)

@@ -26,10 +26,10 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
-from conftest import max_rel_diff, params_of, tiny_gpt2  # noqa: E402
+from helpers import max_rel_diff, params_of, tiny_gpt2  # noqa: E402
 from hf_l2 import L2Config  # noqa: E402
 from hf_l2.anchor import ANCHOR_FILE  # noqa: E402
-from hf_l2.build import train_chat_tokenizer  # noqa: E402
+from hf_l2.local_tokenizers import train_chat_tokenizer  # noqa: E402
 from hf_l2.trl import L2DPOConfig, L2DPOTrainer, L2SFTConfig, L2SFTTrainer, L2TRLMixin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
