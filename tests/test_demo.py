@@ -235,3 +235,37 @@ def test_frontier_summary_says_when_nothing_was_forgotten_and_plot_draws_any_met
     table, figure = report.write_report(rows, tmp_path, "t")  # a mode the report has no color for still plots
     assert figure.read_bytes()[:4] == b"\x89PNG" and "did not lower" in table.read_text()
     assert report.frontier_summary(report.summarize([r for r in rows if r["mode"] != "start"])) is None
+
+
+def test_catalog_pairs_keep_english_messages_and_drop_keys_and_long_help(tmp_path, monkeypatch):
+    """A German catalog written here with polib: what `catalog_pairs` keeps is decided by hand."""
+    import polib
+
+    from hf_l2.demo import data
+
+    folder = tmp_path / "fake_catalogs" / "locales" / "de" / "LC_MESSAGES"
+    folder.mkdir(parents=True)
+    (tmp_path / "fake_catalogs" / "__init__.py").write_text("")
+    catalog = polib.POFile()
+    long_help = " ".join(["word"] * (data.MAX_WORDS + 1))
+    for msgid, msgstr in [("Delete  the\nfile", "Datei löschen"), ("label_title", "Titel"), ("month_oct_abbr", "Okt"),
+                          ("Save", "Speichern"), ("Untranslated", ""), (long_help, "lang")]:
+        catalog.append(polib.POEntry(msgid=msgid, msgstr=msgstr))
+    catalog.append(polib.POEntry(msgid="%d file", msgid_plural="%d files", msgstr_plural={0: "%d Datei", 1: "%d Dateien"}))
+    catalog.save_as_mofile(str(folder / "a.mo"))
+    later = polib.POFile()  # read after a.mo: its translation of a message a.mo has is not kept
+    later.append(polib.POEntry(msgid="Save", msgstr="Sichern"))
+    later.save_as_mofile(str(folder / "b.mo"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(data.CATALOGS, "fake", ("fake_catalogs", "de"))
+    assert data.catalog_pairs("fake") == [("%d file", "%d Datei"), ("Delete the file", "Datei löschen"),
+                                          ("Save", "Speichern")]
+
+
+def test_pretraining_pairs_are_many_and_never_a_fine_tuning_message(tmp_path):
+    parts = prepare(tmp_path)
+    rows = {part: [json.loads(line)["translation"] for line in parts.translation(part).read_text().splitlines()]
+            for part in ("pretrain_train", "pretrain_validation", "target_train", "target_validation")}
+    assert len(rows["pretrain_train"]) >= 5000 and len(rows["pretrain_validation"]) == 500
+    target = {r["en"] for r in rows["target_train"] + rows["target_validation"]}
+    assert not target & {r["en"] for r in rows["pretrain_train"] + rows["pretrain_validation"]}
