@@ -231,7 +231,8 @@ def test_frontier_summary_names_the_best_method_within_the_forgetting_budget():
 
 def test_frontier_summary_says_when_nothing_was_forgotten_and_plot_draws_any_method(tmp_path):
     rows = _rows({"start": [(5.0, 10.0)], "none": [(20.0, 12.0)], "wise_ft α=0.5": [(12.0, 11.0)]})
-    assert "did not lower the pretraining-domain BLEU (10.00 → 12.00)" in report.frontier_summary(report.summarize(rows))
+    sentence = report.frontier_summary(report.summarize(rows))
+    assert "did not lower the pretraining-domain BLEU (10.00 → 12.00)" in sentence
     table, figure = report.write_report(rows, tmp_path, "t")  # a mode the report has no color for still plots
     assert figure.read_bytes()[:4] == b"\x89PNG" and "did not lower" in table.read_text()
     assert report.frontier_summary(report.summarize([r for r in rows if r["mode"] != "start"])) is None
@@ -251,7 +252,8 @@ def test_catalog_pairs_keep_english_messages_and_drop_keys_and_long_help(tmp_pat
     for msgid, msgstr in [("Delete  the\nfile", "Datei löschen"), ("label_title", "Titel"), ("month_oct_abbr", "Okt"),
                           ("Save", "Speichern"), ("Untranslated", ""), (long_help, "lang")]:
         catalog.append(polib.POEntry(msgid=msgid, msgstr=msgstr))
-    catalog.append(polib.POEntry(msgid="%d file", msgid_plural="%d files", msgstr_plural={0: "%d Datei", 1: "%d Dateien"}))
+    catalog.append(polib.POEntry(msgid="%d file", msgid_plural="%d files",
+                                 msgstr_plural={0: "%d Datei", 1: "%d Dateien"}))
     catalog.save_as_mofile(str(folder / "a.mo"))
     later = polib.POFile()  # read after a.mo: its translation of a message a.mo has is not kept
     later.append(polib.POEntry(msgid="Save", msgstr="Sichern"))
