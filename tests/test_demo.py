@@ -219,23 +219,23 @@ def test_frontier_summary_names_the_best_method_within_the_forgetting_budget():
         "l2_sp α=0.1": [(19 - 0.5 ** 0.5, 25.0), (19 + 0.5 ** 0.5, 25.0)],
         "l2_sp α=1": [(12.0, 28.0), (12.0, 28.0)],
     })
-    sentence = report.frontier_summary(report.summarize(rows))
+    sentence = sweep_report.frontier_summary(sweep_report.summarize(rows))
     assert "pretraining BLEU ≥ 20.00; start 30.00, no penalty 10.00" in sentence
     assert "l2_sp α=0.1 (19.00 ± 1.00) gives the best target BLEU, 5.00 better than the best of l2" in sentence
     assert "l2 α=1 (14.00 ± 1.00): beyond the seeds' spread (2.00" in sentence
     assert "no penalty reaches 20.00 ± 0.00" in sentence
     # A tighter budget (10% of the forgetting: ≥ 28) leaves l2_sp α=1 alone; an impossible one, nothing.
-    assert "only l2_sp qualifies: l2_sp α=1 (12.00 ± 0.00)" in report.frontier_summary(report.summarize(rows), 0.1)
-    assert report.frontier_summary(report.summarize(rows), 0.0).endswith("no setting qualifies.")
+    assert "only l2_sp qualifies: l2_sp α=1 (12.00 ± 0.00)" in sweep_report.frontier_summary(sweep_report.summarize(rows), 0.1)
+    assert sweep_report.frontier_summary(sweep_report.summarize(rows), 0.0).endswith("no setting qualifies.")
 
 
 def test_frontier_summary_says_when_nothing_was_forgotten_and_plot_draws_any_method(tmp_path):
     rows = _rows({"start": [(5.0, 10.0)], "none": [(20.0, 12.0)], "wise_ft α=0.5": [(12.0, 11.0)]})
-    sentence = report.frontier_summary(report.summarize(rows))
+    sentence = sweep_report.frontier_summary(sweep_report.summarize(rows))
     assert "did not lower the pretraining-domain BLEU (10.00 → 12.00)" in sentence
-    table, figure = report.write_report(rows, tmp_path, "t")  # a mode the report has no color for still plots
+    table, figure = sweep_report.write_report(rows, tmp_path, "t")  # a mode the report has no color for still plots
     assert figure.read_bytes()[:4] == b"\x89PNG" and "did not lower" in table.read_text()
-    assert report.frontier_summary(report.summarize([r for r in rows if r["mode"] != "start"])) is None
+    assert sweep_report.frontier_summary(sweep_report.summarize([r for r in rows if r["mode"] != "start"])) is None
 
 
 def test_catalog_pairs_keep_english_messages_and_drop_keys_and_long_help(tmp_path, monkeypatch):
