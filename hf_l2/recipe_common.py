@@ -302,13 +302,14 @@ def describe_unreadable_file(path: str, err: Exception) -> str:
     data = Path(path).read_bytes()
     if not data.strip():
         return "the file is empty; give a file with at least one text or record."
+    json_lines = Path(path).suffix in (".json", ".jsonl") and not _is_json_document(data)
     for number, line in enumerate(data.splitlines(), start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as bad:
             return (f"line {number} is not UTF-8 text (byte 0x{line[bad.start]:02x} at column {bad.start + 1}); "
                     "save the file as UTF-8.")
-        if Path(path).suffix in (".json", ".jsonl") and text.strip() and not _is_json_document(data):
+        if json_lines and text.strip():
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as bad:
@@ -396,8 +397,8 @@ def resolve_checkpoint(training_args, overwrite_output_dir: bool = False) -> str
     `--resume_from_checkpoint true` means the latest complete checkpoint in `--output_dir`; a path must be a
     complete checkpoint. Without it, checkpoints of an earlier run are resumed from (the latest complete one) or,
     with `--overwrite_output_dir true`, deleted, so a fresh run's rotation and its mix with the old run cannot lose
-    or confuse them. Incomplete checkpoints (a kill during a save) are skipped with a message. Every process
-    decides the same; the main one deletes, and says on stdout what it does.
+    or confuse them; `false` refuses them unless overwritten. Incomplete checkpoints (a kill during a save) are
+    skipped with a message. Every process decides the same; the main one deletes, and says on stdout what it does.
     """
     requested = training_args.resume_from_checkpoint
     if not training_args.do_train:
@@ -405,8 +406,9 @@ def resolve_checkpoint(training_args, overwrite_output_dir: bool = False) -> str
     expected = dict(save_only_model=training_args.save_only_model,
                     l2_sp=getattr(training_args, "l2_mode", None) == "l2_sp")
     say = print if training_args.process_index == 0 else (lambda *_: None)
-    latest = requested is True or (isinstance(requested, str) and requested.lower() == "true")
-    if requested is not None and not latest:
+    word = str(requested).lower()  # a config file may give a boolean
+    latest, fresh = word == "true", word == "false"
+    if requested is not None and not (latest or fresh):
         if not Path(requested).is_dir():
             raise RecipeInputError(f"`--resume_from_checkpoint {requested}` is not a folder.")
         missing = missing_from_checkpoint(requested, **expected)
@@ -424,6 +426,11 @@ def resolve_checkpoint(training_args, overwrite_output_dir: bool = False) -> str
                 "from; drop the flag to start a new run."
             )
         return None
+    if fresh and not overwrite_output_dir:
+        raise RecipeInputError(
+            f"`--resume_from_checkpoint false`, but {training_args.output_dir} holds checkpoints of an earlier run: "
+            "pass `--overwrite_output_dir true` to delete them and start afresh, or another `--output_dir`."
+        )
     if not latest and overwrite_output_dir:
         with training_args.main_process_first(desc="deleting the earlier run's checkpoints", local=False):
             if training_args.should_save:

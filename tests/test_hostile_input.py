@@ -90,6 +90,14 @@ def test_resume_true_without_checkpoints_is_refused(workdir, tmp_path):  # noqa:
         generation.main(gpt2_args(workdir, tmp_path / "fresh", "--resume_from_checkpoint", "true"))
 
 
+def test_resume_false_in_a_folder_with_checkpoints_is_refused(workdir, crashed_run, tmp_path):  # noqa: F811
+    out = copy_of(crashed_run, tmp_path)
+    with pytest.raises(RecipeInputError, match=r"--resume_from_checkpoint false`, but .* holds checkpoints of an "
+                                               r"earlier run: pass `--overwrite_output_dir true`"):
+        generation.main(gpt2_args(workdir, out, "--resume_from_checkpoint", "false"))
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+
+
 # ---- 7. checkpoints cut short by a kill -----------------------------------------------------------------------
 def test_latest_checkpoint_selection_skips_an_incomplete_one(workdir, crashed_run, tmp_path, capsys, count_steps):  # noqa: F811
     out = copy_of(crashed_run, tmp_path)
