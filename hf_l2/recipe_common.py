@@ -16,6 +16,7 @@ import shutil
 import sys
 import types as pytypes
 import typing
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -129,25 +130,24 @@ def parse_args(types: tuple[type, ...], defaults: dict[str, Any], argv: list[str
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(types)
+    config_file = argv[0] if len(argv) == 1 and Path(argv[0]).suffix in (".yaml", ".yml", ".json") else None
     try:
-        if len(argv) == 1 and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
-            with open(argv[0]) as f:
-                values = yaml.safe_load(f) if Path(argv[0]).suffix != ".json" else json.load(f)
+        if config_file is not None:
+            with open(config_file) as f:
+                values = json.load(f) if config_file.endswith(".json") else yaml.safe_load(f)
             if not isinstance(values, (dict, type(None))):
-                raise RecipeInputError(f"{argv[0]}: the file must hold a mapping of argument names to values.")
-            values = coerce_config_values(types, {**defaults, **(values or {})}, argv[0])
-            return parser.parse_dict(values)
+                raise RecipeInputError(f"{config_file}: the file must hold a mapping of argument names to values.")
+            return parser.parse_dict(coerce_config_values(types, {**defaults, **(values or {})}, config_file))
         flags = [item for key, value in defaults.items() for item in (f"--{key}", str(value))]
         return parser.parse_args_into_dataclasses(flags + argv)
     except FileNotFoundError as err:
         raise RecipeInputError(f"Config file not found: {err.filename}") from err
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise RecipeInputError(f"{argv[0]} is not valid {Path(argv[0]).suffix[1:].upper()}: {err}".replace("\n", " "))
+        raise RecipeInputError(f"{config_file} is not valid YAML or JSON: {err}".replace("\n", " ")) from err
     except RecipeInputError:
         raise
     except ValueError as err:  # the arguments' own checks (`__post_init__`), unknown keys of a config file
-        where = f"{argv[0]}: " if len(argv) == 1 and Path(argv[0]).suffix in (".yaml", ".yml", ".json") else ""
-        raise RecipeInputError(f"{where}{err}") from err
+        raise RecipeInputError(f"{config_file}: {err}" if config_file else str(err)) from err
 
 
 # The field types a config-file value is checked against; other annotations (enums, unions) are left to the field.
@@ -177,7 +177,7 @@ def _coerce(name: str, value, kind: type):
         if isinstance(value, str):
             try:
                 return string_to_bool(value)
-            except Exception:  # noqa: BLE001 - argparse's ArgumentTypeError
+            except ArgumentTypeError:
                 pass
         raise RecipeInputError(f"`{name}` must be true or false, got {shown}.")
     if kind is str:

@@ -87,9 +87,7 @@ def missing_from_checkpoint(folder: str, *, save_only_model: bool = False, l2_sp
     With `save_only_model` the Trainer saves only weights and state; otherwise also optimizer and scheduler (FSDP
     and DeepSpeed in their own folders), and with L2-SP θ₀ (one file, or one per rank under FSDP / ZeRO-3).
     """
-    missing = []
-    if not os.path.isfile(os.path.join(folder, "trainer_state.json")):
-        missing.append("trainer_state.json (missing)")
+    missing = [p for p in [unreadable(os.path.join(folder, "trainer_state.json"))] if p]
     if not _sharded_or_deepspeed(folder, "pytorch_model_fsdp"):
         problem = weights_problem(folder)
         missing += [problem] if problem else []

@@ -128,8 +128,11 @@ def test_what_a_complete_checkpoint_holds_depends_on_the_save_settings(crashed_r
     checkpoint = tmp_path / "checkpoint-4"
     shutil.copytree(crashed_run / "checkpoint-4", checkpoint)
     assert missing_from_checkpoint(str(checkpoint), l2_sp=True) == []
+    truncate(checkpoint / "trainer_state.json")
+    assert missing_from_checkpoint(str(checkpoint))[0].startswith("trainer_state.json (unreadable JSON")
     (checkpoint / ANCHOR_FILE).unlink()
     (checkpoint / "scheduler.pt").unlink()
+    (checkpoint / "trainer_state.json").write_text("{}")
     assert missing_from_checkpoint(str(checkpoint), l2_sp=False) == ["scheduler.pt (missing)"]
     assert missing_from_checkpoint(str(checkpoint), save_only_model=True, l2_sp=True) == []  # weights + state only
     assert missing_from_checkpoint(str(checkpoint), l2_sp=True) == ["scheduler.pt (missing)",
