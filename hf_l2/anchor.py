@@ -7,7 +7,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -192,8 +192,14 @@ def load_anchor(
                 "processes and the same FSDP/ZeRO settings."
             )
         return None
-    tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        where = json.loads((f.metadata() or {}).get("layout", "{}"))
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            where = json.loads((f.metadata() or {}).get("layout", "{}"))
+    except (SafetensorError, ValueError) as err:
+        raise ValueError(
+            f"{path} cannot be read ({err}): it is truncated or corrupted, e.g. by a kill while it was saved. "
+            "Resume from an earlier checkpoint."
+        ) from err
     layout = {n: (int(start), torch.Size(shape)) for n, (start, shape) in where.items()}
     return tensors, layout

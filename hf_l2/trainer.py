@@ -255,7 +255,12 @@ class L2PenaltyMixin:
         saved, layout = loaded
         missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
-            raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
+            raise ValueError(
+                f"{checkpoint}/{ANCHOR_FILE} lacks θ₀ for {len(missing)} penalized parameter(s), first {missing[:5]}: "
+                "the penalized set differs from the checkpoint's (`l2_exclude`, `l2_exclude_bias_and_norm`, "
+                "`l2_head_params` or the trainable parameters changed since). Resume with the settings of that run, "
+                "or start a new run from the pretrained model."
+            )
         for term in terms:
             for name in term.anchored_names:
                 old = term.anchors[name]

@@ -129,13 +129,8 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def run_distributed(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run a multi-process command, once more if gloo aborted it, and fail with its stderr."""
-    for _ in range(2):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        # gloo on CPU aborts now and then with this line (std::terminate in one process, at any point of the run;
-        # about 1 run in 8 on the 2-core machine, cause not found). Such a run shows nothing either way: run again.
-        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
-            break
+    """Run a multi-process command and fail with its stderr."""
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

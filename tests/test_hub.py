@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import shutil
 import sys
 import types
 
@@ -222,7 +223,8 @@ def test_cli_publishes_a_saved_run_later(trained, fake_hub, tmp_path, capsys):
 
     fake_hub.requests.clear()
     assert hf_l2_main(["push", str(tmp_path), "--repo-id", "bob/later"]) == 2
-    assert "holds no saved model" in capsys.readouterr().err and fake_hub.requests == []
+    assert "is not a finished model to publish: no config.json" in capsys.readouterr().err
+    assert fake_hub.requests == []
 
 
 # ---- the recipes --------------------------------------------------------------------------------------------
@@ -289,3 +291,64 @@ def test_a_recipe_whose_push_fails_ends_with_one_message(recipe_inputs, fake_hub
     assert message.startswith(f"error: Pushing to the Hugging Face Hub failed: {cause}") and after in message
     trained = fail == "offline"
     assert (out / "model.safetensors").is_file() == trained and (out / "README.md").is_file() == trained
+
+
+# ---- hf-l2 push on an incomplete run --------------------------------------------------------------------------
+def saved_run(trained, tmp_path):
+    trainer, out, _ = trained
+    trainer.save_model()
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return copy
+
+
+def cut_short(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda run: cut_short(run / "model.safetensors"),
+     "no readable model weights: model.safetensors (unreadable, truncated or corrupted"),
+    (lambda run: (run / "config.json").unlink(), "no config.json (or adapter_config.json)"),
+    (lambda run: (run / "model.safetensors").unlink(), "no readable model weights: model weights (none of"),
+])
+def test_cli_refuses_an_incomplete_run_before_asking_the_hub(trained, fake_hub, tmp_path, capsys, damage, said):
+    run = saved_run(trained, tmp_path)
+    damage(run)
+    capsys.readouterr()  # the save's progress bars
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hf-l2 push: {run} is not a finished model to publish: ") and said in err
+    assert err.count("\n") == 1 and fake_hub.requests == []
+
+
+def test_cli_refuses_a_sharded_model_missing_a_shard(trained, fake_hub, tmp_path, capsys):
+    run = saved_run(trained, tmp_path)
+    trainer, _, _ = trained
+    (run / "model.safetensors").unlink()
+    trainer.model.save_pretrained(run, max_shard_size="5KB")
+    shards = sorted(run.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    shards[1].unlink()
+    capsys.readouterr()
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 2
+    assert f"{shards[1].name} (missing)" in capsys.readouterr().err and fake_hub.requests == []
+
+
+def test_cli_refuses_a_checkpoint_folder(trained, fake_hub, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(saved_run(trained, tmp_path), checkpoint)  # a whole model, but a checkpoint by its name
+    assert hf_l2_main(["push", str(checkpoint), "--repo-id", "bob/later"]) == 2
+    assert "it is a checkpoint folder (it holds training state" in capsys.readouterr().err
+    assert fake_hub.requests == []
+
+
+def test_cli_warns_about_a_missing_tokenizer_and_pushes_the_model(trained, fake_hub, tmp_path, capsys):
+    run = saved_run(trained, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (run / name).unlink()
+    capsys.readouterr()
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 0
+    assert "hf-l2 push: warning: no tokenizer (tokenizer_config.json)" in capsys.readouterr().err
+    (sent,) = fake_hub.commits
+    assert {"model.safetensors", "config.json"} <= set(sent["files"]) and "tokenizer.json" not in sent["files"]
