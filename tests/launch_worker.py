@@ -67,8 +67,9 @@ def full_parameters(trainer) -> dict[str, torch.Tensor]:
 
 def train(output_dir: Path, impl: str, resume: str | None = None):
     on_gpu = torch.cuda.is_available()
+    processes = int(os.environ["WORLD_SIZE"])  # set by the launcher; the process group does not exist yet
     args = l2_args(
-        output_dir, per_device_train_batch_size=GLOBAL_BATCH // (GA * world_size()), gradient_accumulation_steps=GA,
+        output_dir, per_device_train_batch_size=GLOBAL_BATCH // (GA * processes), gradient_accumulation_steps=GA,
         max_steps=STEPS, l2_coef=1.0, l2_impl=impl, max_grad_norm=0.5, save_strategy="steps", save_steps=SAVE_AT,
         use_cpu=not on_gpu, ddp_backend=None if on_gpu else "gloo",
     )
