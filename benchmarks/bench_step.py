@@ -156,7 +156,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({v: {"tokens_per_s": speed[v], "peak_bytes": peak[v]} for v in names}, indent=1))
+        numbers = {v: {"tokens_per_s": speed[v], "peak_bytes": peak[v]} for v in names}
+        args.json.write_text(json.dumps(numbers, indent=1))
     body = "\n\n".join(
         [
             f"## Whole optimizer steps (`bench_step.py`, {device.type})",

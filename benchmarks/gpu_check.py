@@ -274,7 +274,8 @@ def check_exactness(ctx: Context) -> list[dict]:
         try:
             results += exactness_for(ctx, precision, effect)
         except Exception:  # noqa: BLE001 - reported as this precision's error
-            results.append(target(f"{precision}: grad = loss = hand loop", "error", detail=tail(traceback.format_exc())))
+            name = f"{precision}: grad = loss = hand loop"
+            results.append(target(name, "error", detail=tail(traceback.format_exc())))
     return results
 
 
@@ -313,8 +314,8 @@ def judge_launch(run: dict, processes: int, kind: str) -> list[dict]:
                               len(run["anchor_files"]) == processes, split, f"sums to {total}, one file per rank",
                               ", ".join(run["anchor_files"])))
     diff = max_rel_diff(run["resumed_params"], run["params"])
-    results.append(judged("resumed = uninterrupted", diff < RESUME_TOLERANCE, f"{diff:.1e}", f"< {RESUME_TOLERANCE:.0e}",
-                          "from checkpoint-2 to step 4, ‖Δθ‖/‖θ‖"))
+    results.append(judged("resumed = uninterrupted", diff < RESUME_TOLERANCE, f"{diff:.1e}",
+                          f"< {RESUME_TOLERANCE:.0e}", "from checkpoint-2 to step 4, ‖Δθ‖/‖θ‖"))
     return results
 
 
@@ -522,20 +523,18 @@ def fetch_wheels(folder: Path) -> int:
     its pure-Python needs. Run it where a registry is reachable, then carry the folder (`.whl/` by default)."""
     import transformers
 
+    platforms = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
     platform = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                *[f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]]
+                *[f"--platform={p}" for p in platforms]]
     pip = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-d", folder]
     steps = [
         [*pip, "--no-deps", *platform, f"transformers=={transformers.__version__}", "hjson"],
-        [*pip, *platform, "pydantic"],  # with its own needs, at versions that match each other
+        [*pip, *platform, "pydantic"],  # with its needs, at versions that match (installed over the image's)
         [*pip, "--no-deps", "--no-binary=:all:", "deepspeed"],
     ]
     for step in steps:
         if subprocess.run([str(s) for s in step]).returncode != 0:
             return 1
-    for present in ("typing_extensions",):  # already on the GPU image; two versions would stop the install
-        for wheel in folder.glob(f"{present}-*.whl"):
-            wheel.unlink()
     print("\n".join(sorted(p.name for p in folder.iterdir())))
     return 0
 
