@@ -292,7 +292,7 @@ def launch(ctx: Context, config: str, processes: int, impl: str, extra: list[str
         raise RuntimeError(f"accelerate launch {'timed out' if code is None else f'exited {code}'}:\n{tail(text)}")
     import torch
 
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=False)[impl]
 
 
 def judge_launch(run: dict, processes: int, kind: str) -> list[dict]:
@@ -435,7 +435,7 @@ def check_status(targets: list[dict]) -> str:
 
 
 def summary_text(summary: dict) -> str:
-    env = summary.get("environment", {})
+    env = summary.get("environment") or {}  # from the exactness check, if it ran
     lines = [
         f"gpu_check{' --dry-run' if summary['dry_run'] else ''}: {env.get('device', '?')} × {env.get('gpus', '?')}, "
         f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, accelerate "
@@ -499,7 +499,8 @@ def orchestrate(args) -> int:
                 if result_file.exists():
                     result = json.loads(result_file.read_text())
                     targets = result["targets"]
-                    summary.setdefault("environment", result.get("environment"))
+                    if result.get("environment"):
+                        summary["environment"] = result["environment"]
                 else:
                     why = "killed at its time limit" if code is None else f"exited {code} without a result"
                     targets = [target(name, "error", detail=f"{why}:\n{tail(text)}")]
@@ -508,8 +509,6 @@ def orchestrate(args) -> int:
             save()
         for sections in scratch.glob("RESULTS_*.md"):
             shutil.copy(sections, out / sections.name)
-    if summary.get("environment") is None:
-        summary.pop("environment", None)
     save()
     shutil.rmtree(scratch, ignore_errors=True)
     print(summary_text(summary))

@@ -1,12 +1,12 @@
 """Run under `accelerate launch --config_file recipes/accelerate_configs/{fsdp2,zero3}.yaml`: the whole L2Trainer.
 
-    accelerate launch --config_file CONFIG --num_processes N tests/launch_worker.py OUT.pt IMPL
+    accelerate launch --config_file CONFIG --num_processes N tests/launch_worker.py OUT.pt IMPL[,IMPL...]
 
-Trains a tiny GPT-2 for 4 optimizer steps (accumulation 2, clipping at 0.5, active), saving a checkpoint at step
-2, then trains a fresh trainer resumed from that checkpoint to step 4. Every rank takes 8 / (2·N) sequences per
-micro-batch, so each step sees the same 8 sequences whatever N: one process with batch 4 × accumulation 2 is the
-same run. Rank 0 saves the full final parameters of both runs, their logs, and how θ₀ was split, for
-tests/test_fsdp_trainer.py (CPU, gloo) and benchmarks/gpu_check.py (GPU) to check.
+For each impl, trains a tiny GPT-2 for 4 optimizer steps (accumulation 2, clipping at 0.5, active), saving a
+checkpoint at step 2, then a fresh trainer resumed from that checkpoint to step 4. Every rank takes 8 / (2·N)
+sequences per micro-batch, so each step sees the same 8 sequences whatever N: one process with batch 4 ×
+accumulation 2 is the same run. Rank 0 saves, per impl, the full final parameters of both runs, their logs and
+how θ₀ was split, for tests/test_fsdp_trainer.py (CPU, gloo) and benchmarks/gpu_check.py (GPU) to check.
 
 Without an accelerator, accelerate 1.15 keeps the FSDP plugin only for accelerator process groups
 (`AcceleratorState.__init__`, the `elif self.distributed_type in [DistributedType.MULTI_GPU, ...]` branch, which
@@ -89,31 +89,39 @@ def anchor_split(trainer) -> list[int]:
     return [int(p.item()) for p in parts]
 
 
-if __name__ == "__main__":
-    out, impl = Path(sys.argv[1]), sys.argv[2]
-    if not torch.cuda.is_available():
-        enable_fsdp_on_cpu()
-    root = out.parent
+def uninterrupted_and_resumed(root: Path, impl: str) -> dict:
     first = train(root / "uninterrupted", impl)
     checkpoint = root / "uninterrupted" / f"checkpoint-{SAVE_AT}"
+    params = full_parameters(first)
     result = {
         "world_size": world_size(),
         "distributed_type": str(first.accelerator.distributed_type),
         "mixed_precision": first.accelerator.mixed_precision,
         "param_type": type(next(first.model.parameters())).__name__,
-        "params": full_parameters(first),
+        "params": params,
         "log": first.state.log_history,
         "anchor_per_rank": anchor_split(first),
-        "anchored_total": sum(p.numel() for n, p in full_parameters(first).items() if n in first._l2.anchored_names),
+        "anchored_total": sum(p.numel() for n, p in params.items() if n in first._l2.anchored_names),
         "anchor_files": sorted(f.name for f in checkpoint.glob("l2_anchor*")),
     }
     first.accelerator.wait_for_everyone()
     resumed = train(root / "resumed", impl, resume=str(checkpoint))
     result["resumed_params"] = full_parameters(resumed)
     result["resumed_log"] = resumed.state.log_history
-    if resumed.args.process_index == 0:
-        torch.save(result, out)
-        print(json.dumps({k: v for k, v in result.items() if "params" not in k and "log" not in k}))
-    # Tear the process group down before the interpreter exits: gloo can abort a process exiting with it alive.
     resumed.accelerator.wait_for_everyone()
-    resumed.accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    out, impls = Path(sys.argv[1]), sys.argv[2].split(",")
+    if not torch.cuda.is_available():
+        enable_fsdp_on_cpu()
+    results = {impl: uninterrupted_and_resumed(out.parent / impl, impl) for impl in impls}
+    if int(os.environ["RANK"]) == 0:
+        torch.save(results, out)
+        print(json.dumps({i: {k: v for k, v in r.items() if "params" not in k and "log" not in k}
+                          for i, r in results.items()}))
+    # Tear the process group down before the interpreter exits: gloo can abort a process exiting with it alive.
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()

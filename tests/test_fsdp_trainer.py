@@ -17,12 +17,14 @@ from hf_l2 import L2Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch_fsdp2(out, impl: str) -> dict:
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2") / "results.pt"
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", os.path.join(ROOT, "recipes", "accelerate_configs", "fsdp2.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-        os.path.join(ROOT, "tests", "launch_worker.py"), str(out), impl,
+        os.path.join(ROOT, "tests", "launch_worker.py"), str(out), "grad,loss",
     ]
     run_distributed(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     return torch.load(out, weights_only=False)
@@ -40,8 +42,8 @@ def one_process(tmp_path, impl: str, l2_mode: str = "l2_sp"):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("impl", ["grad", "loss"])
-def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path, impl):
-    run = launch_fsdp2(tmp_path / "fsdp2.pt", impl)
+def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(fsdp2_runs, tmp_path, impl):
+    run = fsdp2_runs[impl]
     assert run["world_size"] == 2 and run["distributed_type"] == "DistributedType.FSDP"
     assert run["param_type"] == "DTensor"  # fully_shard really wrapped the model
 
