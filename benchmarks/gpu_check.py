@@ -140,8 +140,15 @@ class Context:
         self.dry_run = args.dry_run
         self.device = "cpu" if args.dry_run else "cuda"
         self.scratch = Path(args.scratch)
+        self.result = Path(args.result)
         self.deadline = time.monotonic() + args.timeout
         self.env = dict(os.environ)
+        self.environment = None  # versions and device, reported by the first check
+
+    def partial(self, targets: list[dict]) -> None:
+        """Write the targets decided so far: what survives if this process is killed at its time limit."""
+        result = {"targets": targets, "environment": self.environment}
+        self.result.write_text(json.dumps(result, indent=1, default=str))
 
     def left(self) -> float:
         return self.deadline - time.monotonic() - 5
@@ -273,6 +280,7 @@ def check_exactness(ctx: Context) -> list[dict]:
     for precision in ("fp32", "bf16", "fp16"):  # each on its own: one that raises leaves the others
         try:
             results += exactness_for(ctx, precision, effect)
+            ctx.partial(results)
         except Exception:  # noqa: BLE001 - reported as this precision's error
             name = f"{precision}: grad = loss = hand loop"
             results.append(target(name, "error", detail=tail(traceback.format_exc())))
@@ -402,6 +410,8 @@ def check_bench_step(ctx: Context) -> list[dict]:
                    + ", ".join(f"{v.removeprefix('L2Trainer ')} {p:,.0f}" for v, p in peaks.items()))]
 
 
+BUDGET = 470  # seconds: 8 minutes on the GPU machine, less a margin for the summary
+DRY_RUN_SLOWDOWN = 4  # a dry run's limits: tiny sizes, but on 2 CPU cores that may be shared with other work
 CHECKS = {  # name → (function, seconds it may take on the GPU), in the order they run
     "exactness": (check_exactness, 120),
     "fsdp2_1proc": (lambda ctx: check_fsdp2(ctx, 1), 120),
@@ -415,14 +425,13 @@ CHECKS = {  # name → (function, seconds it may take on the GPU), in the order 
 def run_check(args) -> None:
     """Child mode: run one check, write its targets (or the error) as JSON."""
     ctx = Context(args)
-    result = {"check": args.check}
     try:
-        result["targets"] = CHECKS[args.check][0](ctx)
         if args.check == "exactness":
-            result["environment"] = environment()
+            ctx.environment = environment()
+        targets = CHECKS[args.check][0](ctx)
     except Exception:  # noqa: BLE001 - the orchestrator reports it
-        result["targets"] = [target(args.check, "error", detail=tail(traceback.format_exc()))]
-    Path(args.result).write_text(json.dumps(result, indent=1, default=str))
+        targets = [target(args.check, "error", detail=tail(traceback.format_exc()))]
+    ctx.partial(targets)
 
 
 # ---- the orchestrator -----------------------------------------------------------------------------------------
@@ -448,7 +457,10 @@ def summary_text(summary: dict) -> str:
         for t in check["targets"]:
             value = "" if t["value"] is None else f" {t['value']}"
             goal = "" if t["goal"] is None else f" (target {t['goal']})"
-            detail = t["detail"].splitlines()[-1] if t["status"] == "error" and t["detail"] else t["detail"]
+            detail = t["detail"]
+            if t["status"] == "error" and detail:  # what happened, and the last line it printed
+                lines_of = detail.splitlines()
+                detail = lines_of[0] if len(lines_of) == 1 else f"{lines_of[0]} … {lines_of[-1]}"
             lines.append(f"  {t['status'].upper():5} {t['name']}:{value}{goal}" + (f" — {detail}" if detail else ""))
     counts = {s: sum(t["status"] == s for c in summary["checks"] for t in c["targets"])
               for s in ("pass", "fail", "skip", "error")}
@@ -486,7 +498,7 @@ def orchestrate(args) -> int:
                                       "seconds": time.monotonic() - began, "targets": targets})
         save()
         for name in args.only or CHECKS:
-            cap = CHECKS[name][1]
+            cap = CHECKS[name][1] * (DRY_RUN_SLOWDOWN if args.dry_run else 1)
             timeout = min(cap, deadline - time.monotonic() - 10)
             began = time.monotonic()
             if timeout < 20:
@@ -496,14 +508,13 @@ def orchestrate(args) -> int:
                 command = [sys.executable, Path(__file__), "--check", name, "--scratch", scratch,
                            "--result", result_file, "--timeout", str(timeout - 5)]
                 code, text = run_bounded(command + (["--dry-run"] if args.dry_run else []), timeout, env, log)
-                if result_file.exists():
-                    result = json.loads(result_file.read_text())
-                    targets = result["targets"]
-                    if result.get("environment"):
-                        summary["environment"] = result["environment"]
-                else:
-                    why = "killed at its time limit" if code is None else f"exited {code} without a result"
-                    targets = [target(name, "error", detail=f"{why}:\n{tail(text)}")]
+                result = json.loads(result_file.read_text()) if result_file.exists() else {}
+                targets = result.get("targets", [])
+                if result.get("environment"):
+                    summary["environment"] = result["environment"]
+                if code != 0:  # what it decided before it died stays
+                    why = f"killed at its {timeout:.0f} s limit" if code is None else f"exited {code}"
+                    targets.append(target(name, "error", detail=f"{why}:\n{tail(text)}"))
             summary["checks"].append({"check": name, "status": check_status(targets),
                                       "seconds": time.monotonic() - began, "targets": targets})
             save()
@@ -553,7 +564,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no installs")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check", help="folder for the results")
-    parser.add_argument("--budget", type=float, default=470, help="seconds for the whole run, installs included")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run, installs included (default 470; "
+                        f"{DRY_RUN_SLOWDOWN}× that for a dry run)")
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
     parser.add_argument("--wheels", type=Path, help="carried wheels to install first (default: .whl/ if present)")
     parser.add_argument("--fetch-wheels", type=Path, metavar="DIR", help="download the wheels to carry, then exit")
@@ -564,6 +576,8 @@ def main() -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=600, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.budget is None:
+        args.budget = BUDGET * (DRY_RUN_SLOWDOWN if args.dry_run else 1)
     if args.check:
         run_check(args)
         return 0
