@@ -72,6 +72,8 @@ def train(output_dir: Path, impl: str, resume: str | None = None):
         output_dir, per_device_train_batch_size=GLOBAL_BATCH // (GA * processes), gradient_accumulation_steps=GA,
         max_steps=STEPS, l2_coef=1.0, l2_impl=impl, max_grad_norm=0.5, save_strategy="steps", save_steps=SAVE_AT,
         use_cpu=not on_gpu, ddp_backend=None if on_gpu else "gloo",
+        # As the launch config says (the Trainer checks a DeepSpeed config's bf16 against its own arguments).
+        bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16",
     )
     trainer = L2Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=GLOBAL_BATCH))
     trainer.train(resume_from_checkpoint=resume)
