@@ -11,7 +11,8 @@ import torch.distributed as dist
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from .anchor import ANCHOR_FILE, load_anchor, read_weights, save_anchor
+from .anchor import ANCHOR_FILE, expected_anchors, load_anchor, read_weights, save_anchor
+from .anchor_checks import differing_anchors
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
@@ -245,7 +246,9 @@ class L2PenaltyMixin:
         terms = [t for t in self._active_l2_terms() if t.anchored_names]
         if checkpoint is None or not terms:
             return
-        loaded = load_anchor(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        names = [n for t in terms for n in t.anchored_names]
+        rank = dist.get_rank() if world_size() > 1 else 0
+        loaded = load_anchor(checkpoint, rank, world_size(), expected_anchors(self.model, names))
         if loaded is None:
             logger.warning(
                 f"{checkpoint} has no {ANCHOR_FILE}; L2-SP keeps the anchor taken when the trainer was built. "
@@ -256,6 +259,7 @@ class L2PenaltyMixin:
         missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
             raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
+        self._l2_check_resumed_anchor(checkpoint, terms, saved, layout)
         for term in terms:
             for name in term.anchored_names:
                 old = term.anchors[name]
@@ -263,6 +267,28 @@ class L2PenaltyMixin:
         for name in self._l2.anchored_names:
             self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
         self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
+
+    def _l2_check_resumed_anchor(self, checkpoint, terms, saved, layout) -> None:
+        """A resumed run keeps the θ₀ it was trained with: refuse an `l2_anchor_path` that says otherwise, and say
+        at WARNING when the weights the trainer was built with (the θ₀ it would have taken) differ from it."""
+        differ = [
+            n for t in terms
+            for n in differing_anchors(t.anchors, getattr(t, "anchor_layout", {}), saved, layout)
+        ]
+        if not differ:
+            return
+        from_path = [n for n in differ if n in self._l2.anchors] if self.args.l2_anchor_path else []
+        if from_path:
+            raise ValueError(
+                f"`l2_anchor_path`={self.args.l2_anchor_path!r} differs from the θ₀ that {checkpoint} was trained "
+                f"with in {len(from_path)} tensor(s), e.g. {from_path[:3]}; a resumed run keeps its own θ₀. To "
+                "resume, drop `l2_anchor_path` or point it at the model this run started from; to anchor to the "
+                "other model, start a new run from the checkpoint's weights without `resume_from_checkpoint`."
+            )
+        logger.warning(
+            f"θ₀ in force: the one saved in {checkpoint} (this run's own), not the weights the trainer was built "
+            f"with, which differ in {len(differ)} tensor(s), e.g. {differ[:3]}."
+        )
 
 
 class L2TrainerMixin(L2PenaltyMixin, L2PublishingMixin):
