@@ -4,11 +4,13 @@ and Hub publishing of `hf_l2.publishing`), and `L2Trainer` / `L2Seq2SeqTrainer` 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .anchor import ANCHOR_FILE, expected_anchors, load_anchor, read_weights, save_anchor
@@ -16,7 +18,7 @@ from .anchor_checks import differing_anchors
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
-from .decoupled import DecoupledPull
+from .decoupled import DecoupledPull, check_pull_rate
 from .lora import LoraDeltaPenalty
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
@@ -76,6 +78,8 @@ class L2PenaltyMixin:
                 self.model, self.args.l2_coef, self.args.l2_exclude, ANCHOR_DTYPES[self.args.l2_anchor_dtype]
             )
         self._l2 = self._build_penalty(frozenset(self._l2_lora.anchored_names if self._l2_lora else ()))
+        if self.args.l2_impl == "decoupled" and self.optimizer is None:  # a user's optimizer is checked at step 1
+            self._l2_check_pull_rate()
 
     # ---- construction ---------------------------------------------------------------------------------------
     def _build_penalty(self, skip: frozenset[str]) -> L2Penalty:
@@ -102,6 +106,14 @@ class L2PenaltyMixin:
             f"({count(penalty.new_names):,} values)."
         )
         return penalty
+
+    def _l2_check_pull_rate(self) -> None:
+        """lr·α < 1 (and lr·β) for the decoupled pull, from `learning_rate`: no schedule of the Trainer exceeds it."""
+        args = self.args
+        fields = ("l2_coef",) if args.l2_mode == "l2" else ("l2_coef", "l2_head_coef")
+        for name in fields:
+            check_pull_rate(args.learning_rate, getattr(args, name), args.l2_schedule.max_factor,
+                            "β" if name == "l2_head_coef" else "α", f"`learning_rate` × `{name}`")
 
     def _move_weight_norm_callbacks_first(self) -> None:
         """Reporting callbacks (TensorBoard, W&B) only see keys added to `logs` by callbacks that run before them."""
@@ -137,7 +149,8 @@ class L2PenaltyMixin:
     def _l2_bind(self) -> None:
         self._l2_bind_terms()
         if self.args.l2_impl == "decoupled":
-            self._l2_pull = DecoupledPull(self._active_l2_terms()).attach(self.optimizer)
+            pull = DecoupledPull(self._active_l2_terms(), self.args.l2_schedule.max_factor)
+            self._l2_pull = pull.attach(self.optimizer)
 
     def _l2_bind_terms(self) -> None:
         # After `accelerator.prepare`: under FSDP / ZeRO-3 the pieces are this rank's shards, and θ₀ is cut to match.
@@ -210,7 +223,29 @@ class L2PenaltyMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._l2 is not None and self._l2.bound and "loss" in logs:
             logs.update(self._l2_metrics())
+            self._l2_stop_if_not_finite(logs)
         super().log(logs, start_time)
+
+    def _l2_stop_if_not_finite(self, logs: dict[str, float]) -> None:
+        """A NaN or infinite Ω or drift means the weights are garbage: stop now, before the next checkpoint saves them.
+
+        The Trainer alone would carry on: its `logging_nan_inf_filter` logs a non-finite loss as the running mean.
+        """
+        keys = ("l2/penalty", "l2/drift", "l2/lora_delta")
+        bad = {k: logs[k] for k in keys if k in logs and not math.isfinite(logs[k])}
+        if not bad:
+            return
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        finite = [h["step"] for h in self.state.log_history if "l2/penalty" in h]
+        decoupled = " (with `l2_impl='decoupled'`, lr·α near or above 1)" if self.args.l2_impl == "decoupled" else ""
+        raise FloatingPointError(
+            f"Training stopped at step {self.state.global_step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}, "
+            f"so the weights are no longer finite. Likely causes: a learning rate or `l2_coef` too large{decoupled}, "
+            "fp16 overflow, or a non-finite θ₀ or model. The logged `loss` may not show it (`logging_nan_inf_filter`). "
+            + (f"The last finite statistics were logged at step {finite[-1]}. " if finite else "")
+            + (f"The last checkpoint is {last}: resume from it with a lower learning rate or `l2_coef`."
+               if last else "No checkpoint had been saved yet.")
+        )
 
     def _l2_metrics(self) -> dict[str, float]:
         """`l2/*` values for a training log; one host sync for all of them."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, tiny_gpt2
 from hf_l2 import L2Trainer
@@ -150,3 +151,54 @@ def test_resume_says_which_anchor_is_in_force(checkpoint, caplog):
     with caplog.at_level(logging.WARNING):
         trainer.train(resume_from_checkpoint=str(checkpoint))  # built from the pretrained model: nothing to say
     assert "θ₀ in force" not in caplog.text
+
+
+# ---- item 2: a decoupled pull that overshoots; non-finite statistics ----------------------------------------------
+def test_decoupled_pull_of_rate_one_or_more_is_refused_when_built(tmp_path):
+    # lr·α = 1e-3 × 2500 = 2.5: the pull would diverge (drift 1.2e6 after a few steps before this check).
+    with pytest.raises(ValueError, match=r"lr·α = 0\.001 × 2500 = 2\.5 \(`learning_rate` × `l2_coef`\) is ≥ 1"):
+        L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_impl="decoupled", l2_coef=2500, learning_rate=1e-3))
+    # A schedule that grows α to 3× reaches 1.5 at its peak.
+    with pytest.raises(ValueError, match=r"lr·α = 0\.001 × 500 × 3 \(the schedule's peak\) = 1\.5"):
+        L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_impl="decoupled", l2_coef=500, learning_rate=1e-3,
+                                                  l2_coef_schedule="linear", l2_coef_end_factor=3.0))
+    with pytest.raises(ValueError, match=r"lr·β = 0\.01 × 100 = 1 "):
+        L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_impl="decoupled", l2_head_coef=100,
+                                                  l2_head_params=["wte"]))
+    # lr·α = 0.9 is allowed (it converges), and the same α with `l2_impl="grad"` is not the decoupled pull's concern.
+    L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_impl="decoupled", l2_coef=900, learning_rate=1e-3))
+    L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_impl="grad", l2_coef=2500, learning_rate=1e-3))
+
+
+def test_decoupled_pull_checks_a_user_optimizers_learning_rate_at_the_first_step(tmp_path):
+    model = tiny_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # args say 1e-4, the optimizer steps at 0.05
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_impl="decoupled", l2_coef=40, learning_rate=1e-4),
+                        train_dataset=TokenDataset(), optimizers=(optimizer, None))
+    with pytest.raises(ValueError, match=r"lr·α = 0\.05 × 40 = 2 \(the optimizer's learning rate\)"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any update
+
+
+class PoisonWeights(TrainerCallback):
+    """Set one weight to NaN at the end of optimizer step `at`, as a blown-up update would."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                model.transformer.h[0].attn.c_attn.weight[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("impl", ["grad", "decoupled"])
+def test_non_finite_statistics_stop_training_naming_the_step_and_the_last_checkpoint(tmp_path, impl):
+    args = l2_args(tmp_path, l2_impl=impl, max_steps=6, save_strategy="steps", save_steps=2, logging_steps=1)
+    trainer = L2Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[PoisonWeights(3)])
+    with pytest.raises(FloatingPointError, match=r"stopped at step 3: l2/penalty = nan, l2/drift = nan") as err:
+        trainer.train()
+    assert "The last finite statistics were logged at step 2" in str(err.value)
+    assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in str(err.value)
+    assert trainer.state.global_step == 3 and not (tmp_path / "checkpoint-4").exists()
