@@ -20,6 +20,7 @@ from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
 from .decoupled import DecoupledPull, check_pull_rate
 from .lora import LoraDeltaPenalty
+from .model_card import mixed_precision_turned_off
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
 from .sharding import local_pieces, world_size
@@ -66,6 +67,8 @@ class L2PenaltyMixin:
         self._l2_add_to_loss = False
         self._l2_in_loss: torch.Tensor | None = None
         self._move_weight_norm_callbacks_first()
+        if (precision_off := mixed_precision_turned_off(self)) is not None:
+            logger.warning(f"Mixed precision is off: {precision_off} (the model card says so).")
         if not self.args.l2_enabled:
             return
         if self.is_deepspeed_enabled and self.args.l2_impl != "loss":

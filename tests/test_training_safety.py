@@ -202,3 +202,32 @@ def test_non_finite_statistics_stop_training_naming_the_step_and_the_last_checkp
     assert "The last finite statistics were logged at step 2" in str(err.value)
     assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in str(err.value)
     assert trainer.state.global_step == 3 and not (tmp_path / "checkpoint-4").exists()
+
+
+# ---- item 4: the card and the logs say which precision ran ------------------------------------------------------
+def hyperparameter_rows(card_text):
+    return {line.split(":")[0].strip("- "): line.split(":", 1)[1].strip()
+            for line in card_text.splitlines() if line.startswith("- ") and ":" in line}
+
+
+def test_fp16_on_cpu_is_reported_as_fp32(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, fp16=True, max_steps=1),
+                            train_dataset=TokenDataset())
+    assert "Mixed precision is off: fp16 was asked for, but accelerate runs it only on a GPU" in caplog.text
+    trainer.train()
+    assert trainer.accelerator.scaler is None  # what accelerate did: no GradScaler, no autocast
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "Native AMP" not in card
+    assert hyperparameter_rows(card)["mixed_precision_training"].startswith("none: fp16 was asked for")
+
+
+def test_bf16_on_cpu_runs_and_is_reported(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, bf16=True, max_steps=1),
+                            train_dataset=TokenDataset())
+    assert "Mixed precision is off" not in caplog.text
+    trainer.train()
+    trainer.create_model_card()
+    assert hyperparameter_rows((tmp_path / "README.md").read_text())["mixed_precision_training"] == "Native AMP (bf16)"
