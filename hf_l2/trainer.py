@@ -101,6 +101,7 @@ class L2PenaltyMixin:
             dtype=ANCHOR_DTYPES[args.l2_anchor_dtype],
             device="cpu" if args.l2_anchor_device == "cpu" else None,
         )
+        self._l2_trainable_at_build = _trainable_names(model)
         pieces = local_pieces(model)  # ZeRO-3 `zero.Init` placeholders count by their real size
         count = lambda names: sum(math.prod(pieces[n].shape) for n in names)  # noqa: E731
         logger.info(
@@ -150,10 +151,29 @@ class L2PenaltyMixin:
             self._l2_pull = None
 
     def _l2_bind(self) -> None:
+        self._l2_warn_if_trainable_changed()
         self._l2_bind_terms()
         if self.args.l2_impl == "decoupled":
             pull = DecoupledPull(self._active_l2_terms(), self.args.l2_schedule.max_factor)
             self._l2_pull = pull.attach(self.optimizer)
+
+    def _l2_warn_if_trainable_changed(self) -> None:
+        """The penalty covers the parameters trainable when the trainer was built: say so if that set changed."""
+        now, then = _trainable_names(self.model), self._l2_trainable_at_build
+        covered = {n for t in self._active_l2_terms() for n in t.anchored_names + getattr(t, "new_names", [])}
+        unfrozen = [n for n in now if n not in then]
+        frozen = [n for n in then if n not in now and n in covered]
+        if unfrozen:
+            logger.warning(
+                f"{len(unfrozen)} parameter(s) became trainable after the trainer was built, e.g. {unfrozen[:3]}: "
+                "they train without the penalty, whose parameters are chosen when the trainer is built. Unfreeze "
+                "them before building the trainer (or build a new one)."
+            )
+        if frozen:
+            logger.warning(
+                f"{len(frozen)} penalized parameter(s) were frozen after the trainer was built, e.g. {frozen[:3]}; "
+                "freeze them before building the trainer so that the penalty leaves them out."
+            )
 
     def _l2_bind_terms(self) -> None:
         # After `accelerator.prepare`: under FSDP / ZeRO-3 the pieces are this rank's shards, and θ₀ is cut to match.
@@ -327,6 +347,10 @@ class L2PenaltyMixin:
             f"θ₀ in force: the one saved in {checkpoint} (this run's own), not the weights the trainer was built "
             f"with, which differ in {len(differ)} tensor(s), e.g. {differ[:3]}."
         )
+
+
+def _trainable_names(model) -> list[str]:
+    return [n for n, piece in local_pieces(model).items() if piece.param.requires_grad]
 
 
 class L2TrainerMixin(L2PenaltyMixin, L2PublishingMixin):

@@ -231,3 +231,24 @@ def test_bf16_on_cpu_runs_and_is_reported(tmp_path, caplog):
     trainer.train()
     trainer.create_model_card()
     assert hyperparameter_rows((tmp_path / "README.md").read_text())["mixed_precision_training"] == "Native AMP (bf16)"
+
+
+# ---- item 5: parameters unfrozen after the trainer is built -------------------------------------------------------
+def test_parameters_unfrozen_after_building_train_unpenalized_with_a_warning(tmp_path, caplog):
+    model = tiny_gpt2()
+    block = [p for n, p in model.named_parameters() if ".h.1." in n]
+    for p in block:
+        p.requires_grad_(False)
+    trainer = L2Trainer(model=model, args=l2_args(tmp_path, max_steps=1), train_dataset=TokenDataset())
+    for p in block:
+        p.requires_grad_(True)  # too late: the penalty was chosen without them
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "12 parameter(s) became trainable after the trainer was built, e.g. ['transformer.h.1.ln_1.weight'" \
+        in caplog.text
+    assert not any(".h.1." in n for n in trainer.l2_terms.penalty.anchored_names)
+    caplog.clear()
+    model.transformer.h[0].attn.c_attn.weight.requires_grad_(False)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert f"1 penalized parameter(s) were frozen after the trainer was built, e.g. ['{QKV}']" in caplog.text
