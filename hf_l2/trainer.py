@@ -48,7 +48,8 @@ class L2PenaltyMixin:
 
     Ω has up to two terms, read through `l2_terms`: `penalty` (an `L2Penalty` over ordinary parameters, PEFT
     `modules_to_save` copies included) and, with `l2_lora_delta`, `lora` (a `LoraDeltaPenalty` over the LoRA
-    factors). Publishing (card, Hub) is `L2PublishingMixin`'s; `L2TrainerMixin` combines both.
+    factors). They cover the parameters trainable when the trainer is built (a change by the first step warns).
+    Publishing (card, Hub) is `L2PublishingMixin`'s; `L2TrainerMixin` combines both.
     """
 
     args: L2Config
