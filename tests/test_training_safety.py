@@ -252,3 +252,23 @@ def test_parameters_unfrozen_after_building_train_unpenalized_with_a_warning(tmp
     with caplog.at_level(logging.WARNING):
         trainer.train()
     assert f"1 penalized parameter(s) were frozen after the trainer was built, e.g. ['{QKV}']" in caplog.text
+
+
+def test_per_rank_pieces_are_checked_against_their_place_in_the_parameter(tmp_path):
+    from hf_l2.anchor import load_anchor
+    from hf_l2.anchor_checks import ExpectedAnchor
+
+    full = torch.arange(12.0).reshape(3, 4)
+    expected = {"w": ExpectedAnchor((3, 4))}
+    # Rank 1 of 2 holds elements [8, 12) of w: fits.
+    save_anchor({"w": full.reshape(-1)[8:]}, {"w": (8, torch.Size([3, 4]))}, str(tmp_path), rank=1, world=2)
+    saved, layout = load_anchor(str(tmp_path), rank=1, world=2, expected=expected)
+    assert torch.equal(saved["w"], full.reshape(-1)[8:]) and layout["w"] == (8, torch.Size([3, 4]))
+    # A piece claiming elements past the end, or a θ₀ of another parameter's shape, is refused.
+    save_anchor({"w": full.reshape(-1)[6:]}, {"w": (8, torch.Size([3, 4]))}, str(tmp_path), rank=1, world=2)
+    with pytest.raises(ValueError, match=r"rank00001-of-00002\.safetensors is damaged .*w: a piece of 6 values at 8, "
+                                         r"outside the 12 of the parameter"):
+        load_anchor(str(tmp_path), rank=1, world=2, expected=expected)
+    save_anchor({"w": full.reshape(-1)[8:]}, {"w": (8, torch.Size([4, 3]))}, str(tmp_path), rank=1, world=2)
+    with pytest.raises(ValueError, match=r"w: θ₀ of shape \(4, 3\), the parameter has \(3, 4\)"):
+        load_anchor(str(tmp_path), rank=1, world=2, expected=expected)
