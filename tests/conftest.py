@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,22 @@ from transformers import GPT2Config, GPT2LMHeadModel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_wheel(folder: Path) -> Path:
+    """Build hf_l2's wheel from a copy of what this checkout would ship (the checkout itself stays untouched)."""
+    source = folder / "src"
+    for name in ("hf_l2", "model_cards", "recipes"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run(pip + ["wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(folder / "dist")],
+                   check=True, capture_output=True)
+    (wheel,) = (folder / "dist").glob("hf_l2-*.whl")
+    return wheel
 
 
 def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:
