@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import math
+import pkgutil
 import shutil
 import sys
 import types as pytypes
@@ -41,28 +42,43 @@ class RecipeInputError(ValueError):
     """Bad user input to a recipe: the message says which argument and what to do."""
 
 
-# The shipped recipes sit beside the package in a source checkout (`pip install -e .`).
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# The shipped recipes: `recipes/` at the root of a checkout, installed as this package (see pyproject.toml).
+RECIPES_PACKAGE = "hf_l2.recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes installed with hf_l2 (`gpt2_generation`, ...)."""
+    try:
+        package = importlib.import_module(RECIPES_PACKAGE)
+    except ModuleNotFoundError:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 def load_recipe(name_or_path: str):
     """Import a recipe script as a module: a shipped one by name (`gpt2_generation`) or any `.py` path.
 
-    A recipe is a script with `main(argv) -> metrics dict` that saves its model to `--output_dir`.
+    A recipe is a script with `main(argv) -> metrics dict` that saves its model to `--output_dir`. Shipped recipes
+    are imported as `hf_l2.recipes.<name>`, from wherever hf_l2 is installed.
     """
-    path = Path(name_or_path) if name_or_path.endswith(".py") else RECIPES_DIR / f"{name_or_path}.py"
-    if not path.is_file():
-        shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.py")) if RECIPES_DIR.is_dir() else []
-        raise RecipeInputError(
-            f"Recipe {name_or_path!r} not found ({path}). Give a shipped recipe's name {shipped} (from a source "
-            "checkout installed with `pip install -e .`) or the path of a script with `main(argv)`."
-        )
-    spec = importlib.util.spec_from_file_location(f"hf_l2_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    if name_or_path.endswith(".py"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise RecipeInputError(f"Recipe script {path} not found: give a shipped recipe's name "
+                                   f"{shipped_recipes()} or the path of a script with `main(argv)`.")
+        spec = importlib.util.spec_from_file_location(f"hf_l2_recipe_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    else:
+        if name_or_path not in shipped_recipes():
+            raise RecipeInputError(
+                f"Recipe {name_or_path!r} not found. Give a shipped recipe's name {shipped_recipes()} or the path of "
+                "a script with `main(argv)`."
+            )
+        module = importlib.import_module(f"{RECIPES_PACKAGE}.{name_or_path}")
     if not callable(getattr(module, "main", None)):
-        raise RecipeInputError(f"Recipe {path} has no `main(argv)` function.")
+        raise RecipeInputError(f"Recipe {name_or_path} has no `main(argv)` function.")
     return module
 
 
