@@ -162,7 +162,7 @@ class DecoupledL2SPCallback(TrainerCallback):
             # The Trainer's own no-decay rule; `get_decay_parameter_names` does not use its `self`.
             decay_names=Trainer.get_decay_parameter_names(None, model) if exclude_bias_and_norm else None,
             weights=reference.state_dict() if isinstance(reference, nn.Module) else reference,
-            fields=("head_params", "exclude", "reference"),
+            fields=("head_params", "exclude", "reference", "coef", "head_coef"),
             who="DecoupledL2SPCallback",
         )
         self.schedule = schedule or CoefSchedule()

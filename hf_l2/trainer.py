@@ -11,12 +11,13 @@ import torch.distributed as dist
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from .anchor import ANCHOR_FILE, load_anchor, read_weights, save_anchor
+from .anchor import ANCHOR_FILE, anchor_source, load_anchor, read_weights, save_anchor
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
-from .config import ANCHOR_DTYPES, L2Config
+from .config import ANCHOR_DTYPES, L2Config, validate_l2_fields
 from .decoupled import DecoupledPull
 from .lora import LoraDeltaPenalty
+from .optimizers import in_backward_optimizer
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
 from .sharding import local_pieces, world_size
@@ -48,33 +49,66 @@ class L2PenaltyMixin:
     """
 
     args: L2Config
+    l2_base_model: str | None = None  # the model's `_name_or_path` when built (None: a model built from a config)
 
     def __init__(self, *args, **kwargs):
+        args, kwargs = _with_l2_config(args, kwargs)  # before `Trainer.__init__` creates `output_dir`
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, L2Config):
-            raise TypeError(
-                f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(self.args).__name__}: "
-                "build it with the same arguments plus the `l2_*` fields."
-            )
-        self._l2: L2Penalty | None = None
+        self._l2: L2Penalty | None = None  # `_l2_build_terms` sets both terms
         self._l2_lora: LoraDeltaPenalty | None = None
         self._l2_pull: DecoupledPull | None = None
         self._l2_factor = 1.0  # the schedule's factor used by the latest optimizer step
         self._l2_add_to_loss = False
         self._l2_in_loss: torch.Tensor | None = None
         self._move_weight_norm_callbacks_first()
+        self._l2_build_terms()
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    def _l2_build_terms(self) -> None:
+        """The penalty's terms from `self.args` and θ₀ from `self.model` (or `l2_anchor_path`), after refusing the
+        set-ups where `l2_impl` could not reach the weights."""
+        self._l2 = self._l2_lora = None
+        # The model fine-tuned (θ₀ unless `l2_anchor_path`), named in the card; saved with θ₀ in checkpoints, so
+        # that a run resumed on a model loaded from a checkpoint still names the pretrained one.
+        self.l2_base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         if not self.args.l2_enabled:
             return
-        if self.is_deepspeed_enabled and self.args.l2_impl != "loss":
-            raise ValueError(
-                f"`l2_impl='{self.args.l2_impl}'` cannot work under DeepSpeed: the engine steps inside `backward`, "
-                "before a gradient could be added or a step hooked. Use `l2_impl='loss'`."
-            )
+        self._refuse_unreachable_impl()
         if self.args.l2_lora_delta:
             self._l2_lora = build_lora_penalty(
                 self.model, self.args.l2_coef, self.args.l2_exclude, ANCHOR_DTYPES[self.args.l2_anchor_dtype]
             )
         self._l2 = self._build_penalty(frozenset(self._l2_lora.anchored_names if self._l2_lora else ()))
+
+    def _refuse_unreachable_impl(self) -> None:
+        """`grad` adds ∇Ω after backward and `decoupled` hooks `optimizer.step()`: both come too late where the
+        update happens inside backward (DeepSpeed's engine, layer-wise GaLore / APOLLO, LOMO, AdaLomo)."""
+        impl = self.args.l2_impl
+        if impl == "loss":
+            return
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                f"`l2_impl='{impl}'` cannot work under DeepSpeed: the engine steps inside `backward`, "
+                "before a gradient could be added or a step hooked. Use `l2_impl='loss'`."
+            )
+        stepper = in_backward_optimizer(self.args.optim, self.optimizer, self.optimizer_cls_and_kwargs)
+        if stepper is not None:
+            raise ValueError(
+                f"`l2_impl='{impl}'` cannot work with {stepper}: it updates each parameter inside `backward`, "
+                "before ∇Ω could be added or a step hooked, so the penalty would have no effect. Use "
+                "`l2_impl='loss'` (exact with it), or an optimizer that steps after backward."
+            )
+
+    def _hp_search_setup(self, trial) -> None:
+        """A search trial has just set its values on `self.args` and (with `model_init`) built a fresh model:
+        rebuild the penalty from both, so each trial trains with its own `l2_*` values and its own θ₀."""
+        super()._hp_search_setup(trial)
+        if self.model_init is None:
+            return
+        if trial is not None:
+            validate_l2_fields(self.args)
+        self._l2_unbind()
+        self._l2_build_terms()
 
     # ---- construction ---------------------------------------------------------------------------------------
     def _build_penalty(self, skip: frozenset[str]) -> L2Penalty:
@@ -236,16 +270,17 @@ class L2PenaltyMixin:
             return
         layout = self._l2.anchor_layout  # where each piece sits; the LoRA factors are always whole
         if self._l2.sharded:  # every rank holds different pieces of θ₀: each saves its own (this runs on all ranks)
-            save_anchor(anchors, layout, output_dir, dist.get_rank(), world_size())
+            save_anchor(anchors, layout, output_dir, dist.get_rank(), world_size(), self.l2_base_model)
         elif self.args.should_save:
-            save_anchor(anchors, layout, output_dir)
+            save_anchor(anchors, layout, output_dir, source=self.l2_base_model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         terms = [t for t in self._active_l2_terms() if t.anchored_names]
         if checkpoint is None or not terms:
             return
-        loaded = load_anchor(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        rank = dist.get_rank() if world_size() > 1 else 0
+        loaded = load_anchor(checkpoint, rank, world_size())
         if loaded is None:
             logger.warning(
                 f"{checkpoint} has no {ANCHOR_FILE}; L2-SP keeps the anchor taken when the trainer was built. "
@@ -253,6 +288,7 @@ class L2PenaltyMixin:
             )
             return
         saved, layout = loaded
+        self.l2_base_model = anchor_source(checkpoint, rank, world_size())
         missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
             raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
@@ -263,6 +299,24 @@ class L2PenaltyMixin:
         for name in self._l2.anchored_names:
             self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
         self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
+
+
+def _with_l2_config(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The Trainer's arguments with `args` an `L2Config`: the stock default one (`tmp_trainer`) with the L2 defaults
+    when none is given. Stock `TrainingArguments` are refused: converting them would train with a penalty nobody
+    chose, and a warning in a log is easy to miss."""
+    positional = len(args) > 1
+    config = args[1] if positional else kwargs.get("args")
+    if config is None:
+        config = L2Config(output_dir="tmp_trainer")
+    elif not isinstance(config, L2Config):
+        raise TypeError(
+            f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(config).__name__}: build it "
+            "with the same arguments plus the penalty you want, e.g. `L2Config(**args.to_dict(), l2_coef=0.01)`."
+        )
+    if positional:
+        return (args[0], config, *args[2:]), kwargs
+    return args, {**kwargs, "args": config}
 
 
 class L2TrainerMixin(L2PenaltyMixin, L2PublishingMixin):
