@@ -285,3 +285,119 @@ def test_a_penalty_that_is_zero_everywhere_warns_naming_the_fields(tmp_path, cap
         L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_head_params=[".*"], l2_head_coef=0.0))
     assert "`l2_coef`=0.01 on 0 anchored and `l2_head_coef`=0.0 on" in caplog.text
     assert "raise `l2_coef`/`l2_head_coef`" in caplog.text
+
+
+# ---- the rest of the Trainer's paths (docs/supported.md) -------------------------------------------------------
+class LabelledPoints(Points):
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class Predictor(MLP):
+    """MLP that returns predictions only: the loss comes from `compute_loss_func`."""
+
+    def forward(self, x, labels=None):
+        return {"logits": self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)}
+
+
+def squared_error(outputs, labels, num_items_in_batch=None):
+    return 0.5 * (outputs["logits"] - labels).pow(2).sum() / num_items_in_batch
+
+
+def omega_by_hand(model, start, alpha):
+    return 0.5 * alpha * sum((model.get_parameter(n) - w0).pow(2).sum() for n, w0 in start.items())
+
+
+def weights_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def test_compute_loss_func_gets_omega_once_per_step(tmp_path):
+    """The Trainer treats a `compute_loss_func` loss as already scaled for accumulation: Ω must not count GA
+    times. The reference adds Ω/GA to each micro-batch's loss by hand (θ is fixed within the window)."""
+    alpha, ga = 2.0, 2
+    common = dict(gradient_accumulation_steps=ga, per_device_train_batch_size=4, max_steps=3, max_grad_norm=0.5)
+    reference = Predictor()
+    start = weights_of(reference)
+    hand = lambda out, labels, num_items_in_batch: (  # noqa: E731
+        squared_error(out, labels, num_items_in_batch) + omega_by_hand(reference, start, alpha) / ga)
+    Trainer(model=reference, args=l2_args(tmp_path, **common), train_dataset=LabelledPoints(),
+            compute_loss_func=hand).train()
+    for impl in ("grad", "loss"):
+        mine = Predictor()
+        L2Trainer(model=mine, args=l2_args(tmp_path, l2_coef=alpha, l2_impl=impl, **common),
+                  train_dataset=LabelledPoints(), compute_loss_func=squared_error).train()
+        assert max_rel_diff(params_of(mine), params_of(reference)) < 1e-6, impl
+    free = Predictor()
+    Trainer(model=free, args=l2_args(tmp_path, **common), train_dataset=LabelledPoints(),
+            compute_loss_func=squared_error).train()
+    assert max_rel_diff(params_of(free), params_of(reference)) > 1e-3
+
+
+@pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs"])
+def test_optimizers_given_by_hand(tmp_path, how):
+    """The same torch optimizer, given by hand, on the stock Trainer with Ω in the model's loss."""
+    alpha = 2.0
+    common = dict(max_steps=4, max_grad_norm=0.0)
+
+    def given(model):
+        if how == "optimizers":
+            return {"optimizers": (torch.optim.Adam(model.parameters(), lr=0.05), None)}
+        return {"optimizer_cls_and_kwargs": (torch.optim.Adam, {"lr": 0.05})}
+
+    reference = MLPWithOmega(alpha)
+    Trainer(model=reference, args=l2_args(tmp_path, **common), train_dataset=Points(), **given(reference)).train()
+    for impl in ("grad", "loss"):
+        mine = MLP()
+        L2Trainer(model=mine, args=l2_args(tmp_path, l2_coef=alpha, l2_impl=impl, **common), train_dataset=Points(),
+                  **given(mine)).train()
+        assert max_rel_diff(params_of(mine), params_of(reference)) < 1e-6, impl
+
+
+def test_decoupled_with_an_optimizer_that_misses_penalized_parameters_is_refused(tmp_path):
+    model = MLP()
+    optimizer = torch.optim.SGD(model.fc1.parameters(), lr=0.1)
+    trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_impl="decoupled"), train_dataset=Points(),
+                        optimizers=(optimizer, None))
+    before = params_of(model)
+    with pytest.raises(ValueError, match="does not update.*fc2.weight"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any update
+
+
+@pytest.mark.parametrize("impl", ["grad", "loss"])
+@pytest.mark.parametrize("setting", [
+    {"gradient_checkpointing": True},
+    {"include_num_input_tokens_seen": "all"},
+    {"average_tokens_across_devices": False},
+    {"eval_strategy": "steps", "eval_steps": 1},
+])
+def test_settings_that_leave_the_update_alone(tmp_path, impl, setting):
+    """Each of these changes how the Trainer computes or reports, not the update: the parameters equal those of
+    the run without it (which the other tests check against hand references)."""
+    common = dict(l2_coef=1.0, l2_impl=impl, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                  max_steps=3)
+    runs = []
+    for extra in ({}, setting):
+        model = tiny_gpt2()
+        L2Trainer(model=model, args=l2_args(tmp_path, **common, **extra), train_dataset=TokenDataset(),
+                  eval_dataset=TokenDataset(n=4, seed=1)).train()
+        runs.append(params_of(model))
+    assert max_rel_diff(runs[1], runs[0]) < 1e-6
+
+
+def test_train_twice_keeps_the_anchor_of_construction(tmp_path):
+    """A second `train()` on the same trainer continues from the trained weights (and, as in the stock Trainer,
+    with the same optimizer) and still pulls toward θ₀ taken at construction: the stock Trainer run twice on a
+    model whose loss holds that Ω by hand ends at the same parameters."""
+    alpha = 2.0
+    common = dict(max_steps=3, max_grad_norm=0.0, learning_rate=0.05)
+    reference = MLPWithOmega(alpha)
+    stock = Trainer(model=reference, args=l2_args(tmp_path, **common), train_dataset=Points())
+    stock.train()
+    stock.train()
+    mine = MLP()
+    trainer = L2Trainer(model=mine, args=l2_args(tmp_path, l2_coef=alpha, **common), train_dataset=Points())
+    trainer.train()
+    trainer.train()
+    assert max_rel_diff(params_of(mine), params_of(reference)) < 1e-6
