@@ -23,7 +23,7 @@ def in_backward_optimizer(optim: str, optimizer=None, optimizer_cls_and_kwargs=N
     """
     if optimizer is not None:
         inner = getattr(optimizer, "optimizer", optimizer)
-        return f"the optimizer passed by hand ({type(inner).__name__})" if _steps_in_backward(type(inner)) else None
+        return f"the optimizer `{type(inner).__name__}`" if _steps_in_backward(type(inner)) else None
     if optimizer_cls_and_kwargs is not None:
         cls = optimizer_cls_and_kwargs[0]
         return f"`optimizer_cls_and_kwargs` ({cls.__name__})" if _steps_in_backward(cls) else None

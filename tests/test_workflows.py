@@ -184,11 +184,24 @@ def test_an_in_backward_optimizer_passed_by_hand_is_refused(tmp_path):
     from lomo_optim import Lomo
 
     model = MLP()
-    with pytest.raises(ValueError, match="optimizer passed by hand \\(Lomo\\)"):
+    with pytest.raises(ValueError, match="the optimizer `Lomo`"):
         L2Trainer(model=model, args=l2_args(tmp_path), train_dataset=Points(), optimizers=(Lomo(model), None))
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs` \\(Lomo\\)"):
         L2Trainer(model=model, args=l2_args(tmp_path, l2_impl="decoupled"), train_dataset=Points(),
                   optimizer_cls_and_kwargs=(Lomo, {"model": model}))
+
+
+def test_the_decoupled_callback_refuses_an_in_backward_optimizer_before_any_update(tmp_path):
+    pytest.importorskip("lomo_optim")
+    from hf_l2 import DecoupledL2SPCallback
+
+    model = MLP()
+    before = params_of(model)
+    trainer = Trainer(model=model, args=l2_args(tmp_path, optim="lomo"), train_dataset=Points(),
+                      callbacks=[DecoupledL2SPCallback(model, coef=1.0)])
+    with pytest.raises(ValueError, match="DecoupledL2SPCallback cannot pull the weights with the optimizer `Lomo`"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 # ---- parameters with no gradient -------------------------------------------------------------------------------
