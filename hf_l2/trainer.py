@@ -14,7 +14,7 @@ from transformers.utils import logging
 from .anchor import ANCHOR_FILE, anchor_source, load_anchor, read_weights, save_anchor
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
-from .config import ANCHOR_DTYPES, L2Config, validate_l2_fields
+from .config import ANCHOR_DTYPES, L2Config, L2Seq2SeqConfig, validate_l2_fields
 from .decoupled import DecoupledPull
 from .lora import LoraDeltaPenalty
 from .optimizers import in_backward_optimizer
@@ -50,9 +50,10 @@ class L2PenaltyMixin:
 
     args: L2Config
     l2_base_model: str | None = None  # the model's `_name_or_path` when built (None: a model built from a config)
+    default_config: type[L2Config] = L2Config  # what `args=None` becomes
 
     def __init__(self, *args, **kwargs):
-        args, kwargs = _with_l2_config(args, kwargs)  # before `Trainer.__init__` creates `output_dir`
+        args, kwargs = _with_l2_config(args, kwargs, self.default_config)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
         self._l2: L2Penalty | None = None  # `_l2_build_terms` sets both terms
         self._l2_lora: LoraDeltaPenalty | None = None
@@ -110,7 +111,6 @@ class L2PenaltyMixin:
         self._l2_unbind()
         self._l2_build_terms()
 
-    # ---- construction ---------------------------------------------------------------------------------------
     def _build_penalty(self, skip: frozenset[str]) -> L2Penalty:
         """The L2 / L2-SP term over trainable parameters, except those in `skip` (the LoRA factors, if covered)."""
         args, model = self.args, self.model
@@ -301,14 +301,14 @@ class L2PenaltyMixin:
         self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
 
 
-def _with_l2_config(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The Trainer's arguments with `args` an `L2Config`: the stock default one (`tmp_trainer`) with the L2 defaults
-    when none is given. Stock `TrainingArguments` are refused: converting them would train with a penalty nobody
-    chose, and a warning in a log is easy to miss."""
+def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:
+    """The Trainer's arguments with `args` an `L2Config`: without one, the stock default (`tmp_trainer`) as a
+    `default` with the L2 defaults. Stock `TrainingArguments` are refused: converting them would train with a
+    penalty nobody chose, and a warning in a log is easy to miss."""
     positional = len(args) > 1
     config = args[1] if positional else kwargs.get("args")
     if config is None:
-        config = L2Config(output_dir="tmp_trainer")
+        config = default(output_dir="tmp_trainer")
     elif not isinstance(config, L2Config):
         raise TypeError(
             f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(config).__name__}: build it "
@@ -332,3 +332,5 @@ class L2Trainer(L2TrainerMixin, Trainer):
 
 class L2Seq2SeqTrainer(L2TrainerMixin, Seq2SeqTrainer):
     """[`~transformers.Seq2SeqTrainer`] with the penalty of [`L2Trainer`]; takes an [`L2Seq2SeqConfig`]."""
+
+    default_config = L2Seq2SeqConfig
