@@ -27,3 +27,15 @@ def test_two_process_ddp_equals_one_process(tmp_path, impl):
     ddp_log = [h for h in ddp["log"] if "l2/penalty" in h]
     one_log = [h for h in single.state.log_history if "l2/penalty" in h]
     assert ddp_log[-1]["l2/penalty"] == pytest.approx(one_log[-1]["l2/penalty"], rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["grad", "loss"])
+def test_ddp_without_token_averaging_equals_the_stock_trainer_with_omega_by_hand(tmp_path, impl):
+    """`average_tokens_across_devices=False`: each rank's loss is its own mean and DDP averages; Ω still counts
+    once, as in the stock Trainer whose loss adds Ω by hand."""
+    out = tmp_path / "ddp.pt"
+    run_two_processes("ddp_worker.py", str(out), impl, "no_avg")
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["world_size"] == 2
+    assert max_rel_diff(ddp["params"], ddp["reference"]) < 1e-6
+    assert max_rel_diff(ddp["params"], params_of(tiny_gpt2())) > 1e-3
