@@ -163,28 +163,33 @@ def save_anchor(
     folder: str,
     rank: int | None = None,
     world: int | None = None,
+    files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE),
+    metadata: dict[str, str] | None = None,
 ) -> str:
-    """Write θ₀ (or, with ``rank``/``world``, this rank's pieces of it) with where each piece sits in the full θ₀."""
-    name = ANCHOR_FILE if rank is None else RANK_ANCHOR_FILE.format(rank=rank, world=world)
+    """Write θ₀ (or, with ``rank``/``world``, this rank's pieces of it) with where each piece sits in the full θ₀.
+
+    ``files`` (whole, per rank) and extra ``metadata`` let tensors laid out like θ₀ (the Fisher) use the same format.
+    """
+    name = files[0] if rank is None else files[1].format(rank=rank, world=world)
     os.makedirs(folder, exist_ok=True)
     where = {n: [start, list(shape)] for n, (start, shape) in layout.items() if n in anchors}
     tensors = {k: v.detach().contiguous().cpu() for k, v in anchors.items()}
-    save_file(tensors, os.path.join(folder, name), metadata={"layout": json.dumps(where)})
+    save_file(tensors, os.path.join(folder, name), metadata={**(metadata or {}), "layout": json.dumps(where)})
     return name
 
 
 def load_anchor(
-    folder: str, rank: int = 0, world: int = 1
+    folder: str, rank: int = 0, world: int = 1, files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE)
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
     """θ₀ saved in a checkpoint, with its layout: this rank's file from a sharded run, else the whole-θ₀ file.
 
     Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks.
     """
-    path = os.path.join(folder, RANK_ANCHOR_FILE.format(rank=rank, world=world))
+    path = os.path.join(folder, files[1].format(rank=rank, world=world))
     if not os.path.isfile(path):
-        path = os.path.join(folder, ANCHOR_FILE)
+        path = os.path.join(folder, files[0])
     if not os.path.isfile(path):
-        others = sorted(glob.glob(os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")))
+        others = sorted(glob.glob(os.path.join(folder, files[1].split("{")[0] + "*-of-*.safetensors")))
         if others:
             raise ValueError(
                 f"{folder} holds θ₀ in per-rank pieces ({os.path.basename(others[0])}, ...) saved by a sharded run "
