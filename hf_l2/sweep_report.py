@@ -13,7 +13,8 @@ from pathlib import Path
 
 # Metrics a recipe may report, in table order: name in `eval_<name>` → (label, higher is better).
 HEADLINE = {"perplexity": ("perplexity", False), "bleu": ("BLEU", True), "chrf": ("chrF", True)}
-COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "start": "tab:gray"}
+COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "l2_sp_fisher": "tab:green",
+          "start": "tab:gray"}
 
 
 class SweepResultError(ValueError):

@@ -281,11 +281,20 @@ class L2PenaltyMixin:
         self._l2_load_fisher(checkpoint)
         self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
 
+    _l2_saving_checkpoint = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Also keep θ₀ (and F) in the output folder, so that `hf-l2 interpolate` and later runs find them."""
-        if not _internal_call and self._l2 is not None and self._l2.anchored_names:
+        self._l2_saving_checkpoint = _internal_call  # a checkpoint gets θ₀ from `_save_optimizer_and_scheduler`
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._l2_saving_checkpoint = False
+
+    def save_weights(self, output_dir: str | None = None) -> None:
+        """Also keep θ₀ (and F) beside the final weights, so that `hf-l2 interpolate` and later runs find them."""
+        super().save_weights(output_dir)
+        if not self._l2_saving_checkpoint and self._l2 is not None and self._l2.anchored_names:
             self._l2_save_anchor_files(output_dir or self.args.output_dir)
-        super().save_model(output_dir, _internal_call)
 
     # ---- the Fisher weights (l2_sp_fisher) ------------------------------------------------------------------
     def _l2_prepare_fisher(self, resume_from_checkpoint) -> None:
