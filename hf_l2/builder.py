@@ -36,7 +36,8 @@ def build_penalty(
     fields: tuple[str, str, str] = ("l2_head_params", "l2_exclude", "l2_anchor_path"),
     who: str = "L2 penalty",
 ) -> L2Penalty:
-    """The L2 (``mode="l2"``) or L2-SP term (any other mode; the Fisher weights are set on it later) over the model's trainable parameters, except those in ``skip``.
+    """The L2 (``mode="l2"``) or L2-SP term (any other mode; Fisher weights are set on it later) over the model's
+    trainable parameters, except those in ``skip``.
 
     ``decay_names`` are the names the Trainer's weight-decay rule decays (``get_decay_parameter_names``); given, the
     others (biases, norm weights) are left out. ``weights`` are θ₀ (default: the current values), stored in

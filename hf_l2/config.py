@@ -29,8 +29,8 @@ class L2Config(TrainingArguments):
         l2_mode (`str`, defaults to `"l2_sp"`):
             `"l2_sp"`: Ω = (α/2)·Σ‖θ − θ₀‖² over anchored parameters + (β/2)·Σ‖θ‖² over new ones (Li, Grandvalet
             & Davoine, ICML 2018). `"l2_sp_fisher"`: the same with each anchored value's pull weighted by the diagonal
-            empirical Fisher at θ₀, (α/2)·Σ F·(θ − θ₀)² (see `l2_fisher_*`). `"l2"`: Ω = (α/2)·Σ‖θ‖², coupled through the optimizer (not AdamW's decoupled
-            `weight_decay`). `"none"`: exactly the stock Trainer.
+            empirical Fisher at θ₀, (α/2)·Σ F·(θ − θ₀)² (see `l2_fisher_*`). `"l2"`: Ω = (α/2)·Σ‖θ‖², coupled
+            through the optimizer (not AdamW's decoupled `weight_decay`). `"none"`: exactly the stock Trainer.
         l2_coef (`float`, defaults to `0.01`):
             α ≥ 0.
         l2_head_coef (`float`, defaults to `0.0`):

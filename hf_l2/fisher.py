@@ -96,7 +96,8 @@ def trainer_fisher(trainer, dataset, names: list[str], samples: int, seed: int, 
         batch = trainer._prepare_inputs(trainer.data_collator([example]))
         return model(**batch)["loss"]
 
-    bar = tqdm(examples, total=total, desc="Fisher", disable=trainer.args.disable_tqdm or not trainer.is_local_process_zero())
+    quiet = trainer.args.disable_tqdm or not trainer.is_local_process_zero()
+    bar = tqdm(examples, total=total, desc="Fisher", disable=quiet)
     was_training = model.training
     model.eval()
     try:

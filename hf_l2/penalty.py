@@ -511,7 +511,8 @@ class L2Penalty:
             anchors = [self._anchor_tensors[i] for i, _, _ in anchored]
             ((_, _, diffs),) = self._drift_chunks(values, anchors, [slice(None)])  # a few gathered tensors: one chunk
             if self._fisher_tensors is not None:
-                torch._foreach_mul_(diffs, [self._fisher_tensors[i].to(d.device) for (i, _, _), d in zip(anchored, diffs)])
+                fisher = [self._fisher_tensors[i].to(d.device) for (i, _, _), d in zip(anchored, diffs)]
+                torch._foreach_mul_(diffs, fisher)
             torch._foreach_mul_(diffs, self._factor(self.coef, scale))
             for (_, piece, _), d in zip(anchored, diffs):
                 flat(piece)[: d.numel()] = d.reshape(-1)

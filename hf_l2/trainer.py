@@ -318,7 +318,9 @@ class L2PenaltyMixin:
         else:
             dataset = self.fisher_dataset if self.fisher_dataset is not None else self.train_dataset
             if dataset is None:
-                raise ValueError("`l2_mode='l2_sp_fisher'` needs data for F: pass `fisher_dataset=` or `train_dataset=`.")
+                raise ValueError(
+                    "`l2_mode='l2_sp_fisher'` needs data for F: pass `fisher_dataset=` or `train_dataset=`."
+                )
             names = self._l2.anchored_names
             fisher, count = trainer_fisher(self, dataset, names, args.l2_fisher_samples, args.seed,
                                            ANCHOR_DTYPES[args.l2_anchor_dtype])

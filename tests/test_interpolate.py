@@ -95,11 +95,15 @@ def test_a_lora_run_scales_its_adapter(tmp_path):
             if "lora_B" in n:
                 p.normal_()
     peft_model.save_pretrained(tmp_path / "run")
-    delta = lambda m: m.merge_and_unload().transformer.h[0].attn.c_attn.weight.detach() - base.transformer.h[0].attn.c_attn.weight.detach()  # noqa: E501,E731
-    full = delta(PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "run"))
+    start = base.transformer.h[0].attn.c_attn.weight.detach()
+
+    def delta(adapter_folder):  # the merged model's change of the adapted weight
+        merged = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), adapter_folder)
+        return merged.merge_and_unload().transformer.h[0].attn.c_attn.weight.detach() - start
+
+    full = delta(tmp_path / "run")
     assert main(["interpolate", str(tmp_path / "run"), "--weight", "0.25", "--output_dir", str(tmp_path / "w")]) == 0
-    scaled = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "w" / "weight-0.25")
-    torch.testing.assert_close(delta(scaled), 0.25 * full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta(tmp_path / "w" / "weight-0.25"), 0.25 * full, rtol=1e-5, atol=1e-6)
     assert full.abs().max() > 0
 
 
