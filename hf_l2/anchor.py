@@ -170,14 +170,22 @@ def save_anchor(
     rank: int | None = None,
     world: int | None = None,
     source: str | None = None,
+    files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE),
+    metadata: dict[str, str] | None = None,
 ) -> str:
     """Write θ₀ (or, with ``rank``/``world``, this rank's pieces of it) with where each piece sits in the full θ₀,
-    and ``source``, the model or folder θ₀ was taken from (for the card of a resumed run)."""
-    name = ANCHOR_FILE if rank is None else RANK_ANCHOR_FILE.format(rank=rank, world=world)
+    ``source``, the model or folder θ₀ was taken from (for the card of a resumed run), and a checksum per tensor.
+
+    ``files`` (whole, per rank) and extra ``metadata`` let tensors laid out like θ₀ (the Fisher) use the same format.
+    """
+    name = files[0] if rank is None else files[1].format(rank=rank, world=world)
     os.makedirs(folder, exist_ok=True)
     where = {n: [start, list(shape)] for n, (start, shape) in layout.items() if n in anchors}
     tensors = {k: v.detach().contiguous().cpu() for k, v in anchors.items()}
-    metadata = {"layout": json.dumps(where), **({"source": source} if source else {}), **checksum_metadata(tensors)}
+    metadata = {
+        **(metadata or {}), "layout": json.dumps(where), **({"source": source} if source else {}),
+        **checksum_metadata(tensors),
+    }
     save_file(tensors, os.path.join(folder, name), metadata=metadata)
     return name
 
@@ -189,10 +197,12 @@ def expected_anchors(model: nn.Module, names: list[str]) -> dict[str, ExpectedAn
     return {n: ExpectedAnchor(tuple(pieces[n].shape), n in resizable) for n in names}
 
 
-def _anchor_file(folder: str, rank: int, world: int) -> str | None:
-    """This rank's θ₀ file from a sharded run, else the whole-θ₀ file, else None."""
-    ranked = os.path.join(folder, RANK_ANCHOR_FILE.format(rank=rank, world=world))
-    whole = os.path.join(folder, ANCHOR_FILE)
+def _anchor_file(
+    folder: str, rank: int, world: int, files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE)
+) -> str | None:
+    """This rank's file from a sharded run, else the whole file, else None (``files``: whole, per-rank names)."""
+    ranked = os.path.join(folder, files[1].format(rank=rank, world=world))
+    whole = os.path.join(folder, files[0])
     return next((path for path in (ranked, whole) if os.path.isfile(path)), None)
 
 
@@ -206,16 +216,20 @@ def anchor_source(folder: str, rank: int = 0, world: int = 1) -> str | None:
 
 
 def load_anchor(
-    folder: str, rank: int = 0, world: int = 1, expected: dict[str, ExpectedAnchor] | None = None
+    folder: str,
+    rank: int = 0,
+    world: int = 1,
+    expected: dict[str, ExpectedAnchor] | None = None,
+    files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE),
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
     """θ₀ saved in a checkpoint, with its layout: this rank's file from a sharded run, else the whole-θ₀ file.
 
     Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks,
     and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`).
     """
-    path = _anchor_file(folder, rank, world)
+    path = _anchor_file(folder, rank, world, files)
     if path is None:
-        others = sorted(glob.glob(os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")))
+        others = sorted(glob.glob(os.path.join(folder, files[1].split("{")[0] + "*-of-*.safetensors")))
         if others:
             raise ValueError(
                 f"{folder} holds θ₀ in per-rank pieces ({os.path.basename(others[0])}, ...) saved by a sharded run "
@@ -234,5 +248,5 @@ def load_anchor(
         ) from err
     where = json.loads(metadata.get("layout", "{}"))
     layout = {n: (int(start), torch.Size(shape)) for n, (start, shape) in where.items()}
-    verify_anchor_file(path, tensors, layout, metadata, expected or {}, whole=os.path.basename(path) == ANCHOR_FILE)
+    verify_anchor_file(path, tensors, layout, metadata, expected or {}, whole=os.path.basename(path) == files[0])
     return tensors, layout

@@ -36,7 +36,8 @@ def build_penalty(
     fields: tuple[str, ...] = ("l2_head_params", "l2_exclude", "l2_anchor_path", "l2_coef", "l2_head_coef"),
     who: str = "L2 penalty",
 ) -> L2Penalty:
-    """The L2 (``mode="l2"``) or L2-SP term over the model's trainable parameters, except those in ``skip``.
+    """The L2 (``mode="l2"``) or L2-SP term (any other mode; Fisher weights are set on it later) over the model's
+    trainable parameters, except those in ``skip``.
 
     ``decay_names`` are the names the Trainer's weight-decay rule decays (``get_decay_parameter_names``); given, the
     others (biases, norm weights) are left out. ``weights`` are θ₀ (default: the current values), stored in
@@ -52,7 +53,7 @@ def build_penalty(
         parameters.items(),
         exclude=compile_patterns(exclude, exclude_field),
         exclude_names=no_decay,
-        new=compile_patterns(head_params, head_field) if mode == "l2_sp" else [],
+        new=compile_patterns(head_params, head_field) if mode != "l2" else [],
     )
     for pattern in selection.unmatched_patterns:
         if not any(re.search(pattern, n) for n in skip):

@@ -1,5 +1,6 @@
 """The `hf-l2` command. Subcommands: `push` (publish a finished run to the Hub without retraining), `sweep` (a
-recipe over an l2_mode × α × seed grid, with a table and plot) and `demo` (the offline L2-SP demo).
+recipe over an l2_mode × α × seed grid, with a table and plot), `interpolate` (WiSE-FT between a run's θ₀ and
+its weights) and `demo` (the offline L2-SP demo).
 
 Each subcommand registers its parser in `build_parser` and sets `run`, a function of the parsed arguments that
 returns the exit status.
@@ -16,6 +17,7 @@ from huggingface_hub import ModelCard
 
 from .demo import add_demo_parser
 from .hub import HubPublishError, upload_run
+from .interpolate import add_interpolate_parser
 from .model_card import CARD_FILE
 from .saved_folders import saved_model_problems
 from .sweep import add_sweep_parser
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default="Upload fine-tuned model with hf_l2")
     push.set_defaults(run=_push)
     add_sweep_parser(commands)
+    add_interpolate_parser(commands)
     add_demo_parser(commands)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +14,8 @@ from .schedule import SCHEDULES, CoefSchedule
 
 logger = logging.get_logger(__name__)
 
-MODES = ("l2_sp", "l2", "none")
+MODES = ("l2_sp", "l2_sp_fisher", "l2", "none")
+ANCHORED_MODES = ("l2_sp", "l2_sp_fisher")  # the modes that keep θ₀
 IMPLS = ("grad", "loss", "decoupled")
 ANCHOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ANCHOR_DEVICES = ("param", "cpu")
@@ -26,8 +28,9 @@ class L2Config(TrainingArguments):
     Parameters:
         l2_mode (`str`, defaults to `"l2_sp"`):
             `"l2_sp"`: Ω = (α/2)·Σ‖θ − θ₀‖² over anchored parameters + (β/2)·Σ‖θ‖² over new ones (Li, Grandvalet
-            & Davoine, ICML 2018). `"l2"`: Ω = (α/2)·Σ‖θ‖², coupled through the optimizer (not AdamW's decoupled
-            `weight_decay`). `"none"`: exactly the stock Trainer.
+            & Davoine, ICML 2018). `"l2_sp_fisher"`: the same with each anchored value's pull weighted by the diagonal
+            empirical Fisher at θ₀, (α/2)·Σ F·(θ − θ₀)² (see `l2_fisher_*`). `"l2"`: Ω = (α/2)·Σ‖θ‖², coupled
+            through the optimizer (not AdamW's decoupled `weight_decay`). `"none"`: exactly the stock Trainer.
         l2_coef (`float`, defaults to `0.01`):
             α ≥ 0.
         l2_head_coef (`float`, defaults to `0.0`):
@@ -54,6 +57,15 @@ class L2Config(TrainingArguments):
         l2_lora_delta (`bool`, defaults to `False`):
             On a PEFT LoRA model in `l2_sp` mode, penalize the change of each adapted layer's effective weight,
             (α/2)·‖s·B·A − s·B₀·A₀‖²_F (B₀ = 0 after PEFT's default init), instead of A and B separately.
+        l2_fisher_samples (`int`, defaults to `1024`):
+            `l2_sp_fisher`: how many examples of the Fisher data (the trainer's `fisher_dataset`, default the training
+            set; fewer if it is smaller) F is averaged over, each with its own forward and backward, before training.
+        l2_fisher_normalize (`bool`, defaults to `True`):
+            `l2_sp_fisher`: divide F by its mean over the penalized values, so that α means about what it means for
+            `l2_sp`; the raw F otherwise.
+        l2_fisher_path (`str`, *optional*):
+            `l2_sp_fisher`: a `l2_fisher.safetensors` file, or a folder holding one (a run's output or checkpoint),
+            to load F from instead of computing it (`l2_fisher_normalize` is applied to it).
         l2_coef_schedule (`str`, defaults to `"constant"`):
             Multiply α and β by f(t) over the optimizer steps: `constant` (1), `linear` or `cosine` (1 down to
             `l2_coef_end_factor`), `sigmoid` (RecAdam's annealing 1 − 1/(1 + exp(−k(t − t₀)))).
@@ -65,7 +77,9 @@ class L2Config(TrainingArguments):
             Optimizer step t₀ ≥ 0 at which the `sigmoid` schedule is halfway; defaults to half the total steps.
     """
 
-    l2_mode: str = field(default="l2_sp", metadata={"help": "Penalty: l2_sp, l2 or none.", "choices": list(MODES)})
+    l2_mode: str = field(
+        default="l2_sp", metadata={"help": "Penalty: l2_sp, l2_sp_fisher, l2 or none.", "choices": list(MODES)}
+    )
     l2_coef: float = field(default=0.01, metadata={"help": "α ≥ 0: strength of the pull (toward θ₀ for l2_sp)."})
     l2_head_coef: float = field(
         default=0.0, metadata={"help": "β ≥ 0: plain L2 on new parameters (no pretrained counterpart), l2_sp only."}
@@ -101,6 +115,15 @@ class L2Config(TrainingArguments):
     l2_lora_delta: bool = field(
         default=False,
         metadata={"help": "LoRA models, l2_sp: penalize ‖s·B·A − s·B₀·A₀‖² per adapted layer instead of A and B."},
+    )
+    l2_fisher_samples: int = field(
+        default=1024, metadata={"help": "l2_sp_fisher: examples the Fisher is averaged over (fewer if the set is)."}
+    )
+    l2_fisher_normalize: bool = field(
+        default=True, metadata={"help": "l2_sp_fisher: divide F by its mean, so that α means what it does for l2_sp."}
+    )
+    l2_fisher_path: str | None = field(
+        default=None, metadata={"help": "l2_sp_fisher: l2_fisher.safetensors (or its folder) to load F from."}
     )
     l2_coef_schedule: str = field(
         default="constant",
@@ -151,10 +174,11 @@ def validate_l2_fields(config: L2Config) -> None:
             setattr(config, name, [getattr(config, name)])
         compile_patterns(getattr(config, name), name)
     _ = config.l2_schedule  # building it validates the schedule fields, naming the bad one
-    if config.l2_lora_delta and config.l2_mode == "l2":
+    _validate_fisher_fields(config)
+    if config.l2_lora_delta and config.l2_mode not in ("l2_sp",):
         raise ValueError(
             "`l2_lora_delta=True` penalizes the change of each LoRA layer's weight from θ₀, an L2-SP penalty: "
-            "set `l2_mode='l2_sp'`."
+            "set `l2_mode='l2_sp'` (the Fisher-weighted mode does not cover it)."
         )
     if config.l2_mode == "l2" and config.weight_decay > 0:
         logger.warning(
@@ -163,6 +187,22 @@ def validate_l2_fields(config: L2Config) -> None:
         )
     if config.l2_mode == "l2" and (config.l2_head_params or config.l2_head_coef or config.l2_anchor_path):
         logger.warning(
-            "`l2_head_params`, `l2_head_coef` and `l2_anchor_path` only apply to `l2_mode='l2_sp'`; "
+            "`l2_head_params`, `l2_head_coef` and `l2_anchor_path` only apply to the L2-SP modes; "
             "in `l2` mode every regularized parameter gets `l2_coef`."
+        )
+
+
+def _validate_fisher_fields(config: L2Config) -> None:
+    samples = config.l2_fisher_samples
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"`l2_fisher_samples` must be an integer ≥ 1, got {samples!r}.")
+    path = config.l2_fisher_path
+    if config.l2_mode != "l2_sp_fisher":
+        if path:
+            logger.warning("`l2_fisher_path` only applies to `l2_mode='l2_sp_fisher'`; it is ignored.")
+        return
+    if path and not os.path.exists(path):
+        raise ValueError(
+            f"`l2_fisher_path`: {path!r} does not exist; pass an l2_fisher.safetensors file or the run folder that "
+            "holds one, or leave it unset to compute F from the Fisher data."
         )

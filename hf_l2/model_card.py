@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 TEMPLATE_NAME = "template.md"
 CARD_FILE = "README.md"
 PLOT_FILE = "l2_training.png"
-MODE_TAGS = {"l2_sp": "l2-sp", "l2": "l2", "none": "no-penalty"}
+MODE_TAGS = {"l2_sp": "l2-sp", "l2_sp_fisher": "l2-sp-fisher", "l2": "l2", "none": "no-penalty"}
 # Keys of an evaluation log that describe the run, not the model.
 _NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step"}
 
@@ -150,7 +150,9 @@ def write_model_card(
         source=source,
         model_class=type(_unwrap(model)).__name__,
         data=", ".join(_as_list(info.dataset) or datasets),
-        reg=_regularization(args, trainer.l2_terms.penalty, measurement),
+        reg=_regularization(
+            args, trainer.l2_terms.penalty, measurement, getattr(trainer, "l2_fisher_source", None)
+        ),
         eval_step=step,
         eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
         step=trainer.state.global_step,
@@ -305,7 +307,18 @@ def plot_training(log_history: list[dict], path: str) -> Figure | None:
 
 
 # ---- facts for the template (its words are in model_cards/template.md) ---------------------------------------
-def _regularization(args, penalty: L2Penalty | None, measurement: PenaltyMeasurement | None) -> dict:
+def _fisher(source: dict | None) -> dict | None:
+    """Where the Fisher weights came from (`l2_sp_fisher`), for the card; None without them."""
+    if source is None:
+        return None
+    examples = source.get("examples")
+    return {"data": source.get("data"), "path": source.get("path"), "normalized": source.get("normalized", True),
+            "examples": f"{examples:,}" if isinstance(examples, int) else None}
+
+
+def _regularization(
+    args, penalty: L2Penalty | None, measurement: PenaltyMeasurement | None, trainer_fisher_source: dict | None = None
+) -> dict:
     """The penalty's settings and sizes, numbers formatted; `mode` is `"none"` when no penalty was built."""
     if penalty is None or measurement is None:
         return {"mode": "none", "weight_decay": args.weight_decay}
@@ -318,6 +331,7 @@ def _regularization(args, penalty: L2Penalty | None, measurement: PenaltyMeasure
         "beta": _number(args.l2_head_coef),
         "schedule": _schedule(args),
         "anchor_path": args.l2_anchor_path,
+        "fisher": _fisher(trainer_fisher_source),
         "head_params": args.l2_head_params or [],
         "exclude": args.l2_exclude or [],
         "exclude_bias_and_norm": args.l2_exclude_bias_and_norm,

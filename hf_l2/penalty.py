@@ -4,6 +4,8 @@ Nothing here knows about the Trainer, so every piece can be checked by hand on a
 
     Ω(θ) = (α/2)·Σ_anchored ‖θ − θ₀‖²  +  (β/2)·Σ_new ‖θ‖²
 
+With per-value weights F on the anchored tensors (``set_fisher``, the diagonal Fisher of L2-SP-Fisher / EWC), the
+first sum is (α/2)·Σ F·(θ − θ₀)²; F is stored, cut to this rank's pieces and saved like θ₀.
 For ``l2_mode="l2"`` every regularized tensor is "new" with coefficient α (no anchor is kept).
 A coefficient schedule multiplies α and β by a factor (``set_factor``); ``pull_`` is the decoupled form, a step
 on Ω alone applied straight to the parameters.
@@ -96,6 +98,14 @@ def _norms_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
 
 
+def _weighted_norms_sq(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ w·t² of each tensor (w ≥ 0, per value), in fp32, as one 1-d tensor."""
+    tensors = [t.float() for t in tensors]
+    products = torch._foreach_mul(tensors, [w.float() for w in weights])
+    torch._foreach_mul_(products, tensors)
+    return torch.stack(torch._foreach_norm(products, 1, dtype=torch.float32))  # every term is ≥ 0: a plain sum
+
+
 def _sum_sq(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
     """Σ w·‖t‖² in fp32 as a 0-d tensor, without a host sync."""
     if not tensors:
@@ -137,6 +147,21 @@ class L2Penalty:
             raise ValueError(f"No anchor for anchored parameters: {missing[:5]}")
         self.anchor_layout = {n: (0, torch.Size(a.shape)) for n, a in self.anchors.items()}
         self.anchor_layout.update(anchor_layout or {})
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.fisher_layout: dict[str, tuple[int, torch.Size]] = {}
+        self._bound = False
+
+    def set_fisher(
+        self, fisher: dict[str, torch.Tensor], layout: dict[str, tuple[int, torch.Size]] | None = None
+    ) -> None:
+        """Weight each anchored value's pull by F (same shapes and layout as θ₀; ``layout`` as ``anchor_layout``,
+        default: whole tensors). The next :meth:`bind` cuts F to this rank's pieces."""
+        missing = [n for n in self.anchored_names if n not in fisher]
+        if missing:
+            raise ValueError(f"No Fisher weights for anchored parameters: {missing[:5]}")
+        self.fisher = {n: fisher[n] for n in self.anchored_names}
+        self.fisher_layout = {n: (0, torch.Size(f.shape)) for n, f in self.fisher.items()}
+        self.fisher_layout.update({n: v for n, v in (layout or {}).items() if n in self.fisher})
         self._bound = False
 
     def set_factor(self, factor: float) -> None:
@@ -154,6 +179,7 @@ class L2Penalty:
         self._anchor_sq: torch.Tensor | None = None  # ‖θ₀‖², fixed until the next bind: computed once
         self._anchored: list[tuple[Piece, int | None]] = []  # (piece, rows of it anchored or None for all)
         self._anchor_tensors: list[torch.Tensor] = []
+        self._fisher_tensors: list[torch.Tensor] | None = [] if self.fisher is not None else None
         self._new: list[tuple[Piece, int | None]] = []  # (piece, first new row or None for all)
         self._labels_a: list[str] = []  # the parameter name of each entry, for per-group reports
         self._labels_n: list[str] = []
@@ -164,6 +190,8 @@ class L2Penalty:
                 self._anchored.append((piece, rows))
                 self._anchor_tensors.append(anchor)
                 self._labels_a.append(name)
+                if self._fisher_tensors is not None:
+                    self._fisher_tensors.append(self.fisher[name])
             if rows is not None:
                 self._new.append((piece, rows))
                 self._labels_n.append(name)
@@ -182,7 +210,8 @@ class L2Penalty:
         self._bound = True
 
     def _cut_anchor(self, name: str, piece: Piece) -> tuple[torch.Tensor, int | None]:
-        """θ₀ for this rank's piece (stored back in place of the larger tensor) and the rows of the piece it covers.
+        """θ₀ (and F) for this rank's piece, stored back in place of the larger tensors, and the rows of the piece
+        they cover.
 
         θ₀ covers the leading elements of the flattened parameter (all of them unless the embeddings were resized
         after θ₀ was taken, in which case its rows are the first ones).
@@ -199,26 +228,37 @@ class L2Penalty:
         under = min(max(covered - piece.start, 0), size)
         local_shape = piece.local.shape
         rows = None if under == size else under // (size // local_shape[0])
+        shape = local_shape if rows is None else (rows, *local_shape[1:])
+        self.anchors[name] = self._cut(name, "θ₀", stored, stored_start, piece, under, shape)
+        self.anchor_layout[name] = (piece.start, full_shape)
+        if self.fisher is not None:
+            start, fisher_shape = self.fisher_layout[name]
+            self.fisher[name] = self._cut(name, "F", self.fisher[name], start, piece, under, shape)
+            self.fisher_layout[name] = (piece.start, fisher_shape)
+        return self.anchors[name], rows
+
+    def _cut(
+        self, name: str, what: str, stored: torch.Tensor, stored_start: int, piece: Piece, under: int, shape
+    ) -> torch.Tensor:
+        """The ``under`` leading values of ``piece`` out of ``stored`` (which begins at ``stored_start`` of the full
+        flattened tensor), shaped ``shape``, on the device the penalty keeps them on."""
         offset = piece.start - stored_start
         if offset < 0 or offset + under > stored.numel():
             raise ValueError(
-                f"L2 penalty: the stored θ₀ of {name!r} holds elements "
+                f"L2 penalty: the stored {what} of {name!r} holds elements "
                 f"[{stored_start}, {stored_start + stored.numel()})"
                 f" of the full tensor, but this rank's piece needs [{piece.start}, {piece.start + under}). It was "
                 "saved by a run sharded differently: resume with the same number of processes and the same "
-                "FSDP/ZeRO settings, or from a checkpoint with a full l2_anchor.safetensors."
+                "FSDP/ZeRO settings, or from a checkpoint with whole (not per-rank) files."
             )
-        shape = local_shape if rows is None else (rows, *local_shape[1:])
-        anchor = stored.reshape(-1)[offset : offset + under].view(shape)
-        if anchor.numel() != stored.numel():
-            anchor = anchor.clone()  # a copy of just this piece, so that the full θ₀ can be freed
-        if anchor.device != piece.param.device and not self.anchors_on_cpu:  # e.g. the model moved after the snapshot
-            anchor = anchor.to(piece.param.device)
-        elif self.anchors_on_cpu and piece.param.is_cuda and not anchor.is_pinned():
-            anchor = anchor.pin_memory()  # page-locked, so the per-step copy to the GPU does not block the host
-        self.anchors[name] = anchor
-        self.anchor_layout[name] = (piece.start, full_shape)
-        return anchor, rows
+        cut = stored.reshape(-1)[offset : offset + under].view(shape)
+        if cut.numel() != stored.numel():
+            cut = cut.clone()  # a copy of just this piece, so that the full tensor can be freed
+        if cut.device != piece.param.device and not self.anchors_on_cpu:  # e.g. the model moved after the snapshot
+            cut = cut.to(piece.param.device)
+        elif self.anchors_on_cpu and piece.param.is_cuda and not cut.is_pinned():
+            cut = cut.pin_memory()  # page-locked, so the per-step copy to the GPU does not block the host
+        return cut
 
     @property
     def bound(self) -> bool:
@@ -263,6 +303,13 @@ class L2Penalty:
             yield sl, here, delta
             del here, delta
 
+    def _fisher_chunk(self, sl: slice, anchored: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """F of a chunk of the anchored tensors, on their device; None without F."""
+        if self._fisher_tensors is None:
+            return None
+        return [f if f.device == t.device else f.to(t.device, non_blocking=True)
+                for f, t in zip(self._fisher_tensors[sl], anchored[sl])]
+
     @torch.no_grad()
     def add_to_grads_(self, scale: torch.Tensor | None = None) -> None:
         """grad += ∇Ω (times ``scale``, the AMP loss scale, when given), in place, after backward.
@@ -279,8 +326,12 @@ class L2Penalty:
             for sl, _, diff in self._drift_chunks(anchored):
                 if scale is not None:
                     torch._foreach_mul_(diff, scale)
-                torch._foreach_add_(grads_a[sl], diff, alpha=self.coef)
-                del diff  # free this chunk before the next one is formed
+                fisher = self._fisher_chunk(sl, anchored)
+                if fisher is None:
+                    torch._foreach_add_(grads_a[sl], diff, alpha=self.coef)
+                else:  # grad += α·F·(θ − θ₀) in one pass: a single extra read, of F
+                    torch._foreach_addcmul_(grads_a[sl], diff, fisher, value=self.coef)
+                del diff, fisher  # free this chunk before the next one is formed
         if new and self.head_coef:
             grads_n = [self._view(p.grad(), r, True) for p, r in self._new]
             if scale is not None:
@@ -290,7 +341,7 @@ class L2Penalty:
     # ---- decoupled step -------------------------------------------------------------------------------------
     @torch.no_grad()
     def pull_(self, lr_of: Callable[[torch.Tensor], float]) -> None:
-        """θ ← θ − lr·α·(θ − θ₀) on anchored tensors and θ ← θ − lr·β·θ on new ones, in place.
+        """θ ← θ − lr·α·(θ − θ₀) (with F: lr·α·F·(θ − θ₀)) on anchored tensors and θ ← θ − lr·β·θ on new ones.
 
         ``lr_of(param)`` is the learning rate of the parameter's optimizer group. This is a plain gradient step on Ω
         alone, applied to the parameters instead of through the optimizer (AdamW's decoupled form).
@@ -302,32 +353,48 @@ class L2Penalty:
                 params = anchored[sl]
                 # lerp takes one dtype: a bf16 anchor is widened chunk by chunk
                 anchors = [a.to(p.dtype) for a, p in zip(anchors, params)]
+                fisher = self._fisher_chunk(sl, anchored)
                 for lr, idx in group_by_value(lrs[sl]).items():
-                    torch._foreach_lerp_([params[i] for i in idx], [anchors[i] for i in idx], lr * self.coef)
-                del anchors
+                    ends = [anchors[i] for i in idx]
+                    if fisher is None:
+                        torch._foreach_lerp_([params[i] for i in idx], ends, lr * self.coef)
+                    else:  # a step of lr·α·F per value
+                        steps = torch._foreach_mul([fisher[i].to(params[i].dtype) for i in idx], lr * self.coef)
+                        torch._foreach_lerp_([params[i] for i in idx], ends, steps)
+                del anchors, fisher
         if self.head_coef and new:
             for lr, idx in group_by_value([lr_of(p.param) for p, _ in self._new]).items():
                 torch._foreach_mul_([new[i] for i in idx], 1 - lr * self.head_coef)
 
     # ---- value and statistics -------------------------------------------------------------------------------
-    def _drift_sq(self, anchored: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+    def _drift_sq(
+        self, anchored: Sequence[torch.Tensor], weights: torch.Tensor | None = None, fisher: bool = False
+    ) -> torch.Tensor:
+        """Σ(θ − θ₀)², or with ``fisher`` Σ F·(θ − θ₀)² (the same without F); ``weights`` per tensor (sharding)."""
         total = torch.zeros((), dtype=torch.float32, device=self._home)
         with torch.no_grad():
             for sl, _, diff in self._drift_chunks(anchored):
-                total = total + _sum_sq(diff, None if weights is None else weights[sl]).to(total.device)
+                f = self._fisher_chunk(sl, anchored) if fisher else None
+                w = None if weights is None else weights[sl]
+                if f is None:
+                    total = total + _sum_sq(diff, w).to(total.device)
+                elif diff:
+                    squares = _weighted_norms_sq(diff, f)
+                    total = total + (squares if w is None else squares * w.to(squares.device)).sum().to(total.device)
         return total
 
     def value(self) -> torch.Tensor:
         """Ω as a detached fp32 0-d tensor (no host sync); under sharding, this rank's pieces' share of Ω."""
         anchored, new = self.tensors()
         with torch.no_grad():
-            out = 0.5 * self.coef * self._drift_sq(anchored)
+            out = 0.5 * self.coef * self._drift_sq(anchored, fisher=True)
             if new:
                 out = out + 0.5 * self.head_coef * _sum_sq(new).to(out.device)
         return out
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        """Sums of squares behind the logged norms, as 0-d fp32 tensors (take roots for norms).
+        """Sums of squares behind the logged norms, as 0-d fp32 tensors (take roots for norms); ``weighted_drift_sq``
+        is Σ F·(θ − θ₀)², the anchored part of Ω/(α/2) (``drift_sq`` without F).
 
         They are global: under sharding each rank sums its pieces and ONE all-reduce adds the ranks up (a collective:
         every rank must call this at the same step).
@@ -336,6 +403,7 @@ class L2Penalty:
         wa, wn = self._weights_a, self._weights_n
         with torch.no_grad():
             drift_sq = self._drift_sq(anchored, wa)
+            weighted = self._drift_sq(anchored, wa, fisher=True) if self._fisher_tensors is not None else drift_sq
             if self._anchor_sq is None:
                 self._anchor_sq = sum(
                     (_sum_sq(self._anchor_tensors[sl], None if wa is None else wa[sl]).to(drift_sq.device)
@@ -345,10 +413,10 @@ class L2Penalty:
             anchor_sq = self._anchor_sq
             new_sq = _sum_sq(new, wn).to(drift_sq.device) if new else torch.zeros_like(drift_sq)
             anchored_sq = _sum_sq(anchored, wa).to(drift_sq.device) if anchored else torch.zeros_like(drift_sq)
-            stats = torch.stack([drift_sq, anchor_sq, new_sq, anchored_sq])
+            stats = torch.stack([drift_sq, anchor_sq, new_sq, anchored_sq, weighted])
             if self._sharded:
                 dist.all_reduce(stats)
-        return dict(zip(("drift_sq", "anchor_sq", "new_sq", "anchored_sq"), stats.unbind()))
+        return dict(zip(("drift_sq", "anchor_sq", "new_sq", "anchored_sq", "weighted_drift_sq"), stats.unbind()))
 
     def group_statistics(self, group_of: Callable[[str], str]) -> dict[str, dict[str, float]]:
         """Per group of parameters (``group_of(name)``), and over all of them as ``"all"``: Σθ² (``weight_sq``),
@@ -409,7 +477,10 @@ class L2Penalty:
         """∇Ω·scale as new tensors, for the anchored and new parts (the backward of :meth:`loss_term`)."""
         anchored, new = self.tensors()
         grads_a: list[torch.Tensor] = []
-        for _, _, diff in self._drift_chunks(anchored):
+        for sl, _, diff in self._drift_chunks(anchored):
+            fisher = self._fisher_chunk(sl, anchored)
+            if fisher is not None:
+                torch._foreach_mul_(diff, fisher)
             torch._foreach_mul_(diff, self._factor(self.coef, scale))
             grads_a += diff
         grads_n = torch._foreach_mul(new, self._factor(self.head_coef, scale)) if new else []
@@ -442,6 +513,9 @@ class L2Penalty:
             values = [self._view(p.local, r, False) for _, p, r in anchored]
             anchors = [self._anchor_tensors[i] for i, _, _ in anchored]
             ((_, _, diffs),) = self._drift_chunks(values, anchors, [slice(None)])  # a few gathered tensors: one chunk
+            if self._fisher_tensors is not None:
+                fisher = [self._fisher_tensors[i].to(d.device) for (i, _, _), d in zip(anchored, diffs)]
+                torch._foreach_mul_(diffs, fisher)
             torch._foreach_mul_(diffs, self._factor(self.coef, scale))
             for (_, piece, _), d in zip(anchored, diffs):
                 flat(piece)[: d.numel()] = d.reshape(-1)

@@ -105,6 +105,13 @@ class DataArguments:
             "how much fine-tuning forgot."
         },
     )
+    fisher_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "`--l2_mode l2_sp_fisher`: local data the Fisher F is computed on (same formats and columns as "
+            "the training data; data from the pretraining domain is the textbook choice). Default: the training set."
+        },
+    )
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Share of the training data held out when there is no validation split."}
     )
@@ -124,7 +131,7 @@ class DataArguments:
     def __post_init__(self):
         if self.dataset_name is None and self.train_file is None:
             raise RecipeInputError("Give `--dataset_name` (a Hub dataset) or `--train_file` (a local file).")
-        for name in ("train_file", "validation_file", "pretrain_validation_file"):
+        for name in ("train_file", "validation_file", "pretrain_validation_file", "fisher_file"):
             path = getattr(self, name)
             if path is None:
                 continue
@@ -269,8 +276,9 @@ def load_raw_datasets(
 ) -> DatasetDict:
     """`train` and `validation` splits from the Hub or local files; a missing validation split is carved from train.
 
-    With `--pretrain_validation_file`, a third split `pretrain_validation` holds it. ``check(dataset, where)`` sees
-    each split as loaded, before the carving, so that its errors can name the file (``where``) and the row.
+    With `--pretrain_validation_file`, a split `pretrain_validation` holds it; with `--fisher_file`, a split `fisher`.
+    ``check(dataset, where)`` sees each split as loaded, before the carving, so that its errors can name the file
+    (``where``) and the row.
     """
     check = check or (lambda dataset, where: None)
     if data_args.dataset_name is not None:
@@ -297,6 +305,8 @@ def load_raw_datasets(
         raw["pretrain_validation"] = _load_file(
             data_args.pretrain_validation_file, "pretrain_validation_file", cache_dir, check
         )
+    if data_args.fisher_file is not None:
+        raw["fisher"] = _load_file(data_args.fisher_file, "fisher_file", cache_dir, check)
     return raw
 
 
@@ -515,3 +525,11 @@ def end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def fisher_dataset(processed: dict, data_args: DataArguments) -> Dataset | None:
+    """The `--fisher_file` examples, preprocessed like the training data, named for the card (None without it)."""
+    dataset = processed.get("fisher")
+    if dataset is not None:
+        dataset.l2_fisher_description = f"`{Path(data_args.fisher_file).name}`"
+    return dataset

@@ -168,8 +168,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                         help="gpt2_generation, marian_translation, or the path of a script with main(argv) that "
                         "takes the shipped recipes' arguments.")
     parser.add_argument("--l2_mode", nargs="+", default=["none", "l2", "l2_sp"], choices=MODES,
-                        help="Modes to run (none runs once, the others at every α). Default: none l2 l2_sp.")
-    parser.add_argument("--l2_coef", nargs="+", type=float, default=[], help="α values for l2 and l2_sp.")
+                        help="Modes to run (none runs once, the others at every α; l2_sp_fisher computes F on the "
+                        "recipe's --fisher_file, default its training data). Default: none l2 l2_sp.")
+    parser.add_argument("--l2_coef", nargs="+", type=float, default=[], help="α values for the penalized modes.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Seeds per setting (spread).")
     parser.add_argument("--output_dir", required=True, help="Runs, results.jsonl, results.md and results.png.")
     parser.add_argument("--title", help="Title of the table and plot (default: the recipe's name).")

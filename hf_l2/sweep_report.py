@@ -17,10 +17,11 @@ HEADLINE = {"perplexity": ("perplexity", False), "bleu": ("BLEU", True), "chrf":
 SUMMARY_METRICS = ("bleu", "perplexity", "loss")
 # Forgetting the summary allows: this fraction of what fine-tuning without a penalty forgets.
 FORGETTING_BUDGET = 0.5
-COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "start": "tab:gray"}
-EXTRA_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "l2_sp_fisher": "tab:green",
+          "start": "tab:gray"}
+EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 # The name of each method's strength on the plot (α unless a method says otherwise).
-STRENGTH = {"l2": "α", "l2_sp": "α"}
+STRENGTH = {"l2": "α", "l2_sp": "α", "l2_sp_fisher": "α"}
 
 
 class SweepResultError(ValueError):

@@ -3,6 +3,7 @@ and Hub publishing of `hf_l2.publishing`), and `L2Trainer` / `L2Seq2SeqTrainer` 
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import NamedTuple
@@ -17,8 +18,9 @@ from .anchor import ANCHOR_FILE, anchor_source, expected_anchors, load_anchor, r
 from .anchor_checks import differing_anchors
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
-from .config import ANCHOR_DTYPES, L2Config, L2Seq2SeqConfig, validate_l2_fields
+from .config import ANCHOR_DTYPES, ANCHORED_MODES, L2Config, L2Seq2SeqConfig, validate_l2_fields
 from .decoupled import DecoupledPull, check_pull_rate
+from .fisher import FISHER_FILE, load_fisher, normalize_fisher, save_fisher, trainer_fisher
 from .lora import LoraDeltaPenalty
 from .model_card import mixed_precision_turned_off
 from .optimizers import in_backward_optimizer
@@ -51,15 +53,20 @@ class L2PenaltyMixin:
     `modules_to_save` copies included) and, with `l2_lora_delta`, `lora` (a `LoraDeltaPenalty` over the LoRA
     factors). They cover the parameters trainable when the trainer is built (a change by the first step warns).
     Publishing (card, Hub) is `L2PublishingMixin`'s; `L2TrainerMixin` combines both.
+
+    `fisher_dataset` (`l2_mode="l2_sp_fisher"`): the examples the Fisher F is computed on, before the first step;
+    default: the training set.
     """
 
     args: L2Config
     l2_base_model: str | None = None  # the model's `_name_or_path` when built (None: a model built from a config)
     default_config: type[L2Config] = L2Config  # what `args=None` becomes
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fisher_dataset=None, **kwargs):
         args, kwargs = _with_l2_config(args, kwargs, self.default_config)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
+        self.fisher_dataset = fisher_dataset
+        self.l2_fisher_source: dict | None = None  # where F came from (data, examples), for the card
         self._l2: L2Penalty | None = None  # `_l2_build_terms` sets both terms
         self._l2_lora: LoraDeltaPenalty | None = None
         self._l2_pull: DecoupledPull | None = None
@@ -119,6 +126,7 @@ class L2PenaltyMixin:
             validate_l2_fields(self.args)
         self._l2_unbind()
         self._l2_build_terms()
+        self._l2_prepare_fisher(None)  # the trial's F, at the trial's θ₀
 
     def _build_penalty(self, skip: frozenset[str]) -> L2Penalty:
         """The L2 / L2-SP term over trainable parameters, except those in `skip` (the LoRA factors, if covered)."""
@@ -132,7 +140,8 @@ class L2PenaltyMixin:
             exclude=args.l2_exclude,
             decay_names=self.get_decay_parameter_names(model) if args.l2_exclude_bias_and_norm else None,
             skip=skip,
-            weights=read_weights(args.l2_anchor_path) if args.l2_anchor_path and args.l2_mode == "l2_sp" else None,
+            weights=read_weights(args.l2_anchor_path)
+            if args.l2_anchor_path and args.l2_mode in ANCHORED_MODES else None,
             dtype=ANCHOR_DTYPES[args.l2_anchor_dtype],
             device="cpu" if args.l2_anchor_device == "cpu" else None,
         )
@@ -217,6 +226,7 @@ class L2PenaltyMixin:
             self._l2_lora.bind(dict(self.model.named_parameters()))
 
     def train(self, *args, **kwargs):
+        self._l2_prepare_fisher(kwargs.get("resume_from_checkpoint", args[0] if args else None))
         self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
         try:
             return super().train(*args, **kwargs)
@@ -308,7 +318,7 @@ class L2PenaltyMixin:
     def _l2_metrics(self) -> dict[str, float]:
         """`l2/*` values for a training log; one host sync for all of them."""
         stats = self._l2.statistics()
-        penalty = 0.5 * self._l2.coef * stats["drift_sq"] + 0.5 * self._l2.head_coef * stats["new_sq"]
+        penalty = 0.5 * self._l2.coef * stats["weighted_drift_sq"] + 0.5 * self._l2.head_coef * stats["new_sq"]
         values = {"l2/penalty": penalty, "l2/weight_norm": (stats["anchored_sq"] + stats["new_sq"]).sqrt()}
         if self._l2.anchored_names:
             drift = stats["drift_sq"].sqrt()
@@ -325,6 +335,10 @@ class L2PenaltyMixin:
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        self._l2_save_anchor_files(output_dir)
+
+    def _l2_save_anchor_files(self, output_dir: str) -> None:
+        """θ₀ (and F) into a checkpoint or the output folder; runs on every rank."""
         anchors = {name: t for term in self._active_l2_terms() for name, t in term.anchors.items()}
         if not anchors:
             return
@@ -333,6 +347,7 @@ class L2PenaltyMixin:
             save_anchor(anchors, layout, output_dir, dist.get_rank(), world_size(), self.l2_base_model)
         elif self.args.should_save:
             save_anchor(anchors, layout, output_dir, source=self.l2_base_model)
+        self._l2_save_fisher(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -365,7 +380,98 @@ class L2PenaltyMixin:
                 term.anchors[name] = saved[name].to(dtype=old.dtype, device=old.device)
         for name in self._l2.anchored_names:
             self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
+        self._l2_load_fisher(checkpoint)
         self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
+
+    _l2_saving_checkpoint = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._l2_saving_checkpoint = _internal_call  # a checkpoint gets θ₀ from `_save_optimizer_and_scheduler`
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._l2_saving_checkpoint = False
+
+    def save_weights(self, output_dir: str | None = None) -> None:
+        """Also keep θ₀ (and F) beside the final weights, so that `hf-l2 interpolate` and later runs find them."""
+        super().save_weights(output_dir)
+        if not self._l2_saving_checkpoint and self._l2 is not None and self._l2.anchored_names:
+            self._l2_save_anchor_files(output_dir or self.args.output_dir)
+
+    # ---- the Fisher weights (l2_sp_fisher) ------------------------------------------------------------------
+    def _l2_prepare_fisher(self, resume_from_checkpoint) -> None:
+        """Give the penalty its F once, before training: from `l2_fisher_path`, from the checkpoint being resumed
+        (restored in `_load_optimizer_and_scheduler`, not recomputed), or computed on the Fisher data now, while
+        the model still holds θ₀ and is not yet wrapped."""
+        args = self.args
+        if args.l2_mode != "l2_sp_fisher" or self._l2 is None or self._l2.fisher is not None:
+            return
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+        if resume_from_checkpoint and self._l2_fisher_file(resume_from_checkpoint):
+            return
+        if args.l2_fisher_path:
+            loaded = load_fisher(args.l2_fisher_path)
+            if loaded is None:
+                raise ValueError(f"`l2_fisher_path`: no {FISHER_FILE} in {args.l2_fisher_path!r}.")
+            fisher, _, source = loaded
+            fisher = {n: fisher[n] for n in self._l2.anchored_names if n in fisher}
+            source = {**source, "path": args.l2_fisher_path}
+        else:
+            dataset = self.fisher_dataset if self.fisher_dataset is not None else self.train_dataset
+            if dataset is None:
+                raise ValueError(
+                    "`l2_mode='l2_sp_fisher'` needs data for F: pass `fisher_dataset=` or `train_dataset=`."
+                )
+            names = self._l2.anchored_names
+            fisher, count = trainer_fisher(self, dataset, names, args.l2_fisher_samples, args.seed,
+                                           ANCHOR_DTYPES[args.l2_anchor_dtype])
+            which = "the training set" if self.fisher_dataset is None else "the `fisher_dataset`"
+            source = {"data": getattr(dataset, "l2_fisher_description", which), "examples": count}
+        fisher = self._l2_fit_fisher(fisher)
+        self._l2.set_fisher(normalize_fisher(fisher) if args.l2_fisher_normalize else fisher)
+        self.l2_fisher_source = {**source, "normalized": args.l2_fisher_normalize}
+
+    def _l2_fit_fisher(self, fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """F over exactly θ₀'s values: an embedding resized after θ₀ was taken keeps F on its anchored rows."""
+        out = {}
+        for name in self._l2.anchored_names:
+            if name not in fisher:
+                raise ValueError(f"`l2_fisher_path`: the saved F lacks {name!r}: was it computed for another model?")
+            anchor, f = self._l2.anchors[name], fisher[name]
+            if f.numel() < anchor.numel():
+                raise ValueError(f"The Fisher of {name!r} has {f.numel()} values, θ₀ has {anchor.numel()}.")
+            out[name] = f.reshape(-1)[: anchor.numel()].view(anchor.shape).to(device=anchor.device, dtype=anchor.dtype)
+        return out
+
+    @staticmethod
+    def _l2_fisher_file(folder: str) -> bool:
+        """Whether a checkpoint holds F (whole or per rank): resume restores it instead of recomputing."""
+        return bool(glob.glob(os.path.join(folder, "l2_fisher*.safetensors")))
+
+    def _l2_save_fisher(self, folder: str) -> None:
+        penalty = self._l2
+        if penalty is None or penalty.fisher is None:
+            return
+        source = self.l2_fisher_source or {}
+        if penalty.sharded:
+            save_fisher(penalty.fisher, penalty.fisher_layout, folder, source, dist.get_rank(), world_size())
+        elif self.args.should_save:
+            save_fisher(penalty.fisher, penalty.fisher_layout, folder, source)
+
+    def _l2_load_fisher(self, checkpoint: str) -> None:
+        """Restore F from the checkpoint (it is the run's own, already normalized); without one, keep the F
+        computed before training."""
+        if self.args.l2_mode != "l2_sp_fisher":
+            return
+        loaded = load_fisher(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        if loaded is None:
+            if self._l2.fisher is None:
+                raise ValueError(f"{checkpoint} has no {FISHER_FILE} and no F was computed before resuming.")
+            return
+        fisher, layout, source = loaded
+        self._l2.set_fisher({n: f.to(self._l2.anchors[n].device) for n, f in fisher.items()}, layout)
+        self.l2_fisher_source = source
 
     def _l2_check_resumed_anchor(self, checkpoint, terms, saved, layout) -> None:
         """A resumed run keeps the θ₀ it was trained with: refuse an `l2_anchor_path` that says otherwise, and say

@@ -32,10 +32,11 @@ class HandOmega(Trainer):
 if __name__ == "__main__":
     out, impl = sys.argv[1], sys.argv[2]
     no_avg = "no_avg" in sys.argv[3:]
+    mode = next((a for a in sys.argv[3:] if a != "no_avg"), "l2_sp")
     common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, max_grad_norm=0.5,
                   ddp_backend="gloo", **({"average_tokens_across_devices": False} if no_avg else {}))
     model = tiny_gpt2()
-    args = l2_args(os.path.dirname(out), l2_coef=1.0, l2_impl=impl, **common)
+    args = l2_args(os.path.dirname(out), l2_coef=1.0, l2_impl=impl, l2_mode=mode, **common)
     trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))
     trainer.train()
     saved = {"params": params_of(model), "log": trainer.state.log_history}

@@ -143,7 +143,8 @@ def test_push_to_hub_sends_model_tokenizer_card_and_plot_after_saving_them(tmp_p
     assert (sent["repo_id"], sent["revision"]) == ("alice/tiny-l2sp", "main")
     on_disk = local_files(out)
     assert {"checkpoint-2/model.safetensors", "checkpoint-4/l2_anchor.safetensors"} <= on_disk
-    assert set(sent["files"]) == {f for f in on_disk if not f.startswith("checkpoint-")}
+    assert "l2_anchor.safetensors" in on_disk  # θ₀ stays beside the weights for interpolation, off the Hub
+    assert set(sent["files"]) == {f for f in on_disk if not f.startswith(("checkpoint-", "l2_anchor"))}
     assert wanted <= set(sent["files"])
     for name in ("README.md", PLOT_FILE, "model.safetensors"):
         assert sent["files"][name] == (out / name).read_bytes()
@@ -270,7 +271,7 @@ def test_recipes_push_model_tokenizer_card_and_plot(recipe_inputs, fake_hub, tmp
     assert len(fake_hub.commits) == 1  # one push, at the end, after the local save of everything
     final = fake_hub.commits[-1]
     assert final["repo_id"] == "alice/tiny"
-    assert set(final["files"]) == local_files(out)
+    assert set(final["files"]) == {f for f in local_files(out) if not f.startswith("l2_anchor")}  # θ₀ stays local
     assert {"model.safetensors", "tokenizer_config.json", "README.md", PLOT_FILE, samples, "all_results.json"} <= set(
         final["files"])
     card = ModelCard(final["files"]["README.md"].decode())

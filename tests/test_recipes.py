@@ -119,6 +119,28 @@ def test_generation_recipe_l2_sp_stays_closer_to_the_pretrained_model(workdir, t
     assert math.isfinite(far["eval_loss"]) and math.isfinite(near["eval_loss"])
 
 
+def test_generation_recipe_fisher_from_a_fisher_file(workdir, tmp_path):
+    generation.main(gpt2_args(workdir, tmp_path / "f", "--l2_mode", "l2_sp_fisher", "--l2_coef", "1",
+                              "--fisher_file", str(workdir["text"]["validation"]), "--l2_fisher_samples", "3",
+                              "--num_samples", "0"))
+    assert (tmp_path / "f" / "l2_fisher.safetensors").is_file()
+    card = (tmp_path / "f" / "README.md").read_text()
+    assert "over 3 examples of `valid.txt`" in card
+    penalties = [h["l2/penalty"] for h in read_json(tmp_path / "f" / "trainer_state.json")["log_history"]
+                 if "l2/penalty" in h]
+    assert penalties and penalties[-1] > 0
+
+
+def test_sweep_takes_the_fisher_mode():
+    from hf_l2.sweep import grid
+    from hf_l2.sweep_report import COLORS
+
+    settings = grid(["none", "l2_sp", "l2_sp_fisher"], [0.1, 1.0])
+    assert [s.label for s in settings] == ["none", "l2_sp α=0.1", "l2_sp α=1", "l2_sp_fisher α=0.1",
+                                           "l2_sp_fisher α=1"]
+    assert all(s.mode in COLORS for s in settings)
+
+
 # ---- translation --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["jsonl", "csv"])
 def test_translation_recipe_reports_bleu_chrf_and_writes_triples(workdir, tmp_path, layout):

@@ -1,0 +1,275 @@
+"""WiSE-FT from a finished run: θ(t) = (1 − t)·θ₀ + t·θ (Wortsman et al., *Robust fine-tuning of zero-shot
+models*, CVPR 2022), one `from_pretrained`-loadable folder per t, with the run's tokenizer and a card.
+
+θ is the run's saved model; θ₀ is the run's own anchor file (`l2_anchor.safetensors` in the output folder, else in
+its last checkpoint; per-rank files of a sharded run are merged) laid over the base model's weights (`base_model`,
+else the card's `base_model`). The anchor holds only the penalized weights (biases and norms are usually left out),
+so the base model fills in the rest; a weight neither has (a new head) keeps its fine-tuned value and is listed in
+the card. For a LoRA run the adapter's change is scaled instead: t·ΔW = s·(t·B)·A, written as an adapter.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .anchor import ANCHOR_FILE, load_anchor, read_weights
+from .model_card import CARD_FILE, template_path
+
+INTERPOLATION_TEMPLATE = "interpolation.md"
+# What a run folder holds besides its weights that a model folder needs: config, tokenizer, adapter config.
+_COPIED = re.compile(
+    r"^(config\.json|generation_config\.json|adapter_config\.json|tokenizer.*|special_tokens_map\.json|vocab.*|"
+    r"merges\.txt|added_tokens\.json|chat_template.*|.*\.spm|.*\.model|preprocessor_config\.json)$"
+)
+_LORA_B = re.compile(r"lora_(embedding_)?B")
+
+
+class InterpolationError(ValueError):
+    """Bad input to `hf-l2 interpolate`: one line that says what is wrong and what to do."""
+
+
+@dataclass
+class Anchor:
+    """θ₀ for interpolation and where it came from, for the card."""
+
+    weights: dict[str, torch.Tensor]
+    sources: list[str] = field(default_factory=list)
+
+
+def check_weights(weights: list[float], allow_extrapolation: bool) -> None:
+    bad = [t for t in weights if not 0.0 <= t <= 1.0]
+    if bad and not allow_extrapolation:
+        raise InterpolationError(
+            f"--weight {bad[0]:g} is outside [0, 1] (0 is θ₀, 1 the fine-tuned model); pass --allow_extrapolation "
+            "to go beyond them."
+        )
+
+
+def merge_rank_files(paths: list[str]) -> dict[str, torch.Tensor]:
+    """The whole θ₀ from the per-rank files of a sharded run: each piece is written where its layout says."""
+    flat: dict[str, torch.Tensor] = {}
+    covered: dict[str, torch.Tensor] = {}
+    shapes: dict[str, torch.Size] = {}
+    for path in paths:
+        rank, world = map(int, re.search(r"rank(\d+)-of-(\d+)", os.path.basename(path)).groups())
+        tensors, layout = load_anchor(os.path.dirname(path), rank, world)
+        for name, piece in tensors.items():
+            start, shape = layout.get(name, (0, piece.shape))
+            if name not in flat:
+                flat[name] = torch.zeros(shape.numel(), dtype=piece.dtype)
+                covered[name] = torch.zeros(shape.numel(), dtype=torch.bool)
+                shapes[name] = shape
+            flat[name][start : start + piece.numel()] = piece.reshape(-1)
+            covered[name][start : start + piece.numel()] = True
+    gaps = [name for name, mask in covered.items() if not bool(mask.all())]
+    if gaps:
+        raise InterpolationError(
+            f"the per-rank anchor files ({os.path.basename(paths[0])}, ...) do not cover all of {gaps[0]!r}: "
+            "a rank's file is missing."
+        )
+    return {name: values.view(shapes[name]) for name, values in flat.items()}
+
+
+def run_anchor(run_dir: str) -> tuple[dict[str, torch.Tensor], str] | None:
+    """θ₀ saved by the run (output folder first, then its last checkpoint), and the file it came from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folders = [run_dir]
+    last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if last:
+        folders.append(last)
+    for folder in folders:
+        whole = os.path.join(folder, ANCHOR_FILE)
+        if os.path.isfile(whole):
+            return load_file(whole), whole
+        pieces = sorted(glob.glob(os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")))
+        if pieces:
+            return merge_rank_files(pieces), os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")
+    return None
+
+
+def _card_base_model(run_dir: str) -> str | None:
+    card = os.path.join(run_dir, CARD_FILE)
+    if not os.path.isfile(card):
+        return None
+    from huggingface_hub import ModelCard
+
+    base = ModelCard.load(card).data.to_dict().get("base_model")
+    return base[0] if isinstance(base, list) else base
+
+
+def find_anchor(run_dir: str, base_model: str | None, names: list[str]) -> Anchor:
+    """θ₀ for the weights ``names`` of the run: the base model's weights, overlaid with the run's anchor file."""
+    anchor = Anchor({})
+    base = base_model or _card_base_model(run_dir)
+    if base:
+        try:
+            anchor.weights.update(read_weights(base))
+        except ValueError as err:
+            raise InterpolationError(f"the base model {base!r} cannot be read: {err}") from err
+        anchor.sources.append(f"the weights of `{base}`")
+    saved = run_anchor(run_dir)
+    if saved is not None:
+        weights, path = saved
+        anchor.weights.update(weights)
+        anchor.sources.append(f"the run's anchor file `{os.path.relpath(path, run_dir)}`")
+    if not anchor.sources:
+        raise InterpolationError(
+            f"{run_dir} has no θ₀: no {ANCHOR_FILE} in it or its last checkpoint (an l2_mode=none run keeps none) and "
+            "no base_model in its card; pass --base_model with the model the run was fine-tuned from."
+        )
+    if not base and not any(n in anchor.weights for n in names):
+        raise InterpolationError(f"the anchor file of {run_dir} shares no weight with its model; pass --base_model.")
+    if not base:
+        missing = [n for n in names if n not in anchor.weights]
+        if missing:
+            raise InterpolationError(
+                f"the run's anchor file holds only the penalized weights ({len(missing)} others, e.g. {missing[0]!r}, "
+                "are not in it): pass --base_model with the model the run was fine-tuned from."
+            )
+    return anchor
+
+
+def _model_file(run_dir: str) -> str:
+    """'adapter' for a PEFT adapter run, 'model' for a full model; a folder with neither is not a run."""
+    has = lambda name: os.path.isfile(os.path.join(run_dir, name))  # noqa: E731
+    if has("adapter_config.json") and has("adapter_model.safetensors"):
+        return "adapter"
+    if has("config.json") and any(has(n) for n in ("model.safetensors", "model.safetensors.index.json",
+                                                    "pytorch_model.bin")):
+        return "model"
+    raise InterpolationError(
+        f"{run_dir} is not a saved run: it lacks config.json with model.safetensors (or adapter_config.json with "
+        "adapter_model.safetensors); pass the folder that trainer.save_model() wrote."
+    )
+
+
+def interpolate_state(theta0: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], t: float):
+    """θ(t) for every floating weight of θ that θ₀ has (same shape), and the names kept at θ (no θ₀ for them).
+
+    `torch.lerp` gives θ₀ at t = 0 and θ at t = 1 exactly; it runs in fp32 and returns each weight's dtype.
+    """
+    out, kept = {}, []
+    for name, value in theta.items():
+        start = theta0.get(name)
+        if not value.is_floating_point() or start is None or start.shape != value.shape:
+            out[name] = value
+            kept.append(name) if value.is_floating_point() else None
+            continue
+        out[name] = torch.lerp(start.float(), value.float(), t).to(value.dtype)
+    return out, kept
+
+
+def scale_adapter(adapter: dict[str, torch.Tensor], t: float) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The LoRA adapter of t·ΔW: every B factor times t (ΔW = s·B·A is linear in B); other tensors (e.g.
+    `modules_to_save` copies) are kept and named."""
+    if any("lora_magnitude_vector" in n for n in adapter):
+        raise InterpolationError("a DoRA adapter's change is not linear in its factors; it cannot be scaled by t.")
+    out, kept = {}, []
+    for name, value in adapter.items():
+        if _LORA_B.search(name):
+            out[name] = (value.float() * t).to(value.dtype)
+        else:
+            out[name] = value
+            kept.append(name) if "lora_A" not in name and "lora_embedding_A" not in name else None
+    return out, kept
+
+
+def interpolate_run(
+    run_dir: str, weights: list[float], output_dir: str, base_model: str | None = None,
+    allow_extrapolation: bool = False,
+) -> list[Path]:
+    """Write one model folder per t under ``output_dir`` (``weight-<t>``); return them."""
+    check_weights(weights, allow_extrapolation)
+    if not os.path.isdir(run_dir):
+        raise InterpolationError(f"{run_dir} is not a folder; pass the output folder of a run.")
+    kind = _model_file(run_dir)
+    if kind == "adapter":
+        theta = load_file(os.path.join(run_dir, "adapter_model.safetensors"))
+        anchor = Anchor({}, ["the adapter's base model (ΔW = 0)"])
+    else:
+        theta = read_weights(run_dir)
+        anchor = find_anchor(run_dir, base_model, [n for n, v in theta.items() if v.is_floating_point()])
+    folders = []
+    for t in weights:
+        folder = Path(output_dir) / f"weight-{t:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(run_dir):
+            if _COPIED.match(name) and os.path.isfile(os.path.join(run_dir, name)):
+                shutil.copy2(os.path.join(run_dir, name), folder / name)
+        if kind == "adapter":
+            state, kept = scale_adapter(theta, t)
+            save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        else:
+            state, kept = interpolate_state(anchor.weights, theta, t)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+                      metadata={"format": "pt"})
+        _write_card(folder, run_dir, t, kind, anchor.sources, kept)
+        folders.append(folder)
+    return folders
+
+
+def _write_card(folder: Path, run_dir: str, t: float, kind: str, sources: list[str], kept: list[str]) -> None:
+    from huggingface_hub import ModelCard
+
+    template = template_path().parent / INTERPOLATION_TEMPLATE
+    card = ModelCard.from_template(
+        _card_data(run_dir), template_path=str(template), t=f"{t:g}", run=os.path.abspath(run_dir),
+        lora=kind == "adapter", sources=sources, kept=kept[:10], kept_count=len(kept),
+        command=f"hf-l2 interpolate {run_dir} --weight {t:g} --output_dir {folder.parent}",
+    )
+    card.save(str(folder / CARD_FILE))
+
+
+def _card_data(run_dir: str):
+    """The run card's metadata (base model, datasets, language), with a `wise-ft` tag."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(run_dir, CARD_FILE)
+    data = ModelCard.load(path).data if os.path.isfile(path) else ModelCardData()
+    data.tags = [*(data.tags or []), "wise-ft"]
+    data.model_index = None  # the run's eval results are not this model's
+    data.eval_results = None
+    return data
+
+
+
+def add_interpolate_parser(subparsers):
+    """Register `interpolate` on a `hf-l2` command line."""
+    parser = subparsers.add_parser(
+        "interpolate", help="WiSE-FT: models between a run's θ₀ and its fine-tuned weights",
+        description="Write, for each --weight t, a model folder with θ(t) = (1 − t)·θ₀ + t·θ (LoRA runs: the adapter "
+        "of t·ΔW), with the run's tokenizer and a card.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (what trainer.save_model wrote)")
+    parser.add_argument("--weight", type=float, action="append", required=True, metavar="T",
+                        help="t: 0 is θ₀, 1 the fine-tuned model; repeat for several")
+    parser.add_argument("--output_dir", required=True, help="one folder weight-<t> per t is written here")
+    parser.add_argument("--base_model", default=None,
+                        help="folder or Hub id of the model the run started from (default: the card's base_model); "
+                        "fills in θ₀ for the weights the run's anchor file does not hold")
+    parser.add_argument("--allow_extrapolation", action="store_true", help="accept t outside [0, 1]")
+    parser.set_defaults(run=_main)
+    return parser
+
+
+def _main(args) -> int:
+    import sys
+
+    try:
+        folders = interpolate_run(args.run_dir, args.weight, args.output_dir, args.base_model,
+                                  args.allow_extrapolation)
+    except InterpolationError as err:
+        print(f"hf-l2 interpolate: {err}", file=sys.stderr)
+        return 2
+    for folder in folders:
+        print(f"Wrote {folder}")
+    return 0
