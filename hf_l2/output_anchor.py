@@ -43,8 +43,10 @@ def target_logits(
 def token_kl_sum(policy: torch.Tensor, reference: torch.Tensor, temperature: float) -> torch.Tensor:
     """τ²·Σ_tokens KL(softmax(z₀/τ) ‖ softmax(z/τ)) over rows of (N, vocab) logits, in fp32 (Hinton et al. 2015:
     the τ² keeps the gradient's scale independent of τ)."""
-    log_p = F.log_softmax(policy.float() / temperature, dim=-1)
-    log_q = F.log_softmax(reference.float() / temperature, dim=-1)
+    if temperature != 1:  # skipped at τ = 1: each division is a copy of the logits
+        policy, reference = policy / temperature, reference / temperature
+    log_p = F.log_softmax(policy.float(), dim=-1)
+    log_q = F.log_softmax(reference.float(), dim=-1)
     return F.kl_div(log_p, log_q, log_target=True, reduction="sum") * temperature**2
 
 
