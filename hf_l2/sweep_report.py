@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Metrics a recipe may report, in table order: name in `eval_<name>` → (label, higher is better).
 HEADLINE = {"perplexity": ("perplexity", False), "bleu": ("BLEU", True), "chrf": ("chrF", True)}
-COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "start": "tab:gray"}
+COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "kl": "tab:green", "start": "tab:gray"}
 
 
 class SweepResultError(ValueError):
@@ -111,7 +111,7 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
             ax.errorbar(s.mean(x_column), s.mean(target), xerr=s.std(x_column), yerr=s.std(target),
                         fmt="*" if s.mode == "start" else "o", markersize=11 if s.mode == "start" else 6,
                         color=COLORS[s.mode], capsize=3)
-            name = s.mode if s.mode in ("start", "none") else f"α={s.coef:g}"
+            name = s.mode if s.mode in ("start", "none") else f"{'λ' if s.mode == 'kl' else 'α'}={s.coef:g}"
             ax.annotate(name, (s.mean(x_column), s.mean(target)), textcoords="offset points", xytext=(5, 4),
                         fontsize=8, color=COLORS[s.mode])
         ax.set_xlabel(column_label(x_column) + (" (held-out pretraining data)" if x_column != "drift" else ""))
@@ -138,7 +138,7 @@ def _plot_drift(ax, summaries: list[Summary]) -> None:
         ax.set_xscale("symlog", linthresh=positive[0])
     elif positive:
         ax.set_xscale("log")
-    ax.set_xlabel("α (l2_coef)")
+    ax.set_xlabel("α (l2_coef); λ (l2_kl_coef) for kl")
     ax.set_ylabel(column_label("drift") + " from the starting model")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

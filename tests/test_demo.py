@@ -139,6 +139,12 @@ def test_grid_runs_none_once_and_every_other_mode_at_every_alpha():
         Setting("none", 0.0), Setting("l2", 0.1), Setting("l2", 1.0), Setting("l2_sp", 0.1), Setting("l2_sp", 1.0)
     ]
     assert [s.label for s in grid(["l2_sp"], [0.01])] == ["l2_sp α=0.01"]
+    kl = grid(["none", "l2_sp"], [0.1], [0.5, 2.0])
+    assert kl[2:] == [Setting("kl", 0.5), Setting("kl", 2.0)] and kl[3].label == "kl λ=2"
+    assert kl[2].flags == ["--l2_mode", "none", "--l2_kl_coef", "0.5"]  # the output anchor alone
+    assert kl[1].flags == ["--l2_mode", "l2_sp", "--l2_coef", "0.1"]
+    with pytest.raises(RecipeInputError, match="l2_kl_coef.*finite"):
+        grid(["l2_sp"], [0.1], [-1.0])
     for modes, coefs, message in [(["l3"], [1.0], "l2_mode.*l3"), (["l2"], [], "at least one α"),
                                   (["l2_sp"], [float("nan")], "finite")]:
         with pytest.raises(RecipeInputError, match=message):
