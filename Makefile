@@ -1,12 +1,30 @@
+# Everything runs in a virtual environment: the active one, or else .venv (created here from python3), so that
+# the commands work on a system Python whose pip refuses to install (externally managed).
+# The environment is pinned by constraints/demo.txt, the one the README's numbers come from.
+#   make test CONSTRAINTS=constraints/lowest.txt VENV=.venv-lowest   # at the lowest versions pyproject.toml allows
+#   make test CONSTRAINTS= VENV=.venv-newest                          # at the newest versions pip resolves today
 # CPU set-up by default: torch 2.13.0 (CPU build, no CUDA wheels). On a GPU machine: make install TORCH=torch
+VENV ?= .venv
+ifdef VIRTUAL_ENV
 PYTHON ?= python
+else
+PYTHON ?= $(VENV)/bin/python
+endif
 TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints/demo.txt
+PIP = $(PYTHON) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo quickstart test bench
+.PHONY: install demo quickstart test test-slow bench
 
-install:
-	$(PYTHON) -m pip install -q $(TORCH)
-	$(PYTHON) -m pip install -q -e ".[test]"
+# A fresh Debian/Ubuntu Python may lack ensurepip (package python3-venv): then bootstrap pip with the system's pip.
+$(VENV)/bin/python:
+	python3 -m venv $(VENV) || { rm -rf $(VENV) && python3 -m venv --without-pip $(VENV) \
+	    && python3 -m pip --python $(VENV)/bin/python install -q pip; } \
+	  || { rm -rf $(VENV); echo "Could not create $(VENV): install python3-venv (apt install python3-venv)."; exit 1; }
+
+install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[test]"
 
 demo: install
 	$(PYTHON) -m hf_l2.cli demo --output_dir runs/demo
@@ -16,6 +34,10 @@ quickstart: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The wheel installed into a fresh venv, then the CLI, a recipe and a reduced demo run from it (minutes; CI runs it).
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow tests
 
 bench: install
 	$(PYTHON) benchmarks/bench_penalty.py

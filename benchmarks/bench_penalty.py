@@ -2,9 +2,10 @@
 
     python benchmarks/bench_penalty.py                                      # CPU defaults, ~1.5 min
     python benchmarks/bench_penalty.py --device cuda --repeats 50 --warmup 5
+    python benchmarks/bench_penalty.py --models tiny --repeats 3 --json out.json   # seconds: a dry run of the code
 
 Shapes: GPT-2 small (124M) and Marian base (opus-mt-en-de), random weights built from their configs (nothing is
-downloaded). Regularized: every trainable tensor with ≥ 2 dimensions (about the L2Trainer's bias/norm exclusion).
+downloaded); `tiny` (a 2-layer GPT-2) only checks that the script runs. Regularized: every trainable tensor with ≥ 2 dimensions (about the L2Trainer's bias/norm exclusion).
 Variants, all adding to gradients that already hold a backward's result:
 
 - none: a no-op (timer floor); copy: ``dst.copy_(src)`` moving the same bytes as the ideal op (bandwidth ceiling);
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
@@ -39,6 +42,7 @@ DRIFT = 1e-3  # std of the noise moving θ away from θ₀, as a few fine-tuning
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config()),
+    "tiny": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_positions=64, n_embd=64, n_layer=2, n_head=2)),
     "marian": lambda: MarianMTModel(
         MarianConfig(
             vocab_size=58101,  # Helsinki-NLP/opus-mt-en-de
@@ -116,7 +120,8 @@ def call_times(
     return times
 
 
-def bench_model(name: str, device: torch.device, warmup: int, repeats: int) -> str:
+def bench_model(name: str, device: torch.device, warmup: int, repeats: int) -> tuple[str, dict]:
+    """The model's markdown table, and its numbers: per variant median/min seconds, bytes, peak memory growth."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2}
@@ -152,24 +157,36 @@ def bench_model(name: str, device: torch.device, warmup: int, repeats: int) -> s
         ]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines), flush=True)
+    numbers = {
+        "tensors": len(params),
+        "regularized_values": numel,
+        "variants": {
+            v: {"median_s": median[v], "min_s": min(times[v]), "bytes": nbytes, "peak_bytes": peaks[v]}
+            for v, (_, nbytes) in cases.items()
+        },
+    }
     del model, params, cases, fns
     gc.collect()
-    return "\n".join(lines)
+    return "\n".join(lines), numbers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="shapes to time")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["gpt2", "marian"], help="shapes to time")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
+    parser.add_argument("--json", type=Path, help="also write the numbers of every model and variant to this file")
     add_run_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
 
-    tables = [bench_model(name, device, args.warmup, args.repeats) for name in args.models]
+    results = {name: bench_model(name, device, args.warmup, args.repeats) for name in args.models}
+    tables = [table for table, _ in results.values()]
+    if args.json:
+        args.json.write_text(json.dumps({name: numbers for name, (_, numbers) in results.items()}, indent=1))
     body = "\n\n".join(
         [
             f"## Penalty gradient alone (`bench_penalty.py`, {device.type})",

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py                                         # CPU defaults, ~2 min
     python benchmarks/bench_step.py --device cuda --bf16 --n_layer 12 --n_embd 768 --seq_len 1024 --steps 30
+    python benchmarks/bench_step.py ... --anchor_variants --json out.json   # + θ₀ in bf16 / in host memory
 
 A randomly initialized GPT-2 (GPT-2's vocabulary, the size given by the flags) trains on random tokens. Each round
 trains every variant once from the same weights, in a rotating order, so that drifts in clock speed or load hit
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
@@ -32,6 +35,12 @@ VARIANTS = {
     "L2Trainer grad": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "grad", "l2_coef": COEF}),
     "L2Trainer loss": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "loss", "l2_coef": COEF}),
     "L2Trainer decoupled": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "decoupled", "l2_coef": COEF}),
+}
+# Where θ₀ is kept (`--anchor_variants`): bf16 storage halves its memory; host memory moves it off the device.
+_GRAD = VARIANTS["L2Trainer grad"][2]
+ANCHOR_VARIANTS = {
+    "L2Trainer grad, bf16 anchor": (L2Trainer, L2Config, {**_GRAD, "l2_anchor_dtype": "bfloat16"}),
+    "L2Trainer grad, host anchor": (L2Trainer, L2Config, {**_GRAD, "l2_anchor_device": "cpu"}),
 }
 
 
@@ -64,7 +73,7 @@ class StepClock(TrainerCallback):
 
 def run(variant: str, args: argparse.Namespace, device: torch.device, output_dir: str) -> tuple[float, int | None]:
     """Train one variant from fresh weights; its tokens/s after warm-up and the peak memory growth."""
-    trainer_cls, args_cls, l2_fields = VARIANTS[variant]
+    trainer_cls, args_cls, l2_fields = {**VARIANTS, **ANCHOR_VARIANTS}[variant]
     torch.manual_seed(0)
     config = gpt2_config(args)
     model = GPT2LMHeadModel(config).to(device)  # on the device first, so that memory growth excludes the weights
@@ -109,6 +118,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help=f"optimizer steps per run, the first {WARMUP} untimed")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every variant (the median is reported)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    parser.add_argument("--anchor_variants", action="store_true", help="also time θ₀ stored in bf16 and in host memory")
+    parser.add_argument("--json", type=Path, help="also write every round's tokens/s and peak memory to this file")
     add_run_arguments(parser)
     args = parser.parse_args()
     if args.steps <= WARMUP:
@@ -117,7 +128,7 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
 
-    names = list(VARIANTS)
+    names = list(VARIANTS) + (list(ANCHOR_VARIANTS) if args.anchor_variants else [])
     speed: dict[str, list[float]] = {v: [] for v in names}
     peak: dict[str, list[int | None]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as output_dir:
@@ -144,6 +155,9 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
+    if args.json:
+        numbers = {v: {"tokens_per_s": speed[v], "peak_bytes": peak[v]} for v in names}
+        args.json.write_text(json.dumps(numbers, indent=1))
     body = "\n\n".join(
         [
             f"## Whole optimizer steps (`bench_step.py`, {device.type})",

@@ -19,8 +19,8 @@ import hf_l2
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PREAMBLE = (
     "# Benchmarks\n\n"
-    "Written by the scripts in this folder, each replacing only its own section (one per script and device type): "
-    "do not edit by hand, rerun the command given in the section.\n"
+    "The sections between `<!-- key -->` markers are written by the scripts in this folder, each replacing only its "
+    "own (one per script and device type): do not edit them by hand, rerun the command given in the section.\n"
 )
 
 

@@ -7,10 +7,11 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .anchor_checks import ExpectedAnchor, checksum_metadata, verify_anchor_file
 from .lora import modules_to_save_originals
 from .penalty import L2Penalty, Selection, snapshot
 from .sharding import local_pieces
@@ -169,16 +170,25 @@ def save_anchor(
     os.makedirs(folder, exist_ok=True)
     where = {n: [start, list(shape)] for n, (start, shape) in layout.items() if n in anchors}
     tensors = {k: v.detach().contiguous().cpu() for k, v in anchors.items()}
-    save_file(tensors, os.path.join(folder, name), metadata={"layout": json.dumps(where)})
+    metadata = {"layout": json.dumps(where), **checksum_metadata(tensors)}
+    save_file(tensors, os.path.join(folder, name), metadata=metadata)
     return name
 
 
+def expected_anchors(model: nn.Module, names: list[str]) -> dict[str, ExpectedAnchor]:
+    """What θ₀ of each named parameter must look like in a checkpoint (for `load_anchor`)."""
+    pieces = local_pieces(model)
+    resizable = embedding_parameter_names(model, {n: p.param for n, p in pieces.items()})
+    return {n: ExpectedAnchor(tuple(pieces[n].shape), n in resizable) for n in names}
+
+
 def load_anchor(
-    folder: str, rank: int = 0, world: int = 1
+    folder: str, rank: int = 0, world: int = 1, expected: dict[str, ExpectedAnchor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
     """θ₀ saved in a checkpoint, with its layout: this rank's file from a sharded run, else the whole-θ₀ file.
 
-    Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks.
+    Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks,
+    and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`).
     """
     path = os.path.join(folder, RANK_ANCHOR_FILE.format(rank=rank, world=world))
     if not os.path.isfile(path):
@@ -192,8 +202,16 @@ def load_anchor(
                 "processes and the same FSDP/ZeRO settings."
             )
         return None
-    tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        where = json.loads((f.metadata() or {}).get("layout", "{}"))
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, ValueError) as err:
+        raise ValueError(
+            f"{path} cannot be read ({err}): it is truncated or corrupted, e.g. by a kill while it was saved. "
+            "Resume from an earlier checkpoint."
+        ) from err
+    where = json.loads(metadata.get("layout", "{}"))
     layout = {n: (int(start), torch.Size(shape)) for n, (start, shape) in where.items()}
+    verify_anchor_file(path, tensors, layout, metadata, expected or {}, whole=os.path.basename(path) == ANCHOR_FILE)
     return tensors, layout

@@ -166,7 +166,7 @@ class DecoupledL2SPCallback(TrainerCallback):
             who="DecoupledL2SPCallback",
         )
         self.schedule = schedule or CoefSchedule()
-        self._pull = DecoupledPull([self.penalty])
+        self._pull = DecoupledPull([self.penalty], self.schedule.max_factor)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "deepspeed_plugin", None) is not None:

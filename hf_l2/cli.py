@@ -17,10 +17,8 @@ from huggingface_hub import ModelCard
 from .demo import add_demo_parser
 from .hub import HubPublishError, upload_run
 from .model_card import CARD_FILE
+from .saved_folders import saved_model_problems
 from .sweep import add_sweep_parser
-
-# A folder written by `save_model` holds a config and weights: full (sharded or not) or a PEFT adapter.
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     folder = args.output_dir
-    if not _holds_saved_model(folder):
-        print(
-            f"hf-l2 push: {folder} holds no saved model (a config and {' or '.join(_WEIGHT_FILES)}): pass the folder "
-            "that trainer.save_model() wrote.",
-            file=sys.stderr,
-        )
+    errors, warnings = saved_model_problems(folder)
+    if errors:
+        print(f"hf-l2 push: {folder} is not a finished model to publish: {'; '.join(errors)}. Pass the folder that "
+              "trainer.save_model() wrote.", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"hf-l2 push: warning: {warning}.", file=sys.stderr)
     card = os.path.join(folder, CARD_FILE)
     if not os.path.isfile(card):
         print(f"hf-l2 push: warning: no {CARD_FILE} in {folder}; the repo will have no model card.", file=sys.stderr)
@@ -82,13 +80,6 @@ def _push(args: argparse.Namespace) -> int:
         return 1
     print(f"Pushed {folder} to {commit.repo_url}: {commit.commit_url}")
     return 0
-
-
-def _holds_saved_model(folder: str) -> bool:
-    def has(name: str) -> bool:
-        return os.path.isfile(os.path.join(folder, name))
-
-    return (has("config.json") or has("adapter_config.json")) and any(has(name) for name in _WEIGHT_FILES)
 
 
 if __name__ == "__main__":

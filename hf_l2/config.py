@@ -42,7 +42,8 @@ class L2Config(TrainingArguments):
             `"grad"`: add ∇Ω to the gradients once per optimizer step, after the last backward and before clipping.
             `"loss"`: add Ω to the loss through autograd (required under DeepSpeed). Both give the same parameters.
             `"decoupled"`: no gradient; each optimizer step first moves θ ← θ − lr·α·(θ − θ₀) (new parameters:
-            θ ← θ − lr·β·θ) with the learning rate of the parameter's group, as AdamW applies weight decay.
+            θ ← θ − lr·β·θ) with the learning rate of the parameter's group, as AdamW applies weight decay;
+            lr·α ≥ 1 (and lr·β ≥ 1) is refused, as the pull would overshoot θ₀.
         l2_anchor_path (`str`, *optional*):
             Folder or Hub id whose weights are θ₀; parameters absent there are new. Defaults to the weights the
             model has when the trainer is built.

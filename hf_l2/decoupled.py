@@ -9,6 +9,11 @@ whatever the gradient statistics. The step runs as a pre-hook of the wrapped tor
 - it runs once per optimizer step, just before the update, on the values the gradient was computed at (AdamW's
   order), with the learning rate of each parameter's own param group at that step;
 - a step that the fp16 GradScaler skips never calls the torch optimizer's `step`, so the pull is skipped too.
+
+The pull is a gradient step of size w = lr·α on a quadratic: θ − θ₀ becomes (1 − w)·(θ − θ₀). At w = 1 it lands on
+θ₀ (the task gradient is undone at every step), between 1 and 2 it overshoots and oscillates, past 2 it diverges.
+So w ≥ 1 (and lr·β ≥ 1 for new parameters) is refused: when the trainer is built, from `learning_rate` and the
+schedule's largest factor, and on the first step from the optimizer's own learning rates.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ from typing import Protocol
 
 import torch
 from torch.utils.hooks import RemovableHandle
+
+from .penalty import L2Penalty
+
+
+def check_pull_rate(lr: float, coef: float, factor: float, symbol: str, where: str) -> None:
+    """Refuse a decoupled pull lr·coef·factor ≥ 1; `symbol` (α or β) and `where` (the lr's source) word the error."""
+    rate = lr * coef * factor
+    if rate >= 1:
+        peak = f" × {factor:g} (the schedule's peak)" if factor != 1 else ""
+        raise ValueError(
+            f"`l2_impl='decoupled'`: the pull's step lr·{symbol} = {lr:g} × {coef:g}{peak} = {rate:g} ({where}) is "
+            f"≥ 1, so each step would put the weights on θ₀ (at 1), past it (above 1), and diverge (from 2). Keep "
+            f"{symbol} below {1 / (lr * factor):g} at this learning rate, or use `l2_impl='grad'`."
+        )
 
 
 class PenaltyTerm(Protocol):
@@ -31,8 +50,9 @@ class PenaltyTerm(Protocol):
 class DecoupledPull:
     """Runs each penalty term's `pull_` inside `optimizer.step()`; `attach` it after the terms are bound."""
 
-    def __init__(self, terms: Sequence[PenaltyTerm]):
+    def __init__(self, terms: Sequence[PenaltyTerm], max_factor: float = 1.0):
         self.terms = list(terms)
+        self.max_factor = max_factor  # the coefficient schedule's peak, for the rate check
         self._handle: RemovableHandle | None = None
 
     def attach(self, optimizer) -> DecoupledPull:
@@ -53,6 +73,8 @@ class DecoupledPull:
         def lr_of(param: torch.Tensor) -> float:
             return float(group_of[id(param)]["lr"])
 
+        self._check_rates(group_of)
+
         def pull(optimizer, args, kwargs):
             for term in self.terms:
                 term.pull_(lr_of)
@@ -60,6 +82,18 @@ class DecoupledPull:
         self.detach()
         self._handle = inner.register_step_pre_hook(pull)
         return self
+
+    def _check_rates(self, group_of: dict[int, dict]) -> None:
+        """lr·α < 1 with each group's base lr (`initial_lr`, kept by torch's schedulers; a warm-up starts lower)."""
+        for term in self.terms:
+            if not isinstance(term, L2Penalty):  # the LoRA-delta pull is not linear in θ: no single rate
+                continue
+            for names, coef, symbol in ((term.anchored_names, term.base_coef, "α"),
+                                        (term.new_names, term.base_head_coef, "β")):
+                if coef and names:
+                    groups = [group_of[id(term.parameters[n])] for n in names]
+                    lr = max(max(float(g["lr"]), float(g.get("initial_lr", 0.0))) for g in groups)
+                    check_pull_rate(lr, coef, self.max_factor, symbol, "the optimizer's learning rate")
 
     def detach(self) -> None:
         if self._handle is not None:

@@ -157,7 +157,7 @@ def write_model_card(
         drift_rows=drift_rows,
         has_anchor=bool(drift_rows) and any("drift_sq" in sums for sums in measurement.groups.values()),
         plot_file=PLOT_FILE if plotted is not None else None,
-        hyperparameters=list(extract_hyperparameters_from_trainer(trainer).items()),
+        hyperparameters=list(_hyperparameters(trainer).items()),
         command=info.command or reproduce_command(),
         versions=_versions(_is_peft(model)),
     )
@@ -188,6 +188,36 @@ def final_evaluation(log_history: list[dict]) -> tuple[int | None, dict[str, flo
         if entry.get("step") == step:
             merged.update(metrics_of(entry))
     return step, merged
+
+
+def mixed_precision_in_effect(trainer) -> str | None:
+    """The mixed precision the run really trains with, None when it is plain fp32 as asked (for the card)."""
+    accelerator, args = trainer.accelerator, trainer.args
+    if trainer.is_deepspeed_enabled:  # DeepSpeed casts by its own config, which `fp16` / `bf16` fill in
+        return "DeepSpeed fp16" if args.fp16 else "DeepSpeed bf16" if args.bf16 else None
+    if accelerator.native_amp:
+        return f"Native AMP ({accelerator.mixed_precision}{' with loss scaling' if accelerator.scaler else ''})"
+    off = mixed_precision_turned_off(trainer)
+    return None if off is None else f"none: {off}"
+
+
+def mixed_precision_turned_off(trainer) -> str | None:
+    """Why the mixed precision asked for does not run, or None. `fp16=True` without a GPU is no error: accelerate
+    silently turns AMP off (while the stock card still says "Native AMP")."""
+    accelerator = trainer.accelerator
+    if trainer.is_deepspeed_enabled or accelerator.native_amp or accelerator.mixed_precision == "no":
+        return None
+    return (f"{accelerator.mixed_precision} was asked for, but accelerate runs it only on a GPU; this run trains in "
+            f"fp32 on {accelerator.device.type}")
+
+
+def _hyperparameters(trainer) -> dict:
+    """The stock card's hyperparameters, with the mixed precision that actually ran."""
+    hyperparameters = extract_hyperparameters_from_trainer(trainer)
+    hyperparameters.pop("mixed_precision_training", None)
+    if (precision := mixed_precision_in_effect(trainer)) is not None:
+        hyperparameters["mixed_precision_training"] = precision
+    return hyperparameters
 
 
 def drift_by_group(groups: dict[str, dict[str, float]]) -> list[dict[str, float | str | None]]:

@@ -42,6 +42,11 @@ class CoefSchedule:
         if self.sigmoid_t0 is not None:
             check_number("l2_sigmoid_t0", self.sigmoid_t0)
 
+    @property
+    def max_factor(self) -> float:
+        """The largest f(t) over any run: every schedule moves between 1 and `end_factor`."""
+        return 1.0 if self.name == "constant" else max(1.0, self.end_factor)
+
     def __call__(self, step: int, total_steps: int) -> float:
         if self.name == "constant":
             return 1.0

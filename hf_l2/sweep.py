@@ -1,8 +1,8 @@
 """`hf-l2 sweep`: run a recipe over a grid of penalties × seeds and report target metric, forgetting and drift.
 
 Each run is the recipe itself (`main(argv)`, in this process) with `--l2_mode`, `--l2_coef`, `--l2_kl_coef`,
-`--seed` and `--output_dir` set by the sweep and every other argument passed through. One extra run evaluates the starting
-model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with
+`--seed` and `--output_dir` set by the sweep and every other argument passed through. One extra run evaluates the
+starting model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with
 `--pretrain_validation_file` also `eval_pretrain_*`: the pretraining domain, i.e. what was forgotten) and
 measures the drift ‖θ − θ₀‖ between the saved model and the starting one. The results are written as
 `results.jsonl`, a markdown table and a plot (see `hf_l2.sweep_report`), from this invocation's runs only.

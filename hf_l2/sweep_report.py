@@ -13,7 +13,14 @@ from pathlib import Path
 
 # Metrics a recipe may report, in table order: name in `eval_<name>` → (label, higher is better).
 HEADLINE = {"perplexity": ("perplexity", False), "bleu": ("BLEU", True), "chrf": ("chrF", True)}
-COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "kl": "tab:green", "start": "tab:gray"}
+# The metric the one-sentence summary compares methods by: the first of these the runs have.
+SUMMARY_METRICS = ("bleu", "perplexity", "loss")
+# Forgetting the summary allows: this fraction of what fine-tuning without a penalty forgets.
+FORGETTING_BUDGET = 0.5
+COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "start": "tab:gray"}
+EXTRA_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+# The name of each method's strength on the plot (α unless a method says otherwise).
+STRENGTH = {"l2": "α", "l2_sp": "α", "kl": "λ"}
 
 
 class SweepResultError(ValueError):
@@ -90,9 +97,32 @@ def markdown_table(summaries: list[Summary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method_colors(summaries: list[Summary]) -> dict[str, str]:
+    """A color per mode: the fixed ones, then the next free color for each mode without one."""
+    colors = dict(COLORS)
+    extra = iter(EXTRA_COLORS)
+    for s in summaries:
+        colors.setdefault(s.mode, next(extra, "tab:gray"))
+    return colors
+
+
+def methods(summaries: list[Summary]) -> dict[str, list[Summary]]:
+    """Each penalized method's settings, weakest first (`start` and `none` are not methods)."""
+    grouped: dict[str, list[Summary]] = {}
+    for s in summaries:
+        if s.mode not in ("start", "none"):
+            grouped.setdefault(s.mode, []).append(s)
+    return {mode: sorted(points, key=lambda s: s.coef) for mode, points in grouped.items()}
+
+
 def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
-    """One panel per headline metric (target domain against pretraining domain, or against drift when the runs
-    have no pretraining-domain numbers), and drift against α."""
+    """One frontier panel per headline metric, and drift against α.
+
+    A frontier panel puts the target-domain metric against the pretraining-domain one (against drift when the
+    runs have no pretraining-domain numbers): the starting model is a star, no penalty a black point, and each
+    method a curve over its strength, from no penalty (strength 0) to its strongest setting, with error bars over
+    seeds. One more method in the runs is one more curve.
+    """
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     wanted = list(summaries[0].values)
@@ -104,51 +134,120 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[panels:]:
         ax.set_visible(False)
+    colors = method_colors(summaries)
+    fixed = {s.mode: s for s in summaries if s.mode in ("start", "none")}
     for ax, target in zip(axes, targets):
         x_column = target.replace("eval_", "eval_pretrain_", 1)
         x_column = x_column if x_column in wanted else "drift"
-        for s in summaries:
-            ax.errorbar(s.mean(x_column), s.mean(target), xerr=s.std(x_column), yerr=s.std(target),
-                        fmt="*" if s.mode == "start" else "o", markersize=11 if s.mode == "start" else 6,
-                        color=COLORS[s.mode], capsize=3)
-            name = s.mode if s.mode in ("start", "none") else f"{'λ' if s.mode == 'kl' else 'α'}={s.coef:g}"
-            ax.annotate(name, (s.mean(x_column), s.mean(target)), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8, color=COLORS[s.mode])
+
+        def point(s: Summary) -> tuple[float, float, float, float]:
+            return s.mean(x_column), s.mean(target), s.std(x_column), s.std(target)
+
+        for mode, s in fixed.items():
+            x, y, dx, dy = point(s)
+            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="*" if mode == "start" else "o", capsize=3, zorder=3,
+                        markersize=13 if mode == "start" else 7, color=colors[mode],
+                        label="starting model" if mode == "start" else "no penalty")
+        for mode, points in methods(summaries).items():
+            curve = ([fixed["none"]] if "none" in fixed else []) + points
+            xs, ys, dxs, dys = zip(*map(point, curve))
+            ax.errorbar(xs, ys, xerr=dxs, yerr=dys, fmt="o-", capsize=3, markersize=5, color=colors[mode],
+                        label=mode)
+            for s in points:
+                ax.annotate(f"{STRENGTH.get(mode, 'strength')}={s.coef:g}", (s.mean(x_column), s.mean(target)),
+                            textcoords="offset points", xytext=(5, 4), fontsize=7, color=colors[mode])
         ax.set_xlabel(column_label(x_column) + (" (held-out pretraining data)" if x_column != "drift" else ""))
         ax.set_ylabel(column_label(target) + " (held-out fine-tuning data)")
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    _plot_drift(axes[panels - 1], summaries)
+    _plot_drift(axes[panels - 1], summaries, colors)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
 
 
-def _plot_drift(ax, summaries: list[Summary]) -> None:
+def frontier_summary(summaries: list[Summary], budget: float = FORGETTING_BUDGET) -> str | None:
+    """One sentence: within a forgetting budget, which method gives the best target metric, by how much, and
+    whether that gap is beyond the seeds' spread. None when the runs cannot say (no start, no unpenalized run or no
+    pretraining-domain numbers).
+
+    The budget is a fraction of what fine-tuning without a penalty forgets: the pretraining-domain metric may
+    move from the starting model's toward the unpenalized model's by at most `budget` of the way. Each method
+    is represented by its best setting within the budget.
+    """
+    wanted = summaries[0].values
+    metric = next((m for m in SUMMARY_METRICS if f"eval_{m}" in wanted and f"eval_pretrain_{m}" in wanted), None)
+    fixed = {s.mode: s for s in summaries if s.mode in ("start", "none")}
+    if metric is None or len(fixed) < 2:
+        return None
+    target, pretrain = f"eval_{metric}", f"eval_pretrain_{metric}"
+    label, higher = HEADLINE.get(metric, (metric, False))
+    sign = 1 if higher else -1  # sign * value: larger is better
+    start, none = fixed["start"].mean(pretrain), fixed["none"].mean(pretrain)
+    forgotten = sign * (start - none)
+    if forgotten <= 0:
+        return (f"Fine-tuning without a penalty did not lower the pretraining-domain {label} ({start:.2f} → "
+                f"{none:.2f}): there is no forgetting to budget here.")
+    limit = start - sign * budget * forgotten
+    within = [s for s in summaries if s.mode not in ("start", "none") and sign * (s.mean(pretrain) - limit) >= 0]
+    best: dict[str, Summary] = {}
+    for s in within:
+        if s.mode not in best or sign * (s.mean(target) - best[s.mode].mean(target)) > 0:
+            best[s.mode] = s
+    ranked = sorted(best.values(), key=lambda s: -sign * s.mean(target))
+    reference = fixed["none"]
+    budget_text = (f"At a forgetting budget of {budget:.0%} of what fine-tuning without a penalty forgets "
+                   f"(pretraining {label} {'≥' if higher else '≤'} {limit:.2f}; start {start:.2f}, no penalty "
+                   f"{none:.2f})")
+
+    def cell(s: Summary) -> str:
+        return f"{s.setting} ({_format(s.mean(target), s.std(target), s.runs)})"
+
+    if not ranked:
+        return f"{budget_text}, no setting qualifies."
+    first = ranked[0]
+    cost = (f"; no penalty reaches {_format(reference.mean(target), reference.std(target), reference.runs)} "
+            "while forgetting more")
+    if len(ranked) == 1:
+        return f"{budget_text}, only {first.mode} qualifies: {cell(first)} gives the best target {label}{cost}."
+    second = ranked[1]
+    gap = sign * (first.mean(target) - second.mean(target))
+    spread = first.std(target) + second.std(target)
+    verdict = "beyond" if gap > spread else "within"
+    return (f"{budget_text}, {cell(first)} gives the best target {label}, {gap:.2f} better than the best of "
+            f"{second.mode}, {cell(second)}: {verdict} the seeds' spread ({spread:.2f}, the two standard deviations "
+            f"added){cost}.")
+
+
+def _plot_drift(ax, summaries: list[Summary], colors: dict[str, str]) -> None:
     penalized = [s for s in summaries if s.mode not in ("start", "none")]
     coefs = sorted({s.coef for s in penalized})
     for mode in dict.fromkeys(s.mode for s in penalized):
         points = sorted((s for s in penalized if s.mode == mode), key=lambda s: s.coef)
         ax.errorbar([s.coef for s in points], [s.mean("drift") for s in points],
-                    yerr=[s.std("drift") for s in points], marker="o", capsize=3, label=mode, color=COLORS[mode])
+                    yerr=[s.std("drift") for s in points], marker="o", capsize=3, label=mode, color=colors[mode])
     for s in summaries:
         if s.mode == "none":
-            ax.axhline(s.mean("drift"), color=COLORS["none"], linestyle="--", label="none")
+            ax.axhline(s.mean("drift"), color=colors["none"], linestyle="--", label="none")
             ax.axhspan(s.mean("drift") - s.std("drift"), s.mean("drift") + s.std("drift"), color="black", alpha=0.08)
     positive = [c for c in coefs if c > 0]
     if positive and coefs[0] == 0:  # α = 0 has no place on a log axis
         ax.set_xscale("symlog", linthresh=positive[0])
     elif positive:
         ax.set_xscale("log")
-    ax.set_xlabel("α (l2_coef); λ (l2_kl_coef) for kl")
+    ax.set_xlabel("strength (l2_coef: α; l2_kl_coef: λ)")
     ax.set_ylabel(column_label("drift") + " from the starting model")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
 
 def write_report(rows: list[dict], output_dir: str | Path, title: str) -> tuple[Path, Path]:
-    """`results.md` (title and table) and `results.png` under `output_dir`; returns their paths."""
+    """`results.md` (title, table and the frontier's one-sentence summary) and `results.png` under `output_dir`;
+    returns their paths."""
     summaries = summarize(rows)
     output_dir = Path(output_dir)
     table, figure = output_dir / "results.md", output_dir / "results.png"
     plot(summaries, figure, title)
-    table.write_text(f"### {title}\n\n{markdown_table(summaries)}", encoding="utf-8")
+    summary = frontier_summary(summaries)
+    table.write_text(f"### {title}\n\n{markdown_table(summaries)}" + (f"\n{summary}\n" if summary else ""),
+                     encoding="utf-8")
     return table, figure

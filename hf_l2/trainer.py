@@ -4,19 +4,23 @@ and Hub publishing of `hf_l2.publishing`), and `L2Trainer` / `L2Seq2SeqTrainer` 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .anchor import ANCHOR_FILE, load_anchor, read_weights, save_anchor
+from .anchor import ANCHOR_FILE, expected_anchors, load_anchor, read_weights, save_anchor
+from .anchor_checks import differing_anchors
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, L2Config
-from .decoupled import DecoupledPull
+from .decoupled import DecoupledPull, check_pull_rate
 from .lora import LoraDeltaPenalty
+from .model_card import mixed_precision_turned_off
 from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
@@ -45,7 +49,8 @@ class L2PenaltyMixin:
 
     Ω has up to two terms, read through `l2_terms`: `penalty` (an `L2Penalty` over ordinary parameters, PEFT
     `modules_to_save` copies included) and, with `l2_lora_delta`, `lora` (a `LoraDeltaPenalty` over the LoRA
-    factors). Publishing (card, Hub) is `L2PublishingMixin`'s; `L2TrainerMixin` combines both.
+    factors). They cover the parameters trainable when the trainer is built (a change by the first step warns).
+    Publishing (card, Hub) is `L2PublishingMixin`'s; `L2TrainerMixin` combines both.
     """
 
     args: L2Config
@@ -69,6 +74,8 @@ class L2PenaltyMixin:
         self._l2_add_to_loss = False
         self._l2_in_loss: torch.Tensor | None = None
         self._move_weight_norm_callbacks_first()
+        if (precision_off := mixed_precision_turned_off(self)) is not None:
+            logger.warning(f"Mixed precision is off: {precision_off} (the model card says so).")
         if not self.args.l2_enabled:
             return
         if self.is_deepspeed_enabled and self.args.l2_impl != "loss":
@@ -81,6 +88,8 @@ class L2PenaltyMixin:
                 self.model, self.args.l2_coef, self.args.l2_exclude, ANCHOR_DTYPES[self.args.l2_anchor_dtype]
             )
         self._l2 = self._build_penalty(frozenset(self._l2_lora.anchored_names if self._l2_lora else ()))
+        if self.args.l2_impl == "decoupled" and self.optimizer is None:  # a user's optimizer is checked at step 1
+            self._l2_check_pull_rate()
 
     # ---- construction ---------------------------------------------------------------------------------------
     def _build_penalty(self, skip: frozenset[str]) -> L2Penalty:
@@ -99,6 +108,7 @@ class L2PenaltyMixin:
             dtype=ANCHOR_DTYPES[args.l2_anchor_dtype],
             device="cpu" if args.l2_anchor_device == "cpu" else None,
         )
+        self._l2_trainable_at_build = _trainable_names(model)
         pieces = local_pieces(model)  # ZeRO-3 `zero.Init` placeholders count by their real size
         count = lambda names: sum(math.prod(pieces[n].shape) for n in names)  # noqa: E731
         logger.info(
@@ -107,6 +117,14 @@ class L2PenaltyMixin:
             f"({count(penalty.new_names):,} values)."
         )
         return penalty
+
+    def _l2_check_pull_rate(self) -> None:
+        """lr·α < 1 (and lr·β) for the decoupled pull, from `learning_rate`: no schedule of the Trainer exceeds it."""
+        args = self.args
+        fields = ("l2_coef",) if args.l2_mode == "l2" else ("l2_coef", "l2_head_coef")
+        for name in fields:
+            check_pull_rate(args.learning_rate, getattr(args, name), args.l2_schedule.max_factor,
+                            "β" if name == "l2_head_coef" else "α", f"`learning_rate` × `{name}`")
 
     def _move_weight_norm_callbacks_first(self) -> None:
         """Reporting callbacks (TensorBoard, W&B) only see keys added to `logs` by callbacks that run before them."""
@@ -140,9 +158,29 @@ class L2PenaltyMixin:
             self._l2_pull = None
 
     def _l2_bind(self) -> None:
+        self._l2_warn_if_trainable_changed()
         self._l2_bind_terms()
         if self.args.l2_impl == "decoupled":
-            self._l2_pull = DecoupledPull(self._active_l2_terms()).attach(self.optimizer)
+            pull = DecoupledPull(self._active_l2_terms(), self.args.l2_schedule.max_factor)
+            self._l2_pull = pull.attach(self.optimizer)
+
+    def _l2_warn_if_trainable_changed(self) -> None:
+        """The penalty covers the parameters trainable when the trainer was built: say so if that set changed."""
+        now, then = _trainable_names(self.model), self._l2_trainable_at_build
+        covered = {n for t in self._active_l2_terms() for n in t.anchored_names + getattr(t, "new_names", [])}
+        unfrozen = [n for n in now if n not in then]
+        frozen = [n for n in then if n not in now and n in covered]
+        if unfrozen:
+            logger.warning(
+                f"{len(unfrozen)} parameter(s) became trainable after the trainer was built, e.g. {unfrozen[:3]}: "
+                "they train without the penalty, whose parameters are chosen when the trainer is built. Unfreeze "
+                "them before building the trainer (or build a new one)."
+            )
+        if frozen:
+            logger.warning(
+                f"{len(frozen)} penalized parameter(s) were frozen after the trainer was built, e.g. {frozen[:3]}; "
+                "freeze them before building the trainer so that the penalty leaves them out."
+            )
 
     def _l2_bind_terms(self) -> None:
         # After `accelerator.prepare`: under FSDP / ZeRO-3 the pieces are this rank's shards, and θ₀ is cut to match.
@@ -219,7 +257,29 @@ class L2PenaltyMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._l2 is not None and self._l2.bound and "loss" in logs:
             logs.update(self._l2_metrics())
+            self._l2_stop_if_not_finite(logs)
         super().log(logs, start_time)
+
+    def _l2_stop_if_not_finite(self, logs: dict[str, float]) -> None:
+        """A NaN or infinite Ω or drift means the weights are garbage: stop now, before the next checkpoint saves them.
+
+        The Trainer alone would carry on: its `logging_nan_inf_filter` logs a non-finite loss as the running mean.
+        """
+        keys = ("l2/penalty", "l2/drift", "l2/lora_delta")
+        bad = {k: logs[k] for k in keys if k in logs and not math.isfinite(logs[k])}
+        if not bad:
+            return
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        finite = [h["step"] for h in self.state.log_history if "l2/penalty" in h]
+        decoupled = " (with `l2_impl='decoupled'`, lr·α near or above 1)" if self.args.l2_impl == "decoupled" else ""
+        raise FloatingPointError(
+            f"Training stopped at step {self.state.global_step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}, "
+            f"so the weights are no longer finite. Likely causes: a learning rate or `l2_coef` too large{decoupled}, "
+            "fp16 overflow, or a non-finite θ₀ or model. The logged `loss` may not show it (`logging_nan_inf_filter`). "
+            + (f"The last finite statistics were logged at step {finite[-1]}. " if finite else "")
+            + (f"The last checkpoint is {last}: resume from it with a lower learning rate or `l2_coef`."
+               if last else "No checkpoint had been saved yet.")
+        )
 
     def _l2_metrics(self) -> dict[str, float]:
         """`l2/*` values for a training log; one host sync for all of them."""
@@ -255,7 +315,9 @@ class L2PenaltyMixin:
         terms = [t for t in self._active_l2_terms() if t.anchored_names]
         if checkpoint is None or not terms:
             return
-        loaded = load_anchor(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        names = [n for t in terms for n in t.anchored_names]
+        rank = dist.get_rank() if world_size() > 1 else 0
+        loaded = load_anchor(checkpoint, rank, world_size(), expected_anchors(self.model, names))
         if loaded is None:
             logger.warning(
                 f"{checkpoint} has no {ANCHOR_FILE}; L2-SP keeps the anchor taken when the trainer was built. "
@@ -265,7 +327,13 @@ class L2PenaltyMixin:
         saved, layout = loaded
         missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
-            raise ValueError(f"{checkpoint}/{ANCHOR_FILE} lacks anchors for {missing[:5]}: was the model changed?")
+            raise ValueError(
+                f"{checkpoint}/{ANCHOR_FILE} lacks θ₀ for {len(missing)} penalized parameter(s), first {missing[:5]}: "
+                "the penalized set differs from the checkpoint's (`l2_exclude`, `l2_exclude_bias_and_norm`, "
+                "`l2_head_params` or the trainable parameters changed since). Resume with the settings of that run, "
+                "or start a new run from the pretrained model."
+            )
+        self._l2_check_resumed_anchor(checkpoint, terms, saved, layout)
         for term in terms:
             for name in term.anchored_names:
                 old = term.anchors[name]
@@ -273,6 +341,32 @@ class L2PenaltyMixin:
         for name in self._l2.anchored_names:
             self._l2.anchor_layout[name] = layout.get(name, (0, saved[name].shape))
         self._l2_unbind()  # the next step cuts the restored θ₀ to this rank's pieces
+
+    def _l2_check_resumed_anchor(self, checkpoint, terms, saved, layout) -> None:
+        """A resumed run keeps the θ₀ it was trained with: refuse an `l2_anchor_path` that says otherwise, and say
+        at WARNING when the weights the trainer was built with (the θ₀ it would have taken) differ from it."""
+        differ = [
+            n for t in terms
+            for n in differing_anchors(t.anchors, getattr(t, "anchor_layout", {}), saved, layout)
+        ]
+        if not differ:
+            return
+        from_path = [n for n in differ if n in self._l2.anchors] if self.args.l2_anchor_path else []
+        if from_path:
+            raise ValueError(
+                f"`l2_anchor_path`={self.args.l2_anchor_path!r} differs from the θ₀ that {checkpoint} was trained "
+                f"with in {len(from_path)} tensor(s), e.g. {from_path[:3]}; a resumed run keeps its own θ₀. To "
+                "resume, drop `l2_anchor_path` or point it at the model this run started from; to anchor to the "
+                "other model, start a new run from the checkpoint's weights without `resume_from_checkpoint`."
+            )
+        logger.warning(
+            f"θ₀ in force: the one saved in {checkpoint} (this run's own), not the weights the trainer was built "
+            f"with, which differ in {len(differ)} tensor(s), e.g. {differ[:3]}."
+        )
+
+
+def _trainable_names(model) -> list[str]:
+    return [n for n, piece in local_pieces(model).items() if piece.param.requires_grad]
 
 
 class L2OutputAnchorMixin(L2PenaltyMixin):

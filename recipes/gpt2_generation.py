@@ -39,6 +39,8 @@ from hf_l2.recipe_common import (
     load_raw_datasets,
     parse_args,
     require_architecture,
+    require_texts,
+    resolve_checkpoint,
     run,
     setup_logging,
     train_and_report,
@@ -66,14 +68,17 @@ class GenerationDataArguments(DataArguments):
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens sampled after each prompt."})
 
 
+def check_texts(dataset, where: str, data_args) -> None:
+    """Every row of a split holds its text (possibly empty: texts are joined into one stream)."""
+    if data_args.text_column not in dataset.column_names:
+        raise RecipeInputError(
+            f"`--text_column {data_args.text_column}` is not in {where}; its columns: {dataset.column_names}."
+        )
+    require_texts(dataset[data_args.text_column], where, f"the text (`{data_args.text_column}`)")
+
+
 def tokenize_and_block(raw, tokenizer, data_args, training_args, block_size):
     """Tokenize every text, concatenate them and cut the stream into blocks of `block_size` tokens."""
-    for split, dataset in raw.items():
-        if data_args.text_column not in dataset.column_names:
-            raise RecipeInputError(
-                f"`--text_column {data_args.text_column}` is not in the {split} data; its columns: "
-                f"{dataset.column_names}."
-            )
 
     def tokenize(batch):
         return tokenizer(batch[data_args.text_column])
@@ -148,9 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         (GenerationModelArguments, GenerationDataArguments, L2Config), DEFAULTS, argv
     )
     setup_logging(training_args)
+    training_args.resume_from_checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
     set_seed(training_args.seed)
 
-    raw = load_raw_datasets(data_args, model_args.cache_dir, training_args.seed)
+    raw = load_raw_datasets(data_args, model_args.cache_dir, training_args.seed,
+                            check=lambda dataset, where: check_texts(dataset, where, data_args))
     hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
                trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)

@@ -40,6 +40,8 @@ from hf_l2.recipe_common import (
     load_raw_datasets,
     parse_args,
     require_architecture,
+    require_texts,
+    resolve_checkpoint,
     run,
     setup_logging,
     train_and_report,
@@ -73,32 +75,53 @@ class TranslationDataArguments(DataArguments):
     max_target_length: int = field(default=128, metadata={"help": "Target tokens kept (longer targets are truncated)."})
 
 
-def pair_reader(dataset, split: str, data_args: TranslationDataArguments):
-    """A function example → (source, target) for one split, in the `translation` layout or two plain columns."""
-    columns = dataset.column_names
-    src, tgt = data_args.source_lang, data_args.target_lang
-    if "translation" in columns:
-        keys = dataset[0]["translation"]
-        missing = [k for k in (src, tgt) if k not in keys]
+def pair_columns(dataset, data_args: TranslationDataArguments) -> tuple[str, str] | None:
+    """The (source, target) columns of the two-column layout, or None for the `translation` layout."""
+    if "translation" in dataset.column_names:
+        return None
+    return data_args.source_column or data_args.source_lang, data_args.target_column or data_args.target_lang
+
+
+def pair_reader(dataset, data_args: TranslationDataArguments):
+    """A function example → (source, target), in the `translation` layout or two plain columns."""
+    columns = pair_columns(dataset, data_args)
+    if columns is None:
+        src, tgt = data_args.source_lang, data_args.target_lang
+        return lambda ex: (ex["translation"][src], ex["translation"][tgt])
+    return lambda ex: (ex[columns[0]], ex[columns[1]])
+
+
+def check_pairs(dataset, where: str, data_args: TranslationDataArguments) -> None:
+    """Every row of a split holds a source and a target text, neither empty: an empty target would teach the
+    model to stop at once."""
+    columns = pair_columns(dataset, data_args)
+    if columns is None:
+        entries = [entry or {} for entry in dataset["translation"]]
+        keys = sorted({key for entry in entries for key in entry})
+        missing = [k for k in (data_args.source_lang, data_args.target_lang) if k not in keys]
         if missing:
             raise RecipeInputError(
-                f"The `translation` entries of the {split} data have keys {sorted(keys)}, not {missing}: "
+                f"The `translation` entries of {where} have keys {keys}, not {missing}: "
                 "set `--source_lang` / `--target_lang` to keys the data has."
             )
-        return lambda ex: (ex["translation"][src], ex["translation"][tgt])
-    source_column, target_column = data_args.source_column or src, data_args.target_column or tgt
-    missing = [c for c in (source_column, target_column) if c not in columns]
-    if missing:
-        raise RecipeInputError(
-            f"The {split} data has no column {missing} and no `translation` column; its columns: {columns}. "
-            "Set `--source_column` / `--target_column` (or `--source_lang` / `--target_lang`)."
-        )
-    return lambda ex: (ex[source_column], ex[target_column])
+        texts = {f"`translation.{k}`": [entry.get(k) for entry in entries]
+                 for k in (data_args.source_lang, data_args.target_lang)}
+    else:
+        missing = [c for c in columns if c not in dataset.column_names]
+        if missing:
+            raise RecipeInputError(
+                f"{where} has no column {missing} and no `translation` column; its columns: "
+                f"{dataset.column_names}. Set `--source_column` / `--target_column` (or `--source_lang` / "
+                "`--target_lang`)."
+            )
+        texts = {f"`{c}`": dataset[c] for c in columns}
+    for what, values in texts.items():
+        require_texts(values, where, f"the text of {what}", allow_empty=False)
 
 
 def tokenize_pairs(raw, tokenizer, data_args, training_args):
     """Tokenized splits and the validation split's reader; each split is read in its own layout."""
-    readers = {split: pair_reader(dataset, split, data_args) for split, dataset in raw.items()}
+    readers = {split: pair_reader(dataset, data_args) for split, dataset in raw.items()}
 
     def tokenize(batch, read):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -144,11 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
         (TranslationModelArguments, TranslationDataArguments, L2Seq2SeqConfig), DEFAULTS, argv
     )
     setup_logging(training_args)
+    training_args.resume_from_checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
     set_seed(training_args.seed)
     if training_args.do_eval and not training_args.predict_with_generate:
         logger.warning("Without `--predict_with_generate`, evaluation reports the loss only (no BLEU / chrF).")
 
-    raw = load_raw_datasets(data_args, model_args.cache_dir, training_args.seed)
+    raw = load_raw_datasets(data_args, model_args.cache_dir, training_args.seed,
+                            check=lambda dataset, where: check_pairs(dataset, where, data_args))
     hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
                trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)

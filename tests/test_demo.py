@@ -201,3 +201,80 @@ def test_missing_catalogs_say_what_to_install(monkeypatch):
     monkeypatch.setitem(data.CATALOGS, "django", ("not_an_installed_module", "de"))
     with pytest.raises(data.DemoDataError, match=r"`not_an_installed_module`.*pip install -e \"\.\[demo\]\""):
         data.prepare("unused")
+
+
+def _rows(points: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """Sweep rows with BLEU only: setting label → per-seed (target BLEU, pretraining BLEU)."""
+    rows = []
+    for label, seeds in points.items():
+        mode, _, coef = label.partition(" α=")
+        for seed, (target, pretrain) in enumerate(seeds):
+            rows.append({"setting": label, "mode": mode, "coef": float(coef or 0), "seed": seed, "drift": 1.0,
+                         "eval_bleu": target, "eval_pretrain_bleu": pretrain})
+    return rows
+
+
+def test_frontier_summary_names_the_best_method_within_the_forgetting_budget():
+    # Start 30, no penalty 10: half the forgetting allows pretraining BLEU ≥ 20. l2 α=1 (22) and l2_sp α=0.1 (25)
+    # and α=1 (28) qualify; l2_sp α=0.1 has the best target mean (19 vs l2's 14): a gap of 5 against a spread of
+    # 1 + 1 (each std of two seeds at ±0.707... is 1).
+    rows = _rows({
+        "start": [(5.0, 30.0)],
+        "none": [(20.0, 10.0), (20.0, 10.0)],
+        "l2 α=0.1": [(18.0, 12.0), (18.0, 12.0)],
+        "l2 α=1": [(14 - 0.5 ** 0.5, 22.0), (14 + 0.5 ** 0.5, 22.0)],
+        "l2_sp α=0.1": [(19 - 0.5 ** 0.5, 25.0), (19 + 0.5 ** 0.5, 25.0)],
+        "l2_sp α=1": [(12.0, 28.0), (12.0, 28.0)],
+    })
+    sentence = sweep_report.frontier_summary(sweep_report.summarize(rows))
+    assert "pretraining BLEU ≥ 20.00; start 30.00, no penalty 10.00" in sentence
+    assert "l2_sp α=0.1 (19.00 ± 1.00) gives the best target BLEU, 5.00 better than the best of l2" in sentence
+    assert "l2 α=1 (14.00 ± 1.00): beyond the seeds' spread (2.00" in sentence
+    assert "no penalty reaches 20.00 ± 0.00" in sentence
+    # A tighter budget (10% of the forgetting: ≥ 28) leaves l2_sp α=1 alone; an impossible one, nothing.
+    assert "only l2_sp qualifies: l2_sp α=1 (12.00 ± 0.00)" in sweep_report.frontier_summary(sweep_report.summarize(rows), 0.1)
+    assert sweep_report.frontier_summary(sweep_report.summarize(rows), 0.0).endswith("no setting qualifies.")
+
+
+def test_frontier_summary_says_when_nothing_was_forgotten_and_plot_draws_any_method(tmp_path):
+    rows = _rows({"start": [(5.0, 10.0)], "none": [(20.0, 12.0)], "wise_ft α=0.5": [(12.0, 11.0)]})
+    sentence = sweep_report.frontier_summary(sweep_report.summarize(rows))
+    assert "did not lower the pretraining-domain BLEU (10.00 → 12.00)" in sentence
+    table, figure = sweep_report.write_report(rows, tmp_path, "t")  # a mode the report has no color for still plots
+    assert figure.read_bytes()[:4] == b"\x89PNG" and "did not lower" in table.read_text()
+    assert sweep_report.frontier_summary(sweep_report.summarize([r for r in rows if r["mode"] != "start"])) is None
+
+
+def test_catalog_pairs_keep_english_messages_and_drop_keys_and_long_help(tmp_path, monkeypatch):
+    """A German catalog written here with polib: what `catalog_pairs` keeps is decided by hand."""
+    import polib
+
+    from hf_l2.demo import data
+
+    folder = tmp_path / "fake_catalogs" / "locales" / "de" / "LC_MESSAGES"
+    folder.mkdir(parents=True)
+    (tmp_path / "fake_catalogs" / "__init__.py").write_text("")
+    catalog = polib.POFile()
+    long_help = " ".join(["word"] * (data.MAX_WORDS + 1))
+    for msgid, msgstr in [("Delete  the\nfile", "Datei löschen"), ("label_title", "Titel"), ("month_oct_abbr", "Okt"),
+                          ("Save", "Speichern"), ("Untranslated", ""), (long_help, "lang")]:
+        catalog.append(polib.POEntry(msgid=msgid, msgstr=msgstr))
+    catalog.append(polib.POEntry(msgid="%d file", msgid_plural="%d files",
+                                 msgstr_plural={0: "%d Datei", 1: "%d Dateien"}))
+    catalog.save_as_mofile(str(folder / "a.mo"))
+    later = polib.POFile()  # read after a.mo: its translation of a message a.mo has is not kept
+    later.append(polib.POEntry(msgid="Save", msgstr="Sichern"))
+    later.save_as_mofile(str(folder / "b.mo"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(data.CATALOGS, "fake", ("fake_catalogs", "de"))
+    assert data.catalog_pairs("fake") == [("%d file", "%d Datei"), ("Delete the file", "Datei löschen"),
+                                          ("Save", "Speichern")]
+
+
+def test_pretraining_pairs_are_many_and_never_a_fine_tuning_message(tmp_path):
+    parts = prepare(tmp_path)
+    rows = {part: [json.loads(line)["translation"] for line in parts.translation(part).read_text().splitlines()]
+            for part in ("pretrain_train", "pretrain_validation", "target_train", "target_validation")}
+    assert len(rows["pretrain_train"]) >= 5000 and len(rows["pretrain_validation"]) == 500
+    target = {r["en"] for r in rows["target_train"] + rows["target_validation"]}
+    assert not target & {r["en"] for r in rows["pretrain_train"] + rows["pretrain_validation"]}

@@ -21,7 +21,9 @@ def test_two_process_ddp_equals_one_process(tmp_path, impl):
                    l2_coef=1.0, l2_impl=impl, max_grad_norm=0.5)
     single = L2Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))
     single.train()
-    assert max_rel_diff(ddp["params"], params_of(model)) < 1e-6
+    # Summation order differs between gloo's all-reduce and one process: 1.1e-6 at the lowest versions
+    # (constraints/lowest.txt), below 1e-6 at the pinned ones. Ω counted twice moves them by 2.8e-2.
+    assert max_rel_diff(ddp["params"], params_of(model)) < 5e-6
     ddp_log = [h for h in ddp["log"] if "l2/penalty" in h]
     one_log = [h for h in single.state.log_history if "l2/penalty" in h]
     assert ddp_log[-1]["l2/penalty"] == pytest.approx(one_log[-1]["l2/penalty"], rel=1e-5)

@@ -3,14 +3,14 @@
 import base64
 import json
 import os
+import shutil
 import sys
 import types
 
-import httpx2
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
-from huggingface_hub.utils import set_client_factory
+from huggingface_hub.utils import _http, set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -31,6 +31,8 @@ from hf_l2.model_card import PLOT_FILE
 from hf_l2.recipe_common import load_recipe
 
 TOKEN = "hf_test_token"
+# The HTTP library huggingface_hub talks through: httpx in 1.x, httpx2 (the same API) in 2.x.
+httpx = getattr(_http, "httpx2", None) or _http.httpx
 
 
 class FakeHub:
@@ -50,42 +52,43 @@ class FakeHub:
     def watch(self, folder):
         self._watched, self.files_at_first_request = folder, None
 
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+    def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path == "/api/agent-harnesses":  # huggingface_hub's environment probe, not a Hub call we make
-            return httpx2.Response(404)
+            return httpx.Response(404)
         if self._watched and self.files_at_first_request is None:
             self.files_at_first_request = set(os.listdir(self._watched))
         self.requests.append((request.method, path, request.headers.get("authorization")))
         failing = self.fail is not None and self.fail_on in path
         if failing and self.fail == "offline":
-            raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
+            raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
         if failing:
             refusal = {"error": "refused", "errors": [{"message": "refused"}]}
-            return httpx2.Response(self.fail, json=refusal, headers={"X-Error-Message": "refused"})
+            return httpx.Response(self.fail, json=refusal, headers={"X-Error-Message": "refused"})
         if path == "/api/repos/create":
             body = json.loads(request.content)
             repo_id = f"{body.get('organization') or 'alice'}/{body['name']}"
-            self.created.append((repo_id, body.get("visibility")))
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo_id}", "name": repo_id})
+            # huggingface_hub 2.x sends `visibility`, 1.x `private`
+            self.created.append((repo_id, body.get("visibility") or ("private" if body.get("private") else None)))
+            return httpx.Response(200, json={"url": f"https://huggingface.co/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":
             content = json.loads(request.content)["content"]
             self.validated_cards.append(content)
             ModelCard(content)  # the fake checks what it can offline: the header parses as model card metadata
-            return httpx2.Response(200, json={})
+            return httpx.Response(200, json={})
         if "/preupload/" in path:
             files = json.loads(request.content)["files"]  # small files: all sent inline in the commit
             modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            return httpx2.Response(200, json={"files": modes})
+            return httpx.Response(200, json={"files": modes})
         if "/commit/" in path:
             lines = [json.loads(line) for line in request.content.splitlines()]
             files = {op["value"]["path"]: base64.b64decode(op["value"]["content"])
                      for op in lines if op["key"] == "file"}
             repo_id, revision = path.removeprefix("/api/models/").split("/commit/")
             self.commits.append({"repo_id": repo_id, "revision": revision, "files": files})
-            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
+            return httpx.Response(200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
                                               "commitOid": "a" * 40, "commitMessage": lines[0]["value"]["summary"]})
-        return httpx2.Response(404, json={"error": f"the fake Hub does not serve {path}"})
+        return httpx.Response(404, json={"error": f"the fake Hub does not serve {path}"})
 
 
 @pytest.fixture
@@ -99,7 +102,7 @@ def fake_hub(monkeypatch, tmp_path):
         stock = default_client_factory()  # keep its request hooks (offline mode, request ids); swap the network
         hooks = stock.event_hooks
         stock.close()
-        return httpx2.Client(transport=httpx2.MockTransport(hub), event_hooks=hooks, follow_redirects=True)
+        return httpx.Client(transport=httpx.MockTransport(hub), event_hooks=hooks, follow_redirects=True)
 
     set_client_factory(client)
     yield hub
@@ -144,7 +147,8 @@ def test_push_to_hub_sends_model_tokenizer_card_and_plot_after_saving_them(tmp_p
     assert wanted <= set(sent["files"])
     for name in ("README.md", PLOT_FILE, "model.safetensors"):
         assert sent["files"][name] == (out / name).read_bytes()
-    assert fake_hub.validated_cards == [(out / "README.md").read_text()]
+    # The card the Hub was asked to validate is the one on disk (huggingface_hub 1.x asks more than once).
+    assert fake_hub.validated_cards and set(fake_hub.validated_cards) == {(out / "README.md").read_text()}
     assert commit.commit_url.startswith("https://huggingface.co/alice/tiny-l2sp/commit/")
 
 
@@ -222,7 +226,8 @@ def test_cli_publishes_a_saved_run_later(trained, fake_hub, tmp_path, capsys):
 
     fake_hub.requests.clear()
     assert hf_l2_main(["push", str(tmp_path), "--repo-id", "bob/later"]) == 2
-    assert "holds no saved model" in capsys.readouterr().err and fake_hub.requests == []
+    assert "is not a finished model to publish: no config.json" in capsys.readouterr().err
+    assert fake_hub.requests == []
 
 
 # ---- the recipes --------------------------------------------------------------------------------------------
@@ -289,3 +294,64 @@ def test_a_recipe_whose_push_fails_ends_with_one_message(recipe_inputs, fake_hub
     assert message.startswith(f"error: Pushing to the Hugging Face Hub failed: {cause}") and after in message
     trained = fail == "offline"
     assert (out / "model.safetensors").is_file() == trained and (out / "README.md").is_file() == trained
+
+
+# ---- hf-l2 push on an incomplete run --------------------------------------------------------------------------
+def saved_run(trained, tmp_path):
+    trainer, out, _ = trained
+    trainer.save_model()
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return copy
+
+
+def cut_short(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda run: cut_short(run / "model.safetensors"),
+     "no readable model weights: model.safetensors (unreadable, truncated or corrupted"),
+    (lambda run: (run / "config.json").unlink(), "no config.json (or adapter_config.json)"),
+    (lambda run: (run / "model.safetensors").unlink(), "no readable model weights: model weights (none of"),
+])
+def test_cli_refuses_an_incomplete_run_before_asking_the_hub(trained, fake_hub, tmp_path, capsys, damage, said):
+    run = saved_run(trained, tmp_path)
+    damage(run)
+    capsys.readouterr()  # the save's progress bars
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hf-l2 push: {run} is not a finished model to publish: ") and said in err
+    assert err.count("\n") == 1 and fake_hub.requests == []
+
+
+def test_cli_refuses_a_sharded_model_missing_a_shard(trained, fake_hub, tmp_path, capsys):
+    run = saved_run(trained, tmp_path)
+    trainer, _, _ = trained
+    (run / "model.safetensors").unlink()
+    trainer.model.save_pretrained(run, max_shard_size="5KB")
+    shards = sorted(run.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    shards[1].unlink()
+    capsys.readouterr()
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 2
+    assert f"{shards[1].name} (missing)" in capsys.readouterr().err and fake_hub.requests == []
+
+
+def test_cli_refuses_a_checkpoint_folder(trained, fake_hub, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(saved_run(trained, tmp_path), checkpoint)  # a whole model, but a checkpoint by its name
+    assert hf_l2_main(["push", str(checkpoint), "--repo-id", "bob/later"]) == 2
+    assert "it is a checkpoint folder (it holds training state" in capsys.readouterr().err
+    assert fake_hub.requests == []
+
+
+def test_cli_warns_about_a_missing_tokenizer_and_pushes_the_model(trained, fake_hub, tmp_path, capsys):
+    run = saved_run(trained, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (run / name).unlink()
+    capsys.readouterr()
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 0
+    assert "hf-l2 push: warning: no tokenizer (tokenizer_config.json)" in capsys.readouterr().err
+    (sent,) = fake_hub.commits
+    assert {"model.safetensors", "config.json"} <= set(sent["files"]) and "tokenizer.json" not in sent["files"]

@@ -2,8 +2,6 @@
 
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import types
 import zipfile
@@ -11,11 +9,10 @@ import zipfile
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from helpers import TokenDataset, l2_args, params_of, penalized, tiny_gpt2
+from helpers import TokenDataset, build_wheel, l2_args, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Trainer, model_card
 from hf_l2.model_card import PLOT_FILE, final_evaluation, plot_training, reproduce_command
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def table_row(card_text: str, first_cell: str) -> list[str]:
@@ -201,19 +198,14 @@ def test_reproduce_command_names_the_launcher(monkeypatch, argv, env, main_modul
 
 
 def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path, monkeypatch):
-    source = tmp_path / "src"
-    for name in ("hf_l2", "model_cards"):
-        shutil.copytree(os.path.join(REPO_ROOT, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(os.path.join(REPO_ROOT, name), source / name)
-    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
-                   check=True, capture_output=True)
-    (wheel,) = (tmp_path / "dist").glob("hf_l2-*.whl")
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         files = archive.namelist()
         entry_points = archive.read(next(f for f in files if f.endswith("entry_points.txt"))).decode()
-    assert {"hf_l2/model_cards/template.md", "hf_l2/metrics/sacrebleu.py"} <= set(files)
+    shipped = {"hf_l2/model_cards/template.md", "hf_l2/metrics/sacrebleu.py", "hf_l2/recipes/gpt2_generation.py",
+               "hf_l2/recipes/marian_translation.py", "hf_l2/recipes/configs/gpt2_generation.yaml",
+               "hf_l2/recipes/accelerate_configs/fsdp2.yaml"}
+    assert shipped <= set(files)
     assert not any(f.startswith("hf_l2/model_cards/example") for f in files)
     assert "hf-l2 = hf_l2.cli:main" in entry_points
 

@@ -3,12 +3,12 @@
 | task        | pretraining domain (builds the starting model)              | fine-tuning domain (small)   |
 |-------------|-------------------------------------------------------------|------------------------------|
 | generation  | Python's language reference (`pydoc_data.topics`)           | Django's English UI messages |
-| translation | JupyterLab's English→German UI messages (its language pack) | Django's en→de UI messages   |
+| translation | the en→de messages of JupyterLab, Mercurial, Trac and Plone  | Django's en→de UI messages   |
 
-Python ships `pydoc_data`; the `demo` extra installs the pinned Django and JupyterLab language-pack wheels, whose
-gettext catalogs (`.mo`) hold the message pairs. Everything is read, sorted and split the same way every time, so
-the files are a function of those inputs: they are written once under a folder named by a hash of their content
-and reused afterwards.
+Python ships `pydoc_data`; the `demo` extra installs pinned wheels of Django, JupyterLab's German language pack,
+Mercurial, Trac and Plone's translations, whose German gettext catalogs (`.mo`) hold the message pairs. Everything
+is read, filtered, sorted and split the same way every time, so the files are a function of those inputs: they are
+written once under a folder named by a hash of their content and reused afterwards.
 """
 
 from __future__ import annotations
@@ -16,13 +16,26 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 # Catalogs the `demo` extra installs: (package to import, catalog language folder).
-CATALOGS = {"django": ("django", "de"), "jupyterlab": ("jupyterlab_language_pack_de_DE", "de_DE")}
+CATALOGS = {
+    "django": ("django", "de"),
+    "jupyterlab": ("jupyterlab_language_pack_de_DE", "de_DE"),
+    "mercurial": ("mercurial", "de"),
+    "trac": ("trac", "de"),
+    "plone": ("plone.app.locales", "de"),
+}
+PRETRAINING_CATALOGS = ("jupyterlab", "mercurial", "trac", "plone")
+TARGET_CATALOG = "django"
+MAX_WORDS = 30  # longer messages (Mercurial's help pages) would not fit the starting models' 64 positions
+# A message id that is a key, not English text (Plone's `label_title`, `month_oct_abbr`): no space, and a _ or -.
+KEY_LIKE = re.compile(r"[^\s]*[_-][^\s]*")
+PRETRAINING_HELD_OUT = 500
 SPLIT_SEED = 0  # fixed: the same held-out examples on every machine
 INSTALL = 'install the demo extra, `pip install -e ".[demo]"`.'
 
@@ -50,7 +63,8 @@ class DemoData:
 def catalog_pairs(package: str) -> list[tuple[str, str]]:
     """English→German (msgid, msgstr) pairs of a package's German `.mo` catalogs, whitespace-normalized, sorted.
 
-    Plural entries give their singular forms; the first translation of a repeated message is kept.
+    Plural entries give their singular forms; the first translation of a repeated message is kept. Message ids
+    that are keys rather than text, and messages longer than `MAX_WORDS` words, are left out.
     """
     import importlib.util
 
@@ -61,7 +75,7 @@ def catalog_pairs(package: str) -> list[tuple[str, str]]:
     import polib
 
     root = Path(spec.origin).parent
-    files = sorted(root.rglob(f"locale/{language}/LC_MESSAGES/*.mo"))
+    files = sorted(root.rglob(f"{language}/LC_MESSAGES/*.mo"))
     if not files:
         raise DemoDataError(f"No German catalogs under {root}: {INSTALL}")
     pairs: dict[str, str] = {}
@@ -69,7 +83,18 @@ def catalog_pairs(package: str) -> list[tuple[str, str]]:
         for entry in polib.mofile(str(path)):
             target = entry.msgstr_plural.get(0, "") if entry.msgid_plural else entry.msgstr
             source, target = " ".join(entry.msgid.split()), " ".join(target.split())
-            if source and target:
+            if source and target and len(source.split()) <= MAX_WORDS and not KEY_LIKE.fullmatch(source):
+                pairs.setdefault(source, target)
+    return sorted(pairs.items())
+
+
+def pretraining_pairs(exclude: set[str]) -> list[tuple[str, str]]:
+    """The pretraining catalogs' pairs, the first package's translation winning, minus the English messages in
+    `exclude` (the fine-tuning domain's: a message is in one domain only), sorted."""
+    pairs: dict[str, str] = {}
+    for package in PRETRAINING_CATALOGS:
+        for source, target in catalog_pairs(package):
+            if source not in exclude:
                 pairs.setdefault(source, target)
     return sorted(pairs.items())
 
@@ -97,11 +122,12 @@ def split(items: list, n_validation: int) -> tuple[list, list]:
 def build_parts() -> dict[str, dict[str, list]]:
     """Every file's rows, by task and part."""
     reference = reference_paragraphs()
-    django, jupyterlab = catalog_pairs("django"), catalog_pairs("jupyterlab")
-    # Held out: 5% of the reference and 10% of JupyterLab's pairs (to measure forgetting); 40% of Django's
+    django = catalog_pairs(TARGET_CATALOG)
+    pretraining = pretraining_pairs(exclude={en for en, _ in django})
+    # Held out: 5% of the reference and 500 of the pretraining pairs (to measure forgetting); 40% of Django's
     # messages, leaving a small fine-tuning set (about 500) and enough held out for a steady target metric.
     pretrain_text = split(reference, len(reference) // 20)
-    pretrain_pairs = split(jupyterlab, len(jupyterlab) // 10)
+    pretrain_pairs = split(pretraining, PRETRAINING_HELD_OUT)
     target_pairs = split(django, int(len(django) * 0.4))
     return {
         "generation": {

@@ -28,7 +28,8 @@ TASKS = tuple(RECIPES)
 TITLES = {
     "generation": "Generation: tiny GPT-2 pretrained on Python's language reference, "
     "fine-tuned on Django's UI messages",
-    "translation": "Translation en→de: tiny Marian pretrained on JupyterLab's UI messages, fine-tuned on Django's",
+    "translation": "Translation en→de: tiny Marian pretrained on the messages of JupyterLab, Mercurial, Trac and "
+    "Plone, fine-tuned on Django's",
 }
 
 
@@ -73,7 +74,9 @@ def recipe_arguments(task: str, data: DemoData, start: Path, tuning: FineTuning,
     ]
     if task == "generation":
         return argv + ["--block_size", str(context)]
-    return argv + ["--max_source_length", str(context), "--max_target_length", str(context)]
+    # Batches of messages of similar lengths: little padding to compute.
+    return argv + ["--max_source_length", str(context), "--max_target_length", str(context),
+                   "--train_sampling_strategy", "group_by_length"]
 
 
 def run_demo(

@@ -46,8 +46,8 @@ class Pretraining:
 
 GENERATION = Pretraining(vocab_size=1024, width=64, layers=2, heads=4, context=64, steps=400, batch_size=8,
                          learning_rate=3e-3)
-TRANSLATION = Pretraining(vocab_size=500, width=64, layers=1, heads=4, context=64, steps=3000, batch_size=16,
-                          learning_rate=3e-3)
+TRANSLATION = Pretraining(vocab_size=1000, width=128, layers=1, heads=4, context=64, steps=2000, batch_size=32,
+                          learning_rate=2e-3)
 
 
 
@@ -93,6 +93,10 @@ def _save_initial_model(task: str, data: DemoData, s: Pretraining, folder: Path)
             decoder_ffn_dim=4 * s.width, max_position_embeddings=s.context, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
             forced_eos_token_id=tokenizer.eos_token_id,
+            # The original transformer's scheme (weights ~ N(0, 1/width), embeddings scaled by √width): with the
+            # default std of 0.02, the sinusoidal positions outweigh the tokens' embeddings tens of times over
+            # and a small model from scratch barely learns.
+            scale_embedding=True, init_std=s.width**-0.5,
         )
         model = MarianMTModel(config)
         model.generation_config.num_beams = 1  # greedy: evaluation stays fast on a CPU
@@ -115,7 +119,7 @@ def _pretrain(task: str, data: DemoData, s: Pretraining, init: Path, out: Path, 
         argv += ["--block_size", str(s.context)]
     else:
         argv += ["--max_source_length", str(s.context), "--max_target_length", str(s.context),
-                 "--per_device_eval_batch_size", "64"]
+                 "--per_device_eval_batch_size", "64", "--train_sampling_strategy", "group_by_length"]
     recipe = load_recipe(RECIPES[task])
     with open(out.parent / "pretraining.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
         return recipe.main(argv)
