@@ -73,6 +73,9 @@ def test_gpt2_matches_a_frozen_deep_copy_reference(tmp_path, mode, impl):
     model = tiny_gpt2()
     ours = L2Trainer(model=model, args=sgd_args(tmp_path, l2_mode=mode, l2_impl=impl, l2_kl_coef=LAMBDA,
                                                 l2_kl_temperature=TAU), train_dataset=data)
+    batches = []
+    collate = ours.data_collator
+    ours.data_collator = lambda rows: batches.append(collate(rows)) or batches[-1]
     ours.train()
     reference_model = tiny_gpt2()
     reference = GPT2Reference(model=reference_model, args=sgd_args(tmp_path, l2_mode=mode, l2_impl=impl),
@@ -84,11 +87,17 @@ def test_gpt2_matches_a_frozen_deep_copy_reference(tmp_path, mode, impl):
         without = tiny_gpt2()
         L2Trainer(model=without, args=sgd_args(tmp_path, l2_mode=mode, l2_impl=impl), train_dataset=data).train()
         assert max_rel_diff(params_of(model), params_of(without)) > 1e-4, "the KL moves the parameters"
-    # The logged loss is the task loss, the same as the reference's minus its λ·KL (0 at θ₀, step 1).
+    # The logged loss is the task loss: the reference's minus its λ·Σ KL / num_items_in_batch, where `l2/kl` is
+    # Σ KL / the window's target tokens (0 at θ₀, step 1).
     logs = [h for h in ours.state.log_history if "l2/kl" in h]
     assert logs[0]["l2/kl"] == 0.0 and all(h["l2/kl"] > 0 for h in logs[1:])
-    assert logs[0]["loss"] == pytest.approx(reference.state.log_history[0]["loss"], rel=1e-6)
-    assert "l2/kl" not in reference.state.log_history[0]
+    reference_logs = [h for h in reference.state.log_history if "loss" in h and "train_loss" not in h]
+    assert "l2/kl" not in reference_logs[0] and len(logs) == len(reference_logs) == 3
+    for step, (mine, theirs) in enumerate(zip(logs, reference_logs)):
+        window = batches[2 * step:2 * step + 2]
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        kl_in_loss = LAMBDA * mine["l2/kl"] * tokens / float(ours._get_num_items_in_batch(window, "cpu"))
+        assert mine["loss"] == pytest.approx(theirs["loss"] - kl_in_loss, rel=1e-4, abs=1e-6)
 
 
 def test_reference_takes_theta0_of_parameters_the_penalty_excludes(tmp_path):
