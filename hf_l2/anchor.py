@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .anchor_checks import ExpectedAnchor, checksum_metadata, verify_anchor_file
-from .lora import modules_to_save_originals
+from .lora import adapter_parameter_names, modules_to_save_originals
 from .penalty import L2Penalty, Selection, snapshot
 from .sharding import local_pieces
 
@@ -113,17 +113,22 @@ def take_anchors(
 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, tuple[int, torch.Size]]]:
     """θ₀ for ``names``, the names that have none (new parameters), and where each θ₀ sits in its full tensor.
 
-    PEFT `modules_to_save` copies are anchored to the frozen original module beside them; the other names to
-    ``weights`` (matched by :func:`match_anchor`) or, without ``weights``, to their current values: this rank's
+    PEFT `modules_to_save` copies are anchored to the frozen original module beside them, PEFT adapter weights
+    to their current values; the other names to ``weights`` (matched by :func:`match_anchor`) or, without
+    ``weights``, to their current values: this rank's
     piece of them when the model is already sharded (ZeRO-3 `zero.Init`), the whole tensor otherwise.
     """
     originals = {n: t for n, t in modules_to_save_originals(model).items() if n in names}
     anchors = snapshot(originals, list(originals), dtype, device)
     rest = [n for n in names if n not in originals]
     pieces = local_pieces(model)
-    if weights is None:
-        anchors.update(snapshot(pieces, rest, dtype, device))
-        return anchors, [], {n: (pieces[n].start, pieces[n].shape) for n in rest}
+    # Adapter weights (LoRA A/B, ...) start where PEFT put them, and no pretrained checkpoint holds them.
+    own = rest if weights is None else sorted(set(rest) & adapter_parameter_names(model), key=rest.index)
+    anchors.update(snapshot(pieces, own, dtype, device))
+    layout = {n: (pieces[n].start, pieces[n].shape) for n in own}
+    rest = [n for n in rest if n not in layout]
+    if not rest:
+        return anchors, [], layout
     found, absent = match_anchor(
         {n: pieces[n].shape for n in rest},
         rest,
@@ -133,7 +138,7 @@ def take_anchors(
         field,
     )
     anchors.update({n: t.to(dtype=dtype, device=device or parameters[n].device) for n, t in found.items()})
-    return anchors, absent, {}
+    return anchors, absent, layout
 
 
 def l2_sp_penalty(
@@ -164,13 +169,15 @@ def save_anchor(
     folder: str,
     rank: int | None = None,
     world: int | None = None,
+    source: str | None = None,
 ) -> str:
-    """Write θ₀ (or, with ``rank``/``world``, this rank's pieces of it) with where each piece sits in the full θ₀."""
+    """Write θ₀ (or, with ``rank``/``world``, this rank's pieces of it) with where each piece sits in the full θ₀,
+    and ``source``, the model or folder θ₀ was taken from (for the card of a resumed run)."""
     name = ANCHOR_FILE if rank is None else RANK_ANCHOR_FILE.format(rank=rank, world=world)
     os.makedirs(folder, exist_ok=True)
     where = {n: [start, list(shape)] for n, (start, shape) in layout.items() if n in anchors}
     tensors = {k: v.detach().contiguous().cpu() for k, v in anchors.items()}
-    metadata = {"layout": json.dumps(where), **checksum_metadata(tensors)}
+    metadata = {"layout": json.dumps(where), **({"source": source} if source else {}), **checksum_metadata(tensors)}
     save_file(tensors, os.path.join(folder, name), metadata=metadata)
     return name
 
@@ -182,6 +189,22 @@ def expected_anchors(model: nn.Module, names: list[str]) -> dict[str, ExpectedAn
     return {n: ExpectedAnchor(tuple(pieces[n].shape), n in resizable) for n in names}
 
 
+def _anchor_file(folder: str, rank: int, world: int) -> str | None:
+    """This rank's θ₀ file from a sharded run, else the whole-θ₀ file, else None."""
+    ranked = os.path.join(folder, RANK_ANCHOR_FILE.format(rank=rank, world=world))
+    whole = os.path.join(folder, ANCHOR_FILE)
+    return next((path for path in (ranked, whole) if os.path.isfile(path)), None)
+
+
+def anchor_source(folder: str, rank: int = 0, world: int = 1) -> str | None:
+    """The model or folder that the θ₀ saved in a checkpoint was taken from, if it was recorded."""
+    path = _anchor_file(folder, rank, world)
+    if path is None:
+        return None
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("source")
+
+
 def load_anchor(
     folder: str, rank: int = 0, world: int = 1, expected: dict[str, ExpectedAnchor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
@@ -190,10 +213,8 @@ def load_anchor(
     Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks,
     and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`).
     """
-    path = os.path.join(folder, RANK_ANCHOR_FILE.format(rank=rank, world=world))
-    if not os.path.isfile(path):
-        path = os.path.join(folder, ANCHOR_FILE)
-    if not os.path.isfile(path):
+    path = _anchor_file(folder, rank, world)
+    if path is None:
         others = sorted(glob.glob(os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")))
         if others:
             raise ValueError(

@@ -14,6 +14,7 @@ from transformers.utils import logging
 from .builder import build_penalty
 from .decoupled import DecoupledPull
 from .groups import GROUPINGS, parameter_group
+from .optimizers import in_backward_optimizer
 from .penalty import L2Penalty, snapshot
 from .schedule import CoefSchedule
 from .sharding import local_pieces
@@ -162,7 +163,7 @@ class DecoupledL2SPCallback(TrainerCallback):
             # The Trainer's own no-decay rule; `get_decay_parameter_names` does not use its `self`.
             decay_names=Trainer.get_decay_parameter_names(None, model) if exclude_bias_and_norm else None,
             weights=reference.state_dict() if isinstance(reference, nn.Module) else reference,
-            fields=("head_params", "exclude", "reference"),
+            fields=("head_params", "exclude", "reference", "coef", "head_coef"),
             who="DecoupledL2SPCallback",
         )
         self.schedule = schedule or CoefSchedule()
@@ -173,6 +174,12 @@ class DecoupledL2SPCallback(TrainerCallback):
             raise ValueError(
                 "DecoupledL2SPCallback cannot hook DeepSpeed's optimizer (the engine steps inside `backward`); "
                 "use `L2Trainer` with `l2_impl='loss'`."
+            )
+        stepper = in_backward_optimizer(args.optim, optimizer)
+        if stepper is not None:
+            raise ValueError(
+                f"DecoupledL2SPCallback cannot pull the weights with {stepper}: it updates them inside `backward`, "
+                "and its `step()` does nothing. Use `L2Trainer` with `l2_impl='loss'`."
             )
         self.penalty.bind(dict(model.named_parameters()))
         if state.global_step > 0 and self.penalty.anchored_names and self.penalty.statistics()["drift_sq"] == 0:

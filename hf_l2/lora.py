@@ -201,7 +201,9 @@ class LoraDeltaPenalty:
 
     @torch.no_grad()
     def add_to_grads_(self, scale: torch.Tensor | None = None) -> None:
-        """grad += ∇Ω (times the AMP loss scale, when given)."""
+        """grad += ∇Ω (times the AMP loss scale, when given); with α = 0, no gradient is created."""
+        if not self.coef:
+            return
         for param, grad in self.gradients():
             if scale is not None:
                 grad = grad * scale
@@ -215,6 +217,19 @@ class LoraDeltaPenalty:
         """θ ← θ − lr·∇Ω for every trainable A and B, the gradients all taken before any update."""
         for param, grad in self.gradients():
             param.sub_(grad.to(param.dtype), alpha=lr_of(param))
+
+
+def adapter_parameter_names(model: nn.Module) -> frozenset[str]:
+    """Names of the PEFT adapter weights (LoRA's A and B, DoRA's magnitude, ...): those of every tuner layer's
+    `adapter_layer_names` modules."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for attr in module.adapter_layer_names:
+                names.update(f"{module_name}.{attr}.{n}" for n, _ in getattr(module, attr).named_parameters())
+    return frozenset(names)
 
 
 def modules_to_save_originals(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -107,7 +107,7 @@ def write_model_card(
     """
     info = info or CardInfo()
     args, model = trainer.args, trainer.model
-    base_model, source = _model_source(model, info.finetuned_from)
+    base_model, source = _model_source(info.finetuned_from, trainer.l2_base_model)
     datasets = _as_list(info.dataset_tags)
     step, metrics = final_evaluation(trainer.state.log_history)
     model_name = info.model_name or (args.hub_model_id or Path(output_dir).absolute().name).split("/")[-1]
@@ -391,10 +391,11 @@ def _is_repo_id(name: str) -> bool:
     return True
 
 
-def _model_source(model, finetuned_from: str | None) -> tuple[str | None, str | None]:
+def _model_source(finetuned_from: str | None, base_model: str | None) -> tuple[str | None, str | None]:
     """(Hub id for the `base_model` metadata, name to show) of the model fine-tuned: `finetuned_from`, else the
-    model's `_name_or_path` (empty for a model built from a config, a path for one loaded from a folder)."""
-    name = finetuned_from or getattr(getattr(_unwrap(model), "config", None), "_name_or_path", "") or None
+    trainer's `l2_base_model`, the model's `_name_or_path` when the trainer was first built (empty for a model built
+    from a config, a path for one loaded from a folder; kept through resume, so not the checkpoint's)."""
+    name = finetuned_from or base_model
     if name is None or os.path.exists(name):  # a local folder is named in the text, not claimed as a Hub id
         return None, name
     if _is_repo_id(name):

@@ -268,18 +268,21 @@ class L2Penalty:
         """grad += ∇Ω (times ``scale``, the AMP loss scale, when given), in place, after backward.
 
         θ − θ₀ is formed first, so a small task gradient is not lost against the larger αθ and αθ₀.
-        A parameter with no gradient gets ∇Ω alone, as autograd would give it. Under sharding each rank adds
-        the gradient of its own pieces to its own gradient shards, after the data-parallel reduction.
+        A parameter with no gradient gets ∇Ω alone, as autograd would give it; where that is exactly zero (a zero
+        coefficient) its gradient stays None, so that the optimizer skips it as the stock Trainer does. Under
+        sharding each rank adds the gradient of its own pieces to its own gradient shards, after the data-parallel
+        reduction.
         """
         anchored, new = self.tensors()
-        grads_a = [self._view(p.grad(), r, False) for p, r in self._anchored]
-        grads_n = [self._view(p.grad(), r, True) for p, r in self._new]
-        for sl, _, diff in self._drift_chunks(anchored):
-            if scale is not None:
-                torch._foreach_mul_(diff, scale)
-            torch._foreach_add_(grads_a[sl], diff, alpha=self.coef)
-            del diff  # free this chunk before the next one is formed
-        if new:
+        if self.coef:
+            grads_a = [self._view(p.grad(), r, False) for p, r in self._anchored]
+            for sl, _, diff in self._drift_chunks(anchored):
+                if scale is not None:
+                    torch._foreach_mul_(diff, scale)
+                torch._foreach_add_(grads_a[sl], diff, alpha=self.coef)
+                del diff  # free this chunk before the next one is formed
+        if new and self.head_coef:
+            grads_n = [self._view(p.grad(), r, True) for p, r in self._new]
             if scale is not None:
                 new = torch._foreach_mul(new, scale)
             torch._foreach_add_(grads_n, new, alpha=self.head_coef)
@@ -465,6 +468,13 @@ class _PenaltyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads_a, grads_n = ctx.penalty.gradients(grad_output)
+        penalty = ctx.penalty
+        grads_a, grads_n = penalty.gradients(grad_output)
+        # A zero coefficient gives no gradient at all (None), not zeros: a parameter the task did not reach keeps
+        # `.grad = None`, and the optimizer skips it.
+        if not penalty.coef:
+            grads_a = [None] * len(grads_a)
+        if not penalty.head_coef:
+            grads_n = [None] * len(grads_n)
         return (None, *grads_a, *grads_n)
 

@@ -3,7 +3,8 @@
 The stock `Trainer` pushes from inside `save_model` before any card exists, and creates the repo only when pushing.
 Here the card and its plot are written beside the weights first and the upload starts only once all is on disk;
 the repo is created when the trainer is built, so a bad token fails before any training. Hub failures become one
-`HubPublishError` (see `hf_l2.hub`).
+`HubPublishError` (see `hf_l2.hub`). With `l2_mode="none"` the stock Trainer's methods run instead (that mode
+promises the stock Trainer's files): hf_l2's card is written only when the user calls `create_model_card`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class L2PublishingMixin:
     """Card and Hub publishing for a `Trainer` subclass that also has [`L2PenaltyMixin`] (see `L2TrainerMixin`)."""
 
     _card_info: CardInfo | None = None  # what `create_model_card` was told, for the cards written after it
+    _stock_card = False  # set while the stock `push_to_hub` of `l2_mode="none"` runs: it writes the stock card
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Write the L2 model card (`README.md`) and its plot (`l2_training.png`) into `output_dir`.
@@ -31,6 +33,8 @@ class L2PublishingMixin:
         Call it on every process (as the Trainer's own calls are): under FSDP / ZeRO-3 the drift statistics are
         summed across them.
         """
+        if self._stock_card:
+            return super().create_model_card(*args, **kwargs)
         info = (self._card_info or CardInfo()).updated(CardInfo(*args, **kwargs))
         self._write_model_card(self.args.output_dir, info)
         self._card_info = info
@@ -51,6 +55,8 @@ class L2PublishingMixin:
         The stock method would push before the card exists; here the upload starts only once all is on disk.
         `_internal_call=True` (the Trainer's own checkpoint saves) is `save_weights`.
         """
+        if not self.args.l2_enabled:
+            return super().save_model(output_dir, _internal_call)
         self.save_weights(output_dir)
         if _internal_call:
             return
@@ -73,6 +79,12 @@ class L2PublishingMixin:
         repo errors) raises one `hf_l2.HubPublishError` saying what to do, with the local output intact (with
         `blocking=False`, from the returned future). `kwargs` go to `create_model_card`.
         """
+        if not self.args.l2_enabled:
+            self._stock_card = True
+            try:
+                return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+            finally:
+                self._stock_card = False
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         # Both on every process: gathering a sharded model, and the card's statistics, need all of them.
         self.save_weights()
@@ -97,6 +109,8 @@ class L2PublishingMixin:
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Create the Hub repo. With `push_to_hub=True` the Trainer calls this when it is built, so a missing or
         invalid token or an unreachable Hub stops the run before any training, with one `HubPublishError`."""
+        if not self.args.l2_enabled:
+            return super().init_hf_repo(token, private)
         if not self.is_world_process_zero():
             return
         self.hub_model_id = ensure_repo(

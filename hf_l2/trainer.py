@@ -13,15 +13,19 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .anchor import ANCHOR_FILE, expected_anchors, load_anchor, read_weights, save_anchor
+from .anchor import ANCHOR_FILE, anchor_source, expected_anchors, load_anchor, read_weights, save_anchor
 from .anchor_checks import differing_anchors
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
-from .config import ANCHOR_DTYPES, L2Config
+from .config import ANCHOR_DTYPES, L2Config, L2Seq2SeqConfig, validate_l2_fields
 from .decoupled import DecoupledPull, check_pull_rate
 from .lora import LoraDeltaPenalty
 from .model_card import mixed_precision_turned_off
+<<<<<<< HEAD
 from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
+=======
+from .optimizers import in_backward_optimizer
+>>>>>>> main
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
 from .sharding import local_pieces, world_size
@@ -54,9 +58,13 @@ class L2PenaltyMixin:
     """
 
     args: L2Config
+    l2_base_model: str | None = None  # the model's `_name_or_path` when built (None: a model built from a config)
+    default_config: type[L2Config] = L2Config  # what `args=None` becomes
 
     def __init__(self, *args, **kwargs):
+        args, kwargs = _with_l2_config(args, kwargs, self.default_config)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
+<<<<<<< HEAD
         if not isinstance(self.args, L2Config):
             raise TypeError(
                 f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(self.args).__name__}: "
@@ -68,6 +76,9 @@ class L2PenaltyMixin:
                 "(or `L2OutputAnchorMixin`) instead of `L2PenaltyMixin`."
             )
         self._l2: L2Penalty | None = None
+=======
+        self._l2: L2Penalty | None = None  # `_l2_build_terms` sets both terms
+>>>>>>> main
         self._l2_lora: LoraDeltaPenalty | None = None
         self._l2_pull: DecoupledPull | None = None
         self._l2_factor = 1.0  # the schedule's factor used by the latest optimizer step
@@ -76,13 +87,19 @@ class L2PenaltyMixin:
         self._move_weight_norm_callbacks_first()
         if (precision_off := mixed_precision_turned_off(self)) is not None:
             logger.warning(f"Mixed precision is off: {precision_off} (the model card says so).")
+        self._l2_build_terms()
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    def _l2_build_terms(self) -> None:
+        """The penalty's terms from `self.args` and θ₀ from `self.model` (or `l2_anchor_path`), after refusing the
+        set-ups where `l2_impl` could not reach the weights."""
+        self._l2 = self._l2_lora = None
+        # The model fine-tuned (θ₀ unless `l2_anchor_path`), named in the card; saved with θ₀ in checkpoints, so
+        # that a run resumed on a model loaded from a checkpoint still names the pretrained one.
+        self.l2_base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         if not self.args.l2_enabled:
             return
-        if self.is_deepspeed_enabled and self.args.l2_impl != "loss":
-            raise ValueError(
-                f"`l2_impl='{self.args.l2_impl}'` cannot work under DeepSpeed: the engine steps inside `backward`, "
-                "before a gradient could be added or a step hooked. Use `l2_impl='loss'`."
-            )
+        self._refuse_unreachable_impl()
         if self.args.l2_lora_delta:
             self._l2_lora = build_lora_penalty(
                 self.model, self.args.l2_coef, self.args.l2_exclude, ANCHOR_DTYPES[self.args.l2_anchor_dtype]
@@ -91,7 +108,36 @@ class L2PenaltyMixin:
         if self.args.l2_impl == "decoupled" and self.optimizer is None:  # a user's optimizer is checked at step 1
             self._l2_check_pull_rate()
 
-    # ---- construction ---------------------------------------------------------------------------------------
+    def _refuse_unreachable_impl(self) -> None:
+        """`grad` adds ∇Ω after backward and `decoupled` hooks `optimizer.step()`: both come too late where the
+        update happens inside backward (DeepSpeed's engine, layer-wise GaLore / APOLLO, LOMO, AdaLomo)."""
+        impl = self.args.l2_impl
+        if impl == "loss":
+            return
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                f"`l2_impl='{impl}'` cannot work under DeepSpeed: the engine steps inside `backward`, "
+                "before a gradient could be added or a step hooked. Use `l2_impl='loss'`."
+            )
+        stepper = in_backward_optimizer(self.args.optim, self.optimizer, self.optimizer_cls_and_kwargs)
+        if stepper is not None:
+            raise ValueError(
+                f"`l2_impl='{impl}'` cannot work with {stepper}: it updates each parameter inside `backward`, "
+                "before ∇Ω could be added or a step hooked, so the penalty would have no effect. Use "
+                "`l2_impl='loss'` (exact with it), or an optimizer that steps after backward."
+            )
+
+    def _hp_search_setup(self, trial) -> None:
+        """A search trial has just set its values on `self.args` and (with `model_init`) built a fresh model:
+        rebuild the penalty from both, so each trial trains with its own `l2_*` values and its own θ₀."""
+        super()._hp_search_setup(trial)
+        if self.model_init is None:
+            return
+        if trial is not None:
+            validate_l2_fields(self.args)
+        self._l2_unbind()
+        self._l2_build_terms()
+
     def _build_penalty(self, skip: frozenset[str]) -> L2Penalty:
         """The L2 / L2-SP term over trainable parameters, except those in `skip` (the LoRA factors, if covered)."""
         args, model = self.args, self.model
@@ -306,9 +352,9 @@ class L2PenaltyMixin:
             return
         layout = self._l2.anchor_layout  # where each piece sits; the LoRA factors are always whole
         if self._l2.sharded:  # every rank holds different pieces of θ₀: each saves its own (this runs on all ranks)
-            save_anchor(anchors, layout, output_dir, dist.get_rank(), world_size())
+            save_anchor(anchors, layout, output_dir, dist.get_rank(), world_size(), self.l2_base_model)
         elif self.args.should_save:
-            save_anchor(anchors, layout, output_dir)
+            save_anchor(anchors, layout, output_dir, source=self.l2_base_model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -325,6 +371,7 @@ class L2PenaltyMixin:
             )
             return
         saved, layout = loaded
+        self.l2_base_model = anchor_source(checkpoint, rank, world_size())
         missing = [n for t in terms for n in t.anchored_names if n not in saved]
         if missing:
             raise ValueError(
@@ -369,6 +416,7 @@ def _trainable_names(model) -> list[str]:
     return [n for n, piece in local_pieces(model).items() if piece.param.requires_grad]
 
 
+<<<<<<< HEAD
 class L2OutputAnchorMixin(L2PenaltyMixin):
     """`L2PenaltyMixin` plus the output-space anchor `l2_kl_coef`·KL(p_θ₀ ‖ p_θ) (see `hf_l2.output_anchor`).
 
@@ -472,6 +520,27 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
 
 
 class L2TrainerMixin(L2OutputAnchorMixin, L2PublishingMixin):
+=======
+def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:
+    """The Trainer's arguments with `args` an `L2Config`: without one, the stock default (`tmp_trainer`) as a
+    `default` with the L2 defaults. Stock `TrainingArguments` are refused: converting them would train with a
+    penalty nobody chose, and a warning in a log is easy to miss."""
+    positional = len(args) > 1
+    config = args[1] if positional else kwargs.get("args")
+    if config is None:
+        config = default(output_dir="tmp_trainer")
+    elif not isinstance(config, L2Config):
+        raise TypeError(
+            f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(config).__name__}: build it "
+            "with the same arguments plus the penalty you want, e.g. `L2Config(**args.to_dict(), l2_coef=0.01)`."
+        )
+    if positional:
+        return (args[0], config, *args[2:]), kwargs
+    return args, {**kwargs, "args": config}
+
+
+class L2TrainerMixin(L2PenaltyMixin, L2PublishingMixin):
+>>>>>>> main
     """The penalty and the card / Hub publishing for any `Trainer` subclass: `class X(L2TrainerMixin, SomeTrainer)`.
 
     `args` must be an [`L2Config`] (or a config that extends it).
@@ -484,3 +553,5 @@ class L2Trainer(L2TrainerMixin, Trainer):
 
 class L2Seq2SeqTrainer(L2TrainerMixin, Seq2SeqTrainer):
     """[`~transformers.Seq2SeqTrainer`] with the penalty of [`L2Trainer`]; takes an [`L2Seq2SeqConfig`]."""
+
+    default_config = L2Seq2SeqConfig

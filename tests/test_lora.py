@@ -263,3 +263,22 @@ def test_inactive_trainable_adapter_and_l2_mode_are_refused(tmp_path):
         L2Trainer(model=model, args=l2_args(tmp_path, l2_lora_delta=True))
     with pytest.raises(ValueError, match="`l2_lora_delta=True` .* set `l2_mode='l2_sp'`"):
         L2Config(output_dir=str(tmp_path), l2_mode="l2", l2_lora_delta=True)
+
+
+def test_an_anchor_path_anchors_the_adapters_to_their_own_start(tmp_path):
+    """The base checkpoint holds no LoRA factor: they keep their starting values as θ₀ (not β = 0 "new" ones), so
+    the run is the one without `l2_anchor_path`."""
+    base = tmp_path / "base"
+    tiny_gpt2().save_pretrained(base)
+    results = {}
+    for path in (None, str(base)):
+        model = lora_with_saved_module()
+        start = trainable_of(model)
+        trainer = L2Trainer(model=model, args=l2_args(tmp_path, l2_coef=5.0, l2_anchor_path=path, max_steps=3),
+                            train_dataset=TokenDataset())
+        penalty = trainer.l2_terms.penalty
+        lora = [n for n in penalty.anchored_names if "lora_" in n]
+        assert penalty.new_names == [] and lora and all(torch.equal(penalty.anchors[n], start[n]) for n in lora)
+        trainer.train()
+        results[path] = trainable_of(model)
+    assert all(torch.equal(results[None][n], results[str(base)][n]) for n in results[None])

@@ -13,8 +13,7 @@ import venv
 import pytest
 from huggingface_hub import ModelCard
 
-from helpers import ROOT, build_wheel
-from recipe_fixtures import save_tiny_gpt2, write_text_files
+from helpers import ROOT, build_wheel, save_tiny_gpt2, write_text_files
 from test_demo import TINY
 
 pytestmark = pytest.mark.slow
