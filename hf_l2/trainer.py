@@ -21,11 +21,8 @@ from .config import ANCHOR_DTYPES, L2Config, L2Seq2SeqConfig, validate_l2_fields
 from .decoupled import DecoupledPull, check_pull_rate
 from .lora import LoraDeltaPenalty
 from .model_card import mixed_precision_turned_off
-<<<<<<< HEAD
-from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
-=======
 from .optimizers import in_backward_optimizer
->>>>>>> main
+from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
 from .sharding import local_pieces, world_size
@@ -64,21 +61,12 @@ class L2PenaltyMixin:
     def __init__(self, *args, **kwargs):
         args, kwargs = _with_l2_config(args, kwargs, self.default_config)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
-<<<<<<< HEAD
-        if not isinstance(self.args, L2Config):
-            raise TypeError(
-                f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(self.args).__name__}: "
-                "build it with the same arguments plus the `l2_*` fields."
-            )
         if self.args.l2_kl_coef and not isinstance(self, L2OutputAnchorMixin):
             raise TypeError(
                 f"`l2_kl_coef` needs the output anchor's hooks: build `{type(self).__name__}` on `L2TrainerMixin` "
                 "(or `L2OutputAnchorMixin`) instead of `L2PenaltyMixin`."
             )
-        self._l2: L2Penalty | None = None
-=======
         self._l2: L2Penalty | None = None  # `_l2_build_terms` sets both terms
->>>>>>> main
         self._l2_lora: LoraDeltaPenalty | None = None
         self._l2_pull: DecoupledPull | None = None
         self._l2_factor = 1.0  # the schedule's factor used by the latest optimizer step
@@ -416,7 +404,6 @@ def _trainable_names(model) -> list[str]:
     return [n for n, piece in local_pieces(model).items() if piece.param.requires_grad]
 
 
-<<<<<<< HEAD
 class L2OutputAnchorMixin(L2PenaltyMixin):
     """`L2PenaltyMixin` plus the output-space anchor `l2_kl_coef`·KL(p_θ₀ ‖ p_θ) (see `hf_l2.output_anchor`).
 
@@ -436,6 +423,12 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         self._l2_kl_window: list[torch.Tensor] = []  # [Σ KL, tokens] since the last log
         if self.args.l2_kl_coef:
             self._l2_kl = self._build_output_anchor()
+
+    def _hp_search_setup(self, trial) -> None:
+        """As the penalty (see `L2PenaltyMixin._hp_search_setup`): each trial's λ, τ and θ₀."""
+        super()._hp_search_setup(trial)
+        if self.model_init is not None:
+            self._l2_kl = self._build_output_anchor() if self.args.l2_kl_coef else None
 
     def _build_output_anchor(self) -> OutputAnchor:
         args = self.args
@@ -519,8 +512,6 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         super().log(logs, start_time)
 
 
-class L2TrainerMixin(L2OutputAnchorMixin, L2PublishingMixin):
-=======
 def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:
     """The Trainer's arguments with `args` an `L2Config`: without one, the stock default (`tmp_trainer`) as a
     `default` with the L2 defaults. Stock `TrainingArguments` are refused: converting them would train with a
@@ -539,8 +530,7 @@ def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple
     return args, {**kwargs, "args": config}
 
 
-class L2TrainerMixin(L2PenaltyMixin, L2PublishingMixin):
->>>>>>> main
+class L2TrainerMixin(L2OutputAnchorMixin, L2PublishingMixin):
     """The penalty and the card / Hub publishing for any `Trainer` subclass: `class X(L2TrainerMixin, SomeTrainer)`.
 
     `args` must be an [`L2Config`] (or a config that extends it).
