@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Seq2SeqTrainer, Trainer
 
-from helpers import TokenDataset, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
+from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
 from hf_l2.output_anchor import OutputAnchor
 from test_trainer import PairDataset, tiny_marian
@@ -221,3 +221,29 @@ def test_sharded_and_deepspeed_runs_are_refused(tmp_path):
         with pytest.raises(ValueError, match=f"not supported under {name}"):
             trainer._build_output_anchor()
         setattr(trainer, flag, False)
+
+
+def test_hyperparameter_search_takes_each_trials_coef_and_start(tmp_path):
+    """Per trial, `model_init` builds another starting model: the KL's θ₀ and λ are that trial's."""
+    pytest.importorskip("optuna")
+    from test_workflows import FinalParameters
+
+    for name, seed in (("a", 0), ("b", 1)):
+        tiny_gpt2(seed).save_pretrained(tmp_path / name)
+    trials = [("a", 2.0), ("b", 5.0)]
+
+    def model_init(trial):
+        return gpt2_from_checkpoint(tmp_path / ("a" if trial is None else trials[trial.number][0]))
+
+    common = dict(max_steps=3, eval_strategy="no", l2_mode="none")
+    record = FinalParameters()
+    trainer = L2Trainer(model_init=model_init, args=l2_args(tmp_path / "search", **common),
+                        train_dataset=TokenDataset(), eval_dataset=TokenDataset(n=4, seed=1), callbacks=[record])
+    trainer.hyperparameter_search(backend="optuna", n_trials=2, direction="minimize",
+                                  hp_space=lambda trial: {"l2_kl_coef": trials[trial.number][1]})
+    for i, ((start, coef), searched) in enumerate(zip(trials, record.runs)):
+        alone = gpt2_from_checkpoint(tmp_path / start)
+        L2Trainer(model=alone, args=l2_args(tmp_path / f"alone{i}", **common, l2_kl_coef=coef),
+                  train_dataset=TokenDataset()).train()
+        expected = params_of(alone)
+        assert all(torch.equal(searched[n], expected[n]) for n in expected), f"trial {i} differs"
