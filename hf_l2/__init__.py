@@ -7,7 +7,7 @@ from .hub import HubPublishError
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
 from .schedule import CoefSchedule
-from .trainer import L2PenaltyMixin, L2Seq2SeqTrainer, L2Trainer, L2TrainerMixin
+from .trainer import L2OutputAnchorMixin, L2PenaltyMixin, L2Seq2SeqTrainer, L2Trainer, L2TrainerMixin
 
 __all__ = [
     "L2Config",
@@ -16,6 +16,7 @@ __all__ = [
     "L2Seq2SeqTrainer",
     "L2TrainerMixin",
     "L2PenaltyMixin",
+    "L2OutputAnchorMixin",
     "L2PublishingMixin",
     "WeightNormCallback",
     "DecoupledL2SPCallback",

@@ -75,6 +75,12 @@ class L2Config(TrainingArguments):
             Slope k > 0 of the `sigmoid` schedule, per optimizer step.
         l2_sigmoid_t0 (`float`, *optional*):
             Optimizer step t₀ ≥ 0 at which the `sigmoid` schedule is halfway; defaults to half the total steps.
+        l2_kl_coef (`float`, defaults to `0.0`):
+            λ ≥ 0 of an output-space anchor, with any `l2_mode`: the training loss gains λ·τ²·KL(p_θ₀ ‖ p_θ) per
+            target token (labels ≠ −100), averaged like the task loss. θ₀'s predictions come from the same model
+            run with θ₀ (no second model): one extra forward per micro-batch, without backward.
+        l2_kl_temperature (`float`, defaults to `1.0`):
+            τ > 0: both distributions are softmax(logits/τ), and the KL is multiplied by τ² (as in distillation).
     """
 
     l2_mode: str = field(
@@ -137,6 +143,11 @@ class L2Config(TrainingArguments):
         default=None, metadata={"help": "Step where the sigmoid schedule is halfway (default: half the total steps)."}
     )
 
+    l2_kl_coef: float = field(
+        default=0.0, metadata={"help": "λ ≥ 0: weight of the KL to θ₀'s predictions (output-space anchor)."}
+    )
+    l2_kl_temperature: float = field(default=1.0, metadata={"help": "τ > 0 of the KL term (with the τ² factor)."})
+
     def __post_init__(self):
         super().__post_init__()
         validate_l2_fields(self)
@@ -167,8 +178,9 @@ def validate_l2_fields(config: L2Config) -> None:
     _one_of(config, "l2_impl", IMPLS)
     _one_of(config, "l2_anchor_dtype", ANCHOR_DTYPES)
     _one_of(config, "l2_anchor_device", ANCHOR_DEVICES)
-    for name in ("l2_coef", "l2_head_coef"):
+    for name in ("l2_coef", "l2_head_coef", "l2_kl_coef"):
         check_number(name, getattr(config, name))
+    check_number("l2_kl_temperature", config.l2_kl_temperature, strict=True)
     for name in ("l2_head_params", "l2_exclude"):
         if isinstance(getattr(config, name), str):
             setattr(config, name, [getattr(config, name)])

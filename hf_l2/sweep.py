@@ -1,18 +1,22 @@
 """`hf-l2 sweep`: run a recipe over a grid of penalties × seeds and report target metric, forgetting and drift.
 
-Each run is the recipe itself (`main(argv)`, in this process) with `--l2_mode`, `--l2_coef`, `--seed` and
-`--output_dir` set by the sweep and every other argument passed through. One extra run evaluates the starting
-model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with
+Each run is the recipe itself (`main(argv)`, in this process) with `--l2_mode`, `--l2_coef`, `--l2_kl_coef`,
+`--seed` and `--output_dir` set by the sweep and every other argument passed through. One extra run evaluates the
+starting model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with
 `--pretrain_validation_file` also `eval_pretrain_*`: the pretraining domain, i.e. what was forgotten) and
 measures the drift ‖θ − θ₀‖ between the saved model and the starting one. The results are written as
 `results.jsonl`, a markdown table and a plot (see `hf_l2.sweep_report`), from this invocation's runs only.
 
-    hf-l2 sweep --recipe gpt2_generation --l2_mode none l2 l2_sp --l2_coef 1e-3 1e-2 1e-1 --seeds 0 1 2 \\
+    hf-l2 sweep --recipe gpt2_generation --l2_mode none l2 l2_sp --l2_coef 1e-3 1e-2 1e-1 --l2_kl_coef 0.1 1 \\
+        --seeds 0 1 2 \\
         --output_dir runs/sweep -- --model_name_or_path gpt2 --train_file target.txt \\
         --validation_file target_valid.txt --pretrain_validation_file general_valid.txt --max_steps 500
 
 Not `Trainer.hyperparameter_search`: that optimizes one objective over sampled trials (optuna / ray), while a
 sweep here is a fixed grid whose every point is reported, with several metrics and seeds.
+
+`--l2_kl_coef` values add the output-space anchor as one more method (`kl`, run with `l2_mode none`): a curve
+beside L2-SP's on the same frontier, to see whether anchoring the weights or the predictions forgets less.
 """
 
 from __future__ import annotations
@@ -34,31 +38,47 @@ from .config import MODES
 from .recipe_common import RecipeInputError, load_recipe
 
 # Set by the sweep for every run; the recipe arguments may not set them.
-OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
+OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--l2_kl_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
 # Quiet in-process runs without checkpoints; placed before the user's recipe arguments, so that those win.
 RUN_DEFAULTS = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "warning",
                 "--num_samples", "0"]
 SHOWN = ("perplexity", "bleu", "chrf", "pretrain_perplexity", "pretrain_bleu", "pretrain_chrf")  # progress lines
 
 
+KL = "kl"  # the sweep's name for the output-space anchor: `l2_mode none` with `l2_kl_coef` λ
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One penalty: `l2_mode` and α (0 for `none`)."""
+    """One penalty: `l2_mode` and α (0 for `none`), or `kl` and λ."""
 
     mode: str
     coef: float
 
     @property
     def label(self) -> str:
-        return "none" if self.mode == "none" else f"{self.mode} α={self.coef:g}"
+        return "none" if self.mode == "none" else f"{self.mode} {'λ' if self.mode == KL else 'α'}={self.coef:g}"
 
     @property
     def slug(self) -> str:
         return "none" if self.mode == "none" else f"{self.mode}-{self.coef:g}"
 
+    @property
+    def flags(self) -> list[str]:
+        if self.mode == KL:
+            return ["--l2_mode", "none", "--l2_kl_coef", repr(self.coef)]
+        return ["--l2_mode", self.mode, "--l2_coef", repr(self.coef)]
 
-def grid(modes: list[str], coefs: list[float]) -> list[Setting]:
-    """`none` once, then every other mode at every α, in the order given."""
+
+def grid(modes: list[str], coefs: list[float], kl_coefs: list[float] = ()) -> list[Setting]:
+    """`none` once, then every other mode at every α, in the order given, then `kl` at every λ."""
+    bad = [c for c in kl_coefs if not (math.isfinite(c) and c >= 0)]
+    if bad:
+        raise RecipeInputError(f"`--l2_kl_coef` {bad}: every λ must be a finite number ≥ 0.")
+    return _weight_grid(modes, coefs) + [Setting(KL, float(c)) for c in dict.fromkeys(kl_coefs)]
+
+
+def _weight_grid(modes: list[str], coefs: list[float]) -> list[Setting]:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise RecipeInputError(f"`--l2_mode` {unknown}: choose from {list(MODES)}.")
@@ -151,8 +171,7 @@ def run_sweep(
     for setting in settings:
         for seed in seeds:
             name = f"{setting.slug}-seed{seed}"
-            metrics = call(name, ["--do_train", "true", "--do_eval", "true", "--l2_mode", setting.mode,
-                                  "--l2_coef", repr(setting.coef), "--seed", str(seed)])
+            metrics = call(name, ["--do_train", "true", "--do_eval", "true", *setting.flags, "--seed", str(seed)])
             rows.append({"setting": setting.label, "mode": setting.mode, "coef": setting.coef, "seed": seed,
                          "drift": drift(output_dir / "runs" / name, start_weights), **metrics})
     with open(output_dir / "results.jsonl", "w") as f:
@@ -171,6 +190,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                         help="Modes to run (none runs once, the others at every α; l2_sp_fisher computes F on the "
                         "recipe's --fisher_file, default its training data). Default: none l2 l2_sp.")
     parser.add_argument("--l2_coef", nargs="+", type=float, default=[], help="α values for the penalized modes.")
+    parser.add_argument("--l2_kl_coef", nargs="+", type=float, default=[],
+                        help="λ values of the output-space anchor (KL to the starting model's predictions), run as "
+                        "one more method, `kl`, with l2_mode none.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Seeds per setting (spread).")
     parser.add_argument("--output_dir", required=True, help="Runs, results.jsonl, results.md and results.png.")
     parser.add_argument("--title", help="Title of the table and plot (default: the recipe's name).")
@@ -188,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     datasets.disable_progress_bars()
     recipe_args = args.recipe_args[1:] if args.recipe_args[:1] == ["--"] else args.recipe_args
     try:
-        rows = run_sweep(args.recipe, recipe_args, grid(args.l2_mode, args.l2_coef), args.seeds, args.output_dir)
+        rows = run_sweep(args.recipe, recipe_args, grid(args.l2_mode, args.l2_coef, args.l2_kl_coef), args.seeds, args.output_dir)
     except RecipeInputError as err:
         sys.exit(f"error: {err}")
     table, figure = write_report(rows, args.output_dir, args.title or Path(args.recipe).stem)

@@ -21,7 +21,7 @@ COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "l2_sp_fishe
           "start": "tab:gray"}
 EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 # The name of each method's strength on the plot (α unless a method says otherwise).
-STRENGTH = {"l2": "α", "l2_sp": "α", "l2_sp_fisher": "α"}
+STRENGTH = {"l2": "α", "l2_sp": "α", "l2_sp_fisher": "α", "kl": "λ"}
 
 
 class SweepResultError(ValueError):
@@ -235,7 +235,7 @@ def _plot_drift(ax, summaries: list[Summary], colors: dict[str, str]) -> None:
         ax.set_xscale("symlog", linthresh=positive[0])
     elif positive:
         ax.set_xscale("log")
-    ax.set_xlabel("strength (l2_coef: α)")
+    ax.set_xlabel("strength (l2_coef: α; l2_kl_coef: λ)")
     ax.set_ylabel(column_label("drift") + " from the starting model")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

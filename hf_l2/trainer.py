@@ -24,6 +24,7 @@ from .fisher import FISHER_FILE, load_fisher, normalize_fisher, save_fisher, tra
 from .lora import LoraDeltaPenalty
 from .model_card import mixed_precision_turned_off
 from .optimizers import in_backward_optimizer
+from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
 from .sharding import local_pieces, world_size
@@ -65,6 +66,11 @@ class L2PenaltyMixin:
     def __init__(self, *args, fisher_dataset=None, **kwargs):
         args, kwargs = _with_l2_config(args, kwargs, self.default_config)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
+        if self.args.l2_kl_coef and not isinstance(self, L2OutputAnchorMixin):
+            raise TypeError(
+                f"`l2_kl_coef` needs the output anchor's hooks: build `{type(self).__name__}` on `L2TrainerMixin` "
+                "(or `L2OutputAnchorMixin`) instead of `L2PenaltyMixin`."
+            )
         self.fisher_dataset = fisher_dataset
         self.l2_fisher_source: dict | None = None  # where F came from (data, examples), for the card
         self._l2: L2Penalty | None = None  # `_l2_build_terms` sets both terms
@@ -234,14 +240,18 @@ class L2PenaltyMixin:
             if self._l2_pull is not None:  # leave no hook on an optimizer the user may step by hand
                 self._l2_pull.detach()
 
-    def _loss_divisor(self, num_items_in_batch) -> int:
-        """What `Trainer.training_step` will divide this micro-batch's loss by (mirrors its own test)."""
+    def _loss_is_scaled(self, num_items_in_batch) -> bool:
+        """Whether the task loss is already normalized over the accumulated batch (mirrors `training_step`'s test)."""
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
             )
-        return 1 if scaled else self.current_gradient_accumulation_steps
+        return scaled
+
+    def _loss_divisor(self, num_items_in_batch) -> int:
+        """What `Trainer.training_step` will divide this micro-batch's loss by."""
+        return 1 if self._loss_is_scaled(num_items_in_batch) else self.current_gradient_accumulation_steps
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._l2 is None or not self.accelerator.sync_gradients:
@@ -500,6 +510,114 @@ def _trainable_names(model) -> list[str]:
     return [n for n, piece in local_pieces(model).items() if piece.param.requires_grad]
 
 
+class L2OutputAnchorMixin(L2PenaltyMixin):
+    """`L2PenaltyMixin` plus the output-space anchor `l2_kl_coef`·KL(p_θ₀ ‖ p_θ) (see `hf_l2.output_anchor`).
+
+    The KL is added to the training loss in `compute_loss` (never to the eval loss), normalized like the task
+    loss; the reported `loss` stays the task loss and the mean per-token KL is logged as `l2/kl`.
+    `_l2_kl_logits` says where the policy's logits come from: `"outputs"` (the model's `logits`), `"backbone"`
+    (hidden states projected by the output embeddings, for fused-head losses such as TRL's SFT) or None (refused).
+    """
+
+    _l2_kl_logits: str | None = "outputs"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._l2_kl: OutputAnchor | None = None
+        self._l2_kl_capture: BackboneCapture | None = None
+        self._l2_kl_in_loss: torch.Tensor | None = None
+        self._l2_kl_window: list[torch.Tensor] = []  # [Σ KL, tokens] since the last log
+        if self.args.l2_kl_coef:
+            self._l2_kl = self._build_output_anchor()
+
+    def _hp_search_setup(self, trial) -> None:
+        """As the penalty (see `L2PenaltyMixin._hp_search_setup`): each trial's λ, τ and θ₀."""
+        super()._hp_search_setup(trial)
+        if self.model_init is not None:
+            self._l2_kl = self._build_output_anchor() if self.args.l2_kl_coef else None
+
+    def _build_output_anchor(self) -> OutputAnchor:
+        args = self.args
+        where = "FSDP" if self.is_fsdp_enabled else "DeepSpeed" if self.is_deepspeed_enabled else None
+        if where:
+            raise ValueError(
+                f"`l2_kl_coef` > 0 is not supported under {where} yet: the reference forward needs θ₀ whole on "
+                "every rank. Train without FSDP/DeepSpeed (DDP works), or set `l2_kl_coef=0`."
+            )
+        if self._l2_kl_logits is None:
+            raise ValueError(f"`l2_kl_coef` > 0 is not supported by {type(self).__name__}: set `l2_kl_coef=0`.")
+        if self._l2_kl_logits == "backbone":
+            self._l2_kl_capture = BackboneCapture(self.model)
+        # Decoder-only models predict the next token; not `_loss_shifts_labels`, which is False for GPT-2 (its
+        # `loss_type` is unset) although its loss shifts.
+        self._l2_kl_shifts = not getattr(self.model.config, "is_encoder_decoder", False)
+        shared = {}
+        if args.l2_anchor_path is None:  # anchors taken from the model as it is now: θ₀ of the reference too
+            for term in self._active_l2_terms():
+                shared.update({n: (lambda t=term, n=n: t.anchors[n]) for n in term.anchored_names})
+        anchor = OutputAnchor(self.model, args.l2_kl_coef, args.l2_kl_temperature, shared)
+        logger.info(
+            f"Output anchor (KL, λ={args.l2_kl_coef}, τ={args.l2_kl_temperature}): θ₀ of {len(anchor.shared)} "
+            f"tensors shared with the penalty, {len(anchor.own)} snapshot ({anchor.own_bytes:,} bytes)."
+        )
+        return anchor
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._l2_kl is None:
+            return loss
+        # The returned loss is (task + KL)/d: report the task part only.
+        return loss - self._l2_kl_in_loss.to(loss.device, loss.dtype) / self._loss_divisor(num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._l2_kl is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
+        reference_inputs = dict(inputs)  # before the trainer's compute_loss pops or adds keys
+        if self._l2_kl_capture is not None:
+            with self._l2_kl_capture.capture():
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            policy = self._l2_kl_capture.target_logits(labels, shift_labels)
+            reference_inputs.pop("labels", None)  # the reference needs the logits, not the loss
+        else:
+            out = super().compute_loss(model, inputs, True, num_items_in_batch)
+            logits = out[1]["logits"] if isinstance(out[1], dict) else out[1][1]
+            if not logits.requires_grad:
+                raise ValueError(f"`l2_kl_coef`: {type(self).__name__}.compute_loss returned logits without gradient.")
+            policy = target_logits(logits, labels, shift_labels, self._l2_kl_shifts)
+        loss, outputs = out if return_outputs or self._l2_kl_capture is None else (out, None)
+        reference = self._l2_kl.reference_outputs(self.accelerator.unwrap_model(model), reference_inputs)["logits"]
+        kl_sum = token_kl_sum(policy, target_logits(reference, labels, shift_labels, self._l2_kl_shifts),
+                              self._l2_kl.temperature)
+        term = self._l2_kl.coef * kl_sum / self._kl_normalizer(len(policy), num_items_in_batch)
+        self._l2_kl_in_loss = term.detach()
+        self._l2_kl_window.append(torch.stack([kl_sum.detach(), kl_sum.new_tensor(float(len(policy)))]))
+        loss = loss + term.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def _kl_normalizer(self, tokens: int, num_items_in_batch) -> float | torch.Tensor:
+        """What Σ KL is divided by so that it is weighted exactly like the task loss (see `Trainer.compute_loss`).
+
+        Normalized by `num_items_in_batch` (the accumulated batch's tokens, over all processes with
+        `average_tokens_across_devices`, which the Trainer offsets by ×num_processes against DDP's averaging);
+        otherwise a mean over this micro-batch's tokens, which `training_step` divides by the accumulation steps.
+        """
+        if num_items_in_batch is None or not self._loss_is_scaled(num_items_in_batch):
+            return max(tokens, 1)
+        processes = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return num_items_in_batch / (processes if self.args.average_tokens_across_devices else 1)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._l2_kl_window and "loss" in logs:
+            total = torch.stack(self._l2_kl_window).sum(0)
+            self._l2_kl_window = []
+            if world_size() > 1:  # `log` runs on every process at the same step
+                dist.all_reduce(total)
+            kl_sum, tokens = total.tolist()
+            logs["l2/kl"] = kl_sum / max(tokens, 1.0)
+        super().log(logs, start_time)
+
+
 def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:
     """The Trainer's arguments with `args` an `L2Config`: without one, the stock default (`tmp_trainer`) as a
     `default` with the L2 defaults. Stock `TrainingArguments` are refused: converting them would train with a
@@ -518,7 +636,7 @@ def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple
     return args, {**kwargs, "args": config}
 
 
-class L2TrainerMixin(L2PenaltyMixin, L2PublishingMixin):
+class L2TrainerMixin(L2OutputAnchorMixin, L2PublishingMixin):
     """The penalty and the card / Hub publishing for any `Trainer` subclass: `class X(L2TrainerMixin, SomeTrainer)`.
 
     `args` must be an [`L2Config`] (or a config that extends it).

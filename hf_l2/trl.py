@@ -50,8 +50,11 @@ class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.trl names hf_l2's train
     On top of [`L2TrainerMixin`] it refuses, before the trainer is built, a config class whose base order silently
     replaced the TRL config's defaults by the stock Trainer's; and the model card (hf_l2's, which replaces TRL's)
     keeps TRL's tags and adds which TRL trainer ran and its citations. `create_model_card` and `push_to_hub` also
-    take TRL's `dataset_name` (a Hub dataset id).
+    take TRL's `dataset_name` (a Hub dataset id). The output anchor (`l2_kl_coef`) is refused except where a
+    trainer says where its logits come from (`L2SFTTrainer`).
     """
+
+    _l2_kl_logits = None
 
     def __init__(self, *args, **kwargs):
         config = _bound_arguments(type(self), args, kwargs).get("args")
@@ -150,8 +153,11 @@ class L2SFTTrainer(L2TRLMixin, SFTTrainer):
     """[`trl.SFTTrainer`] that fine-tunes with an explicit L2 or L2-SP penalty; takes an [`L2SFTConfig`].
 
     With `peft_config`, θ₀ is taken from the wrapped model (the LoRA factors as initialized); `l2_lora_delta=True`
-    penalizes each adapted layer's weight change instead.
+    penalizes each adapted layer's weight change instead. `l2_kl_coef` projects the hidden states TRL's fused LM
+    head sees.
     """
+
+    _l2_kl_logits = "backbone"  # TRL's SFT loss never builds the logits
 
 
 @dataclasses.dataclass

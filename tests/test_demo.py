@@ -139,6 +139,12 @@ def test_grid_runs_none_once_and_every_other_mode_at_every_alpha():
         Setting("none", 0.0), Setting("l2", 0.1), Setting("l2", 1.0), Setting("l2_sp", 0.1), Setting("l2_sp", 1.0)
     ]
     assert [s.label for s in grid(["l2_sp"], [0.01])] == ["l2_sp α=0.01"]
+    kl = grid(["none", "l2_sp"], [0.1], [0.5, 2.0])
+    assert kl[2:] == [Setting("kl", 0.5), Setting("kl", 2.0)] and kl[3].label == "kl λ=2"
+    assert kl[2].flags == ["--l2_mode", "none", "--l2_kl_coef", "0.5"]  # the output anchor alone
+    assert kl[1].flags == ["--l2_mode", "l2_sp", "--l2_coef", "0.1"]
+    with pytest.raises(RecipeInputError, match="l2_kl_coef.*finite"):
+        grid(["l2_sp"], [0.1], [-1.0])
     for modes, coefs, message in [(["l3"], [1.0], "l2_mode.*l3"), (["l2"], [], "at least one α"),
                                   (["l2_sp"], [float("nan")], "finite")]:
         with pytest.raises(RecipeInputError, match=message):
@@ -175,9 +181,10 @@ def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, c
                    "--block_size", "32", "--max_steps", "2", "--max_eval_samples", "4", "--use_cpu", "true",
                    "--cache_dir", str(demo["cache"] / "datasets")]
     assert main(["sweep", "--recipe", "gpt2_generation", "--l2_mode", "l2_sp", "--l2_coef", "0", "1",
-                 "--seeds", "3", "--output_dir", str(tmp_path), "--", *recipe_args]) == 0
+                 "--l2_kl_coef", "1", "--seeds", "3", "--output_dir", str(tmp_path), "--", *recipe_args]) == 0
     printed = capsys.readouterr().out
-    assert "[3/3] l2_sp-1-seed3" in printed and "| l2_sp α=1 | 1 |" in printed
+    assert "[3/4] l2_sp-1-seed3" in printed and "| l2_sp α=1 | 1 |" in printed
+    assert "[4/4] kl-1-seed3" in printed and "| kl λ=1 | 1 |" in printed
     header = table_rows((tmp_path / "results.md").read_text())[0]
     # No pretraining-domain file was given: no forgetting columns.
     assert header == ["setting", "runs", "target perplexity ↓", "drift ‖θ−θ₀‖"]

@@ -39,3 +39,21 @@ def test_ddp_without_token_averaging_equals_the_stock_trainer_with_omega_by_hand
     assert ddp["world_size"] == 2
     assert max_rel_diff(ddp["params"], ddp["reference"]) < 1e-6
     assert max_rel_diff(ddp["params"], params_of(tiny_gpt2())) > 1e-3
+
+
+def test_two_process_ddp_equals_one_process_with_the_output_anchor(tmp_path):
+    """The KL is weighted like the task loss across processes (`average_tokens_across_devices`: ×2 against DDP's
+    averaging of the gradients), and `l2/kl` is reduced over both processes' tokens."""
+    out = tmp_path / "ddp.pt"
+    run_two_processes("ddp_worker.py", str(out), "grad", "kl=5.0")
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["world_size"] == 2
+    model = tiny_gpt2()
+    args = l2_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                   l2_coef=1.0, max_grad_norm=0.5, l2_kl_coef=5.0)
+    single = L2Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))
+    single.train()
+    assert max_rel_diff(ddp["params"], params_of(model)) < 5e-6  # gloo's summation order, as above
+    ddp_kl = [h["l2/kl"] for h in ddp["log"] if "l2/kl" in h]
+    one_kl = [h["l2/kl"] for h in single.state.log_history if "l2/kl" in h]
+    assert one_kl[-1] > 0 and ddp_kl == pytest.approx(one_kl, rel=1e-5)

@@ -9,6 +9,7 @@ tolerance.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import runpy
 import sys
@@ -134,10 +135,12 @@ def clip_and_step(model, omega, optimizer, clip):
     optimizer.zero_grad()
 
 
-def sft_reference(model, trainer, lora_delta=False) -> dict[str, torch.Tensor]:
+def sft_reference(model, trainer, lora_delta=False, kl=None) -> dict[str, torch.Tensor]:
     """SFT: Σ −log p(next token) over labelled positions / the window's token count (what SFTTrainer divides by:
-    `num_items_in_batch`, counted by the Trainer over the window)."""
+    `num_items_in_batch`, counted by the Trainer over the window). With ``kl=(λ, τ)``, plus λ·τ²·Σ KL(q ‖ p) over
+    the same positions / the same count, q from a frozen deep copy of the starting model."""
     anchor = params_of(model)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     for window in trainer.data_collator.windows():
         tokens = trainer._get_num_items_in_batch(window, "cpu")
@@ -146,6 +149,12 @@ def sft_reference(model, trainer, lora_delta=False) -> dict[str, torch.Tensor]:
             # Without a cache, a packed row's position_ids keep its documents apart (transformers' masking_utils).
             logits = model(**inputs, use_cache=False).logits[:, :-1]
             nll = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+            if kl is not None:
+                coef, tau = kl
+                with torch.no_grad():
+                    q = torch.softmax(frozen(**inputs, use_cache=False).logits[:, :-1].double() / tau, -1)
+                per_token = (q * (q.log() - torch.log_softmax(logits.double() / tau, -1))).sum(-1)
+                nll = nll + coef * tau**2 * (per_token * (batch["labels"][:, 1:] != -100)).sum().float()
             (nll / tokens).backward()
         clip_and_step(model, penalty_by_hand(model, anchor, ALPHA, lora_delta), optimizer, trainer.args.max_grad_norm)
     return params_of(model)
@@ -258,6 +267,24 @@ def test_sft_grad_and_loss_match_a_hand_written_loop(tokenizer, tmp_path, kind):
     assert max_rel_diff(results["loss"], expected) < 1e-6
     logged = trainer.state.log_history[0]
     assert {"l2/penalty", "l2/drift", "entropy", "mean_token_accuracy"} <= set(logged)  # ours and TRL's metrics
+
+
+def test_sft_with_the_output_anchor_matches_a_hand_written_loop(tokenizer, tmp_path):
+    """`l2_kl_coef` reaches TRL's fused-head SFT loss, counted over the completion tokens like the task loss."""
+    trainer, _ = run_sft(tokenizer, tmp_path, conversations("prompt_completion"), l2_coef=ALPHA, l2_kl_coef=4.0,
+                         l2_kl_temperature=2.0)
+    assert (trainer.data_collator.batches[0]["labels"][:, :3] == -100).all(), "the prompt is not trained on"
+    got = params_of(trainer.model)
+    expected = sft_reference(model_for(tokenizer), trainer, kl=(4.0, 2.0))
+    assert max_rel_diff(got, expected) < 1e-6
+    assert max_rel_diff(got, sft_reference(model_for(tokenizer), trainer)) > 1e-4, "the KL moves the parameters"
+    logged = [h for h in trainer.state.log_history if "l2/kl" in h]
+    assert logged[0]["l2/kl"] == 0.0 and logged[-1]["l2/kl"] > 0 and "entropy" in logged[0]
+
+
+def test_other_trl_trainers_refuse_the_output_anchor(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="`l2_kl_coef` > 0 is not supported by L2DPOTrainer"):
+        run_dpo(tokenizer, tmp_path, l2_kl_coef=1.0)
 
 
 @pytest.mark.parametrize("lora_delta", [False, True])

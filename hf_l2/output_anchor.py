@@ -1,0 +1,143 @@
+"""The output-space anchor: λ·τ²·KL(p_θ₀ ‖ p_θ) per target token, with θ₀'s predictions from the same module.
+
+The reference forward runs the trained model itself with θ₀ in place of its trainable parameters
+(`torch.func.functional_call`, under `no_grad`, in eval mode), so no second model is kept: the memory cost is θ₀
+of the trainable parameters (shared with the L2-SP anchors where they exist) plus one forward's activations.
+Frozen parameters and buffers never change, so the module's own ones are θ₀ already. For a PEFT model θ₀ includes
+the adapters as they started (B₀ = 0 for PEFT's default LoRA init, so this is the base model; also exact for
+PiSSA-style inits and adapters loaded to continue training, where disabling the adapters would not be θ₀).
+
+Nothing here knows about the Trainer: which tokens count and how the sum is normalized are the caller's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+def target_logits(
+    logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None, shifts: bool
+) -> torch.Tensor:
+    """The (N, vocab) rows of ``logits`` that predict a label ≠ −100: the tokens the task loss averages over.
+
+    Decoder-only (``shifts``): position t predicts ``labels[t + 1]``, or ``shift_labels[t]`` when a collator
+    already shifted them. Encoder-decoder: decoder position t predicts ``labels[t]``.
+    """
+    if shift_labels is not None:
+        targets = shift_labels
+    elif labels is None:
+        raise ValueError("`l2_kl_coef` > 0 needs `labels` in the batch: they say which tokens the KL averages over.")
+    elif shifts:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = labels
+    return logits[targets.to(logits.device) != -100]
+
+
+def token_kl_sum(policy: torch.Tensor, reference: torch.Tensor, temperature: float) -> torch.Tensor:
+    """τ²·Σ_tokens KL(softmax(z₀/τ) ‖ softmax(z/τ)) over rows of (N, vocab) logits, in fp32 (Hinton et al. 2015:
+    the τ² keeps the gradient's scale independent of τ)."""
+    if temperature != 1:  # skipped at τ = 1: each division is a copy of the logits
+        policy, reference = policy / temperature, reference / temperature
+    log_p = F.log_softmax(policy.float(), dim=-1)
+    log_q = F.log_softmax(reference.float(), dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="sum") * temperature**2
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (θ₀'s predictions without dropout), each flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class OutputAnchor:
+    """θ₀ of every trainable parameter of ``model`` and the reference forward that uses it.
+
+    ``shared`` maps parameter names to getters of a tensor that already holds their θ₀ (the penalty's anchors):
+    those are read at each forward, never copied, so a θ₀ the penalty restores on resume is used too. A shared
+    tensor must have the parameter's shape, dtype and device (else its conversion would be a full copy per step);
+    the other trainable parameters are snapshot here, as they are now.
+    """
+
+    def __init__(
+        self, model: nn.Module, coef: float, temperature: float,
+        shared: Mapping[str, Callable[[], torch.Tensor]] | None = None,
+    ):
+        self.coef, self.temperature = float(coef), float(temperature)
+        parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
+        shared = shared or {}
+        self.shared = {n: get for n, get in shared.items() if n in parameters and _fits(get(), parameters[n])}
+        with torch.no_grad():
+            self.own = {n: p.detach().clone() for n, p in parameters.items() if n not in self.shared}
+
+    def anchors(self) -> dict[str, torch.Tensor]:
+        return {**self.own, **{n: get() for n, get in self.shared.items()}}
+
+    @property
+    def own_bytes(self) -> int:
+        """Bytes of θ₀ held by this object alone (the shared part costs nothing extra)."""
+        return sum(t.numel() * t.element_size() for t in self.own.values())
+
+    @torch.no_grad()
+    def reference_outputs(self, model: nn.Module, inputs: Mapping) -> object:
+        """``model(**inputs)`` with θ₀ in place of the trainable parameters, in eval mode, without autograd."""
+        with eval_mode(model):
+            return functional_call(model, self.anchors(), args=(), kwargs=dict(inputs), strict=False)
+
+
+def _fits(anchor: torch.Tensor, param: torch.Tensor) -> bool:
+    return anchor.shape == param.shape and anchor.dtype == param.dtype and anchor.device == param.device
+
+
+class BackboneCapture:
+    """The hidden states a fused LM head turns into per-token log-probabilities (TRL's SFT loss never builds the
+    logits): a forward hook on the backbone keeps its last hidden state, and ``target_logits`` projects only the
+    target positions through the output embeddings, with gradient.
+
+    Only for heads that are a plain linear map: models with logit scaling or soft-capping are refused.
+    """
+
+    SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+    def __init__(self, model: nn.Module):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config.get_text_config()
+        scaled = [k for k in self.SCALING if getattr(config, k, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise ValueError(
+                f"`l2_kl_coef` > 0 with a fused LM head: the model scales its logits ({scaled}), which the KL's "
+                "projection of the hidden states does not reproduce. Set `l2_kl_coef=0` for this model."
+            )
+        self.base = base
+        self.hidden: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        def keep(module, args, output):
+            self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        handle = self.base.base_model.register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def target_logits(self, labels: torch.Tensor | None, shift_labels: torch.Tensor | None) -> torch.Tensor:
+        head = self.base.get_output_embeddings()
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("`l2_kl_coef`: the training forward did not run the model's backbone.")
+        rows = target_logits(hidden, labels, shift_labels, shifts=True)
+        return F.linear(rows.to(head.weight.device), head.weight, head.bias)
