@@ -50,7 +50,9 @@ def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(fsdp2_runs, 
     single, single_log = one_process(tmp_path, impl)
     unpenalized, _ = one_process(tmp_path, impl, l2_mode="none")
     assert max_rel_diff(unpenalized, single) > 1e-3  # a lost or doubled penalty would be seen below
-    assert max_rel_diff(run["params"], single) < 1e-6
+    # Summation order differs between the ranks' reduction and one process (1.04e-6 seen at other versions); the
+    # unpenalized run differs by more than 1e-3.
+    assert max_rel_diff(run["params"], single) < 5e-6
 
     logged = lambda log, key: [h[key] for h in log if key in h and "train_runtime" not in h]  # noqa: E731
     for key in ("loss", "grad_norm", "l2/penalty", "l2/drift"):
