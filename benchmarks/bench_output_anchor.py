@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from common import PeakMemory, add_run_arguments, default_device, environment, mib, write_section
+from common import PeakMemory, RandomTokens, add_run_arguments, default_device, environment, mib, write_section
 from hf_l2 import L2Config, L2Trainer
 
 LAMBDA = 1.0
@@ -58,17 +58,6 @@ class AnchorKL(L2Trainer):
 def tensor_bytes(tensors) -> int:
     unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
     return sum(unique.values())
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq_len: int, vocab_size: int):
-        self.ids = torch.randint(vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def run(cls, mode: str, args: argparse.Namespace, device: torch.device) -> tuple[int, int | None]:

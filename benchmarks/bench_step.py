@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from common import PeakMemory, add_run_arguments, default_device, environment, mib, synchronize, write_section
+from common import (
+    PeakMemory, RandomTokens, add_run_arguments, default_device, environment, mib, synchronize, write_section,
+)
 from hf_l2 import L2Config, L2Trainer
 
 WARMUP = 2  # untimed steps: the optimizer state and the anchor's first use are allocated there
@@ -46,17 +48,6 @@ ANCHOR_VARIANTS = {
 
 def gpt2_config(args: argparse.Namespace) -> GPT2Config:
     return GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.seq_len)
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq_len: int, vocab_size: int):
-        self.ids = torch.randint(vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class StepClock(TrainerCallback):

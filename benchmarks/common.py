@@ -24,6 +24,19 @@ PREAMBLE = (
 )
 
 
+class RandomTokens(torch.utils.data.Dataset):
+    """Seeded random token sequences that are their own labels: the benchmarks' training data."""
+
+    def __init__(self, n: int, seq_len: int, vocab_size: int):
+        self.ids = torch.randint(vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
