@@ -47,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # What follows `--` is a recipe's own command line (sweep, interpolate --eval), split off before argparse,
+    # which would otherwise let a positional argument swallow the options after it.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, None)
+    parser = build_parser()
+    args = parser.parse_args(head)
+    if tail is not None:
+        if not hasattr(args, "recipe_args"):
+            parser.error(f"`hf-l2 {args.command}` takes no recipe arguments after `--`.")
+        args.recipe_args = tail
     return args.run(args)
 
 

@@ -11,6 +11,7 @@ the card. For a LoRA run the adapter's change is scaled instead: t·ΔW = s·(t�
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -217,6 +218,46 @@ def interpolate_run(
     return folders
 
 
+def check_evaluation(run_dir: str, recipe: str, recipe_args: list[str]) -> None:
+    """Refuse an `--eval` that cannot run, before anything is written."""
+    from .recipe_common import load_recipe
+
+    load_recipe(recipe)
+    if os.path.isdir(run_dir) and _model_file(run_dir) == "adapter":
+        raise InterpolationError(
+            "--eval needs a full fine-tuning run; for a LoRA run, load each weight-<t> adapter with "
+            "`PeftModel.from_pretrained` and evaluate it."
+        )
+    if any(a == "--model_name_or_path" or a.startswith("--model_name_or_path=") for a in recipe_args):
+        raise InterpolationError("--eval sets --model_name_or_path to each weight-<t> folder: remove it from the "
+                                 "recipe arguments.")
+
+
+def evaluate_interpolations(
+    run_dir: str, folders: list[Path], weights: list[float], recipe: str, recipe_args: list[str], output_dir: str,
+    base_model: str | None = None,
+) -> tuple[Path, Path]:
+    """Evaluate each θ(t) folder with the recipe (its `--do_eval` on the recipe arguments' data, the model set to
+    the folder) and write `results.md`, `results.png` and `results.jsonl` under ``output_dir``: one row per t with
+    the recipe's `eval_*` metrics and the drift ‖θ(t) − θ₀‖, so that t can be picked on validation data."""
+    from .recipe_runs import RUN_DEFAULTS, drift, run_recipe
+    from .sweep_report import write_report
+
+    check_evaluation(run_dir, recipe, recipe_args)
+    theta = read_weights(run_dir)
+    theta0 = find_anchor(run_dir, base_model, [n for n, v in theta.items() if v.is_floating_point()]).weights
+    rows = []
+    for folder, t in zip(folders, weights):
+        argv = [*RUN_DEFAULTS, *recipe_args, "--model_name_or_path", str(folder), "--do_train", "false",
+                "--do_eval", "true", "--output_dir", str(folder / "eval")]
+        metrics, _ = run_recipe(recipe, argv, folder / "eval.log", torch.get_num_threads())
+        rows.append({"setting": f"wise_ft t={t:g}", "mode": "wise_ft", "coef": t, "seed": None,
+                     "drift": drift(folder, theta0), **metrics})
+    with open(Path(output_dir) / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return write_report(rows, output_dir, f"WiSE-FT of {os.path.basename(os.path.abspath(run_dir))}")
+
+
 def _write_card(folder: Path, run_dir: str, t: float, kind: str, sources: list[str], kept: list[str]) -> None:
     from huggingface_hub import ModelCard
 
@@ -241,7 +282,6 @@ def _card_data(run_dir: str):
     return data
 
 
-
 def add_interpolate_parser(subparsers):
     """Register `interpolate` on a `hf-l2` command line."""
     parser = subparsers.add_parser(
@@ -257,19 +297,35 @@ def add_interpolate_parser(subparsers):
                         help="folder or Hub id of the model the run started from (default: the card's base_model); "
                         "fills in θ₀ for the weights the run's anchor file does not hold")
     parser.add_argument("--allow_extrapolation", action="store_true", help="accept t outside [0, 1]")
-    parser.set_defaults(run=_main)
+    parser.add_argument("--eval", metavar="RECIPE", default=None,
+                        help="evaluate each t with this recipe (gpt2_generation, marian_translation or a script) and "
+                        "write results.md / .png / .jsonl; its arguments (the run's data flags, e.g. "
+                        "--train_file, --validation_file, --pretrain_validation_file) follow `--`")
+    parser.set_defaults(run=_main, recipe_args=[])  # hf_l2.cli puts what follows `--` in recipe_args
     return parser
 
 
 def _main(args) -> int:
     import sys
 
+    from .recipe_common import RecipeInputError
+
+    recipe_args = args.recipe_args
+    if recipe_args and not args.eval:
+        print(f"hf-l2 interpolate: recipe arguments {recipe_args[:2]}... are only for --eval RECIPE.", file=sys.stderr)
+        return 2
     try:
+        if args.eval:
+            check_evaluation(args.run_dir, args.eval, recipe_args)
         folders = interpolate_run(args.run_dir, args.weight, args.output_dir, args.base_model,
                                   args.allow_extrapolation)
-    except InterpolationError as err:
+        for folder in folders:
+            print(f"Wrote {folder}")
+        if args.eval:
+            table, figure = evaluate_interpolations(args.run_dir, folders, args.weight, args.eval, recipe_args,
+                                                    args.output_dir, args.base_model)
+            print(table.read_text(encoding="utf-8") + f"\nPlot: {figure}")
+    except (InterpolationError, RecipeInputError) as err:
         print(f"hf-l2 interpolate: {err}", file=sys.stderr)
         return 2
-    for folder in folders:
-        print(f"Wrote {folder}")
     return 0

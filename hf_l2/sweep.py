@@ -8,7 +8,7 @@ measures the drift ‖θ − θ₀‖ between the saved model and the starting o
 `results.jsonl`, a markdown table and a plot (see `hf_l2.sweep_report`), from this invocation's runs only.
 
     hf-l2 sweep --recipe gpt2_generation --l2_mode none l2 l2_sp --l2_coef 1e-3 1e-2 1e-1 --l2_kl_coef 0.1 1 \\
-        --seeds 0 1 2 \\
+        --wise_ft_weight 0.25 0.5 0.75 --seeds 0 1 2 \\
         --output_dir runs/sweep -- --model_name_or_path gpt2 --train_file target.txt \\
         --validation_file target_valid.txt --pretrain_validation_file general_valid.txt --max_steps 500
 
@@ -17,6 +17,9 @@ sweep here is a fixed grid whose every point is reported, with several metrics a
 
 `--l2_kl_coef` values add the output-space anchor as one more method (`kl`, run with `l2_mode none`): a curve
 beside L2-SP's on the same frontier, to see whether anchoring the weights or the predictions forgets less.
+`--wise_ft_weight` values add WiSE-FT (`wise_ft`): each `none` run interpolated back toward θ₀ at weight t and
+evaluated. With `l2_sp_fisher`, F is computed once, by the first such run, and loaded by the others.
+`--jobs N` runs N recipe calls at a time in worker processes.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import shutil
 import sys
-import time
-from contextlib import redirect_stderr, redirect_stdout
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,29 +38,32 @@ import torch
 
 from .anchor import read_weights
 from .config import MODES
+from .fisher import FISHER_FILE
+from .interpolate import interpolate_run
 from .recipe_common import RecipeInputError, load_recipe
+from .recipe_runs import RUN_DEFAULTS, drift, run_recipe
 
 # Set by the sweep for every run; the recipe arguments may not set them.
 OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--l2_kl_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
-# Quiet in-process runs without checkpoints; placed before the user's recipe arguments, so that those win.
-RUN_DEFAULTS = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "warning",
-                "--num_samples", "0"]
 SHOWN = ("perplexity", "bleu", "chrf", "pretrain_perplexity", "pretrain_bleu", "pretrain_chrf")  # progress lines
 
 
 KL = "kl"  # the sweep's name for the output-space anchor: `l2_mode none` with `l2_kl_coef` λ
+WISE_FT = "wise_ft"  # the sweep's name for WiSE-FT: each `none` run interpolated back toward θ₀ at weight t
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One penalty: `l2_mode` and α (0 for `none`), or `kl` and λ."""
+    """One method at one strength: `l2_mode` and α (0 for `none`), `kl` and λ, or `wise_ft` and t."""
 
     mode: str
     coef: float
 
     @property
     def label(self) -> str:
-        return "none" if self.mode == "none" else f"{self.mode} {'λ' if self.mode == KL else 'α'}={self.coef:g}"
+        if self.mode == "none":
+            return "none"
+        return f"{self.mode} {({KL: 'λ', WISE_FT: 't'}).get(self.mode, 'α')}={self.coef:g}"
 
     @property
     def slug(self) -> str:
@@ -65,17 +71,26 @@ class Setting:
 
     @property
     def flags(self) -> list[str]:
+        """The recipe flags of a training run (a `wise_ft` setting trains nothing: it evaluates interpolations)."""
         if self.mode == KL:
             return ["--l2_mode", "none", "--l2_kl_coef", repr(self.coef)]
         return ["--l2_mode", self.mode, "--l2_coef", repr(self.coef)]
 
 
-def grid(modes: list[str], coefs: list[float], kl_coefs: list[float] = ()) -> list[Setting]:
-    """`none` once, then every other mode at every α, in the order given, then `kl` at every λ."""
+def grid(modes: list[str], coefs: list[float], kl_coefs: list[float] = (),
+         wise_ft_weights: list[float] = ()) -> list[Setting]:
+    """`none` once, then every other mode at every α, in the order given, then `kl` at every λ, then `wise_ft` at
+    every t."""
     bad = [c for c in kl_coefs if not (math.isfinite(c) and c >= 0)]
     if bad:
         raise RecipeInputError(f"`--l2_kl_coef` {bad}: every λ must be a finite number ≥ 0.")
-    return _weight_grid(modes, coefs) + [Setting(KL, float(c)) for c in dict.fromkeys(kl_coefs)]
+    bad = [t for t in wise_ft_weights if not 0 <= t <= 1]
+    if bad:
+        raise RecipeInputError(f"`--wise_ft_weight` {bad}: every t must be in [0, 1] (0 is θ₀, 1 the `none` run).")
+    if wise_ft_weights and "none" not in modes:
+        raise RecipeInputError("`--wise_ft_weight` interpolates the `none` runs: add `none` to `--l2_mode`.")
+    return (_weight_grid(modes, coefs) + [Setting(KL, float(c)) for c in dict.fromkeys(kl_coefs)]
+            + [Setting(WISE_FT, float(t)) for t in dict.fromkeys(wise_ft_weights)])
 
 
 def _weight_grid(modes: list[str], coefs: list[float]) -> list[Setting]:
@@ -118,13 +133,21 @@ def starting_point(recipe_args: list[str]) -> str:
     return value
 
 
-def drift(model_dir: str | Path, start: dict[str, torch.Tensor]) -> float:
-    """‖θ − θ₀‖ over the floating-point weights the two saved models share."""
-    weights = read_weights(str(model_dir))
-    shared = [n for n, v in weights.items() if n in start and v.is_floating_point() and v.shape == start[n].shape]
-    if not shared:
-        raise RuntimeError(f"{model_dir} shares no weight (same name and shape) with the starting model.")
-    return math.sqrt(sum((weights[n].double() - start[n].double()).pow(2).sum().item() for n in shared))
+def with_model(recipe_args: list[str], model: str | Path) -> list[str]:
+    """The recipe arguments with `--model_name_or_path` replaced by ``model``."""
+    out = [arg for arg in recipe_args if not arg.startswith("--model_name_or_path=")]
+    return [str(model) if i and out[i - 1] == "--model_name_or_path" else arg for i, arg in enumerate(out)]
+
+
+@dataclass
+class Run:
+    """One recipe call of the sweep: its folder name under `runs/`, the flags it adds, and its row's fields."""
+
+    name: str
+    flags: list[str]
+    row: dict
+    recipe_args: list[str]
+    measured: str | None = None  # the model folder whose drift is reported (default: the run's output folder)
 
 
 def run_sweep(
@@ -133,47 +156,92 @@ def run_sweep(
     settings: list[Setting],
     seeds: list[int],
     output_dir: str | Path,
+    jobs: int = 1,
 ) -> list[dict]:
     """Run the recipe for every (setting, seed), plus once on the untrained starting model; return one row per run.
 
     Each row holds `setting`, `mode`, `coef`, `seed`, the recipe's `eval_*` metrics and `drift`. Earlier results
-    under `output_dir` are deleted first, so nothing reported can come from a previous invocation.
+    under `output_dir` are deleted first, so nothing reported can come from a previous invocation. With ``jobs``
+    > 1 the runs go to that many worker processes (each run is independent and seeded: the same rows either way).
+
+    Two methods reuse earlier runs. `l2_sp_fisher`: F depends on θ₀ and the Fisher data, not on α, so the first
+    `l2_sp_fisher` run computes it (on its seed's sample) and the others load it with `--l2_fisher_path`, unless
+    the recipe arguments give one. `wise_ft`: the `none` run of each seed, interpolated at t
+    (`hf-l2 interpolate`), then evaluated like the starting model.
     """
     if not settings or not seeds:
         raise RecipeInputError("The sweep needs at least one setting and one seed.")
     seeds = list(dict.fromkeys(seeds))  # a repeated seed would repeat a run, not add one
     start_path = starting_point(recipe_args)
-    module = load_recipe(recipe)
+    load_recipe(recipe)  # a wrong name or path fails here, before any run
     output_dir = Path(output_dir)
     shutil.rmtree(output_dir / "runs", ignore_errors=True)
     for stale in ("results.jsonl", "results.md", "results.png"):
         (output_dir / stale).unlink(missing_ok=True)
-    (output_dir / "runs").mkdir(parents=True)
-    total = 1 + len(settings) * len(seeds)
-
-    def call(name: str, extra: list[str]) -> dict:
-        """One recipe run; its printed output goes to `runs/<name>.log` (a failure still raises here)."""
-        started = time.perf_counter()
-        argv = [*RUN_DEFAULTS, *recipe_args, *extra, "--output_dir", str(output_dir / "runs" / name)]
-        with open(output_dir / "runs" / f"{name}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
-            metrics = module.main(argv)
-        if not any(key.startswith("eval_") for key in metrics):
-            raise RuntimeError(f"Run {name}: the recipe returned no eval_* metrics, only {sorted(metrics)}.")
-        shown = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.removeprefix("eval_") in SHOWN}
-        print(f"[{len(rows) + 1}/{total}] {name} ({time.perf_counter() - started:.0f} s): "
-              + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
-        return metrics
-
-    rows: list[dict] = []
-    rows.append({"setting": "start", "mode": "start", "coef": 0.0, "seed": None, "drift": 0.0,
-                 **call("start", ["--do_train", "false", "--do_eval", "true"])})
-    start_weights = read_weights(start_path)
+    runs_dir = output_dir / "runs"
+    runs_dir.mkdir(parents=True)
+    evaluate = ["--do_train", "false", "--do_eval", "true"]
+    first = [Run("start", evaluate, {"setting": "start", "mode": "start", "coef": 0.0, "seed": None}, recipe_args)]
+    later: list[Run] = []
+    fisher_from = None if any(a.split("=")[0] == "--l2_fisher_path" for a in recipe_args) else ""
     for setting in settings:
         for seed in seeds:
+            row = {"setting": setting.label, "mode": setting.mode, "coef": setting.coef, "seed": seed}
             name = f"{setting.slug}-seed{seed}"
-            metrics = call(name, ["--do_train", "true", "--do_eval", "true", *setting.flags, "--seed", str(seed)])
-            rows.append({"setting": setting.label, "mode": setting.mode, "coef": setting.coef, "seed": seed,
-                         "drift": drift(output_dir / "runs" / name, start_weights), **metrics})
+            if setting.mode == WISE_FT:
+                folder = runs_dir / f"{WISE_FT}-seed{seed}" / f"weight-{setting.coef:g}"
+                later.append(Run(name, evaluate, row, with_model(recipe_args, folder), measured=str(folder)))
+                continue
+            flags = ["--do_train", "true", "--do_eval", "true", *setting.flags, "--seed", str(seed)]
+            if setting.mode == "l2_sp_fisher" and fisher_from:
+                later.append(Run(name, flags + ["--l2_fisher_path", fisher_from], row, recipe_args))
+                continue
+            if setting.mode == "l2_sp_fisher" and fisher_from == "":
+                fisher_from = str(runs_dir / name / FISHER_FILE)
+            first.append(Run(name, flags, row, recipe_args))
+    total = len(first) + len(later)
+    done: dict[str, dict] = {}
+    threads = torch.get_num_threads()
+
+    def finished(run: Run, metrics: dict, seconds: float) -> None:
+        if not any(key.startswith("eval_") for key in metrics):
+            raise RuntimeError(f"Run {run.name}: the recipe returned no eval_* metrics, only {sorted(metrics)}.")
+        done[run.name] = metrics
+        shown = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.removeprefix("eval_") in SHOWN}
+        print(f"[{len(done)}/{total}] {run.name} ({seconds:.0f} s): "
+              + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
+
+    def execute(batch: list[Run], pool) -> None:
+        argvs = [[*RUN_DEFAULTS, *run.recipe_args, *run.flags, "--output_dir", str(runs_dir / run.name)]
+                 for run in batch]
+        logs = [runs_dir / f"{run.name}.log" for run in batch]
+        if pool is None:
+            for run, argv, log in zip(batch, argvs, logs):
+                finished(run, *run_recipe(recipe, argv, log, threads))
+            return
+        futures = {pool.submit(run_recipe, recipe, argv, log, threads): run for run, argv, log in zip(batch, argvs, logs)}
+        for future in as_completed(futures):
+            finished(futures[future], *future.result())
+
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    try:
+        execute(first, pool)
+        wise_ft = sorted(s.coef for s in settings if s.mode == WISE_FT)
+        for seed in seeds if wise_ft else ():
+            interpolate_run(str(runs_dir / f"none-seed{seed}"), wise_ft, str(runs_dir / f"{WISE_FT}-seed{seed}"),
+                            base_model=start_path)
+        execute(later, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    start_weights = read_weights(start_path)
+    rows = []
+    for run in first + later:
+        measured = run.measured or runs_dir / run.name
+        rows.append({**run.row, "drift": 0.0 if run.name == "start" else drift(measured, start_weights),
+                     **done[run.name]})
+    order = {s.label: i for i, s in enumerate(settings)}
+    rows[1:] = sorted(rows[1:], key=lambda r: (order[r["setting"]], seeds.index(r["seed"])))
     with open(output_dir / "results.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return rows
@@ -193,7 +261,12 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--l2_kl_coef", nargs="+", type=float, default=[],
                         help="λ values of the output-space anchor (KL to the starting model's predictions), run as "
                         "one more method, `kl`, with l2_mode none.")
+    parser.add_argument("--wise_ft_weight", nargs="+", type=float, default=[],
+                        help="t values of WiSE-FT, one more method, `wise_ft`: each `none` run interpolated toward "
+                        "θ₀, (1 − t)·θ₀ + t·θ, and evaluated (needs `none` in --l2_mode).")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Seeds per setting (spread).")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Runs at a time, each in its own process (results are the same as one at a time).")
     parser.add_argument("--output_dir", required=True, help="Runs, results.jsonl, results.md and results.png.")
     parser.add_argument("--title", help="Title of the table and plot (default: the recipe's name).")
     parser.add_argument("recipe_args", nargs=argparse.REMAINDER,
@@ -209,8 +282,11 @@ def main(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     recipe_args = args.recipe_args[1:] if args.recipe_args[:1] == ["--"] else args.recipe_args
+    if args.jobs < 1:
+        sys.exit(f"error: `--jobs` must be at least 1, got {args.jobs}.")
     try:
-        rows = run_sweep(args.recipe, recipe_args, grid(args.l2_mode, args.l2_coef, args.l2_kl_coef), args.seeds, args.output_dir)
+        settings = grid(args.l2_mode, args.l2_coef, args.l2_kl_coef, args.wise_ft_weight)
+        rows = run_sweep(args.recipe, recipe_args, settings, args.seeds, args.output_dir, args.jobs)
     except RecipeInputError as err:
         sys.exit(f"error: {err}")
     table, figure = write_report(rows, args.output_dir, args.title or Path(args.recipe).stem)

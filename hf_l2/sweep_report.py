@@ -18,10 +18,12 @@ SUMMARY_METRICS = ("bleu", "perplexity", "loss")
 # Forgetting the summary allows: this fraction of what fine-tuning without a penalty forgets.
 FORGETTING_BUDGET = 0.5
 COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "l2_sp_fisher": "tab:green",
-          "start": "tab:gray"}
-EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+          "kl": "tab:red", "wise_ft": "tab:purple", "start": "tab:gray"}
+EXTRA_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 # The name of each method's strength on the plot (α unless a method says otherwise).
-STRENGTH = {"l2": "α", "l2_sp": "α", "l2_sp_fisher": "α", "kl": "λ"}
+STRENGTH = {"l2": "α", "l2_sp": "α", "l2_sp_fisher": "α", "kl": "λ", "wise_ft": "t"}
+# Methods whose strength grows toward the starting model (WiSE-FT's t: 0 is θ₀, 1 the unpenalized run).
+TOWARD_FINE_TUNED = ("wise_ft",)
 
 
 class SweepResultError(ValueError):
@@ -121,8 +123,8 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
 
     A frontier panel puts the target-domain metric against the pretraining-domain one (against drift when the
     runs have no pretraining-domain numbers): the starting model is a star, no penalty a black point, and each
-    method a curve over its strength, from no penalty (strength 0) to its strongest setting, with error bars over
-    seeds. One more method in the runs is one more curve.
+    method a curve over its strength, from no penalty (strength 0) to its strongest setting (WiSE-FT: from the
+    starting model, t = 0, to no penalty, t = 1), with error bars over seeds. One more method is one more curve.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
@@ -150,7 +152,8 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
                         markersize=13 if mode == "start" else 7, color=colors[mode],
                         label="starting model" if mode == "start" else "no penalty")
         for mode, points in methods(summaries).items():
-            curve = ([fixed["none"]] if "none" in fixed else []) + points
+            ends = [fixed[m] for m in ("start", "none") if m in fixed and (m == "none" or mode in TOWARD_FINE_TUNED)]
+            curve = ends[:1] + points + ends[1:] if mode in TOWARD_FINE_TUNED else ends + points
             xs, ys, dxs, dys = zip(*map(point, curve))
             ax.errorbar(xs, ys, xerr=dxs, yerr=dys, fmt="o-", capsize=3, markersize=5, color=colors[mode],
                         label=mode)
@@ -235,7 +238,7 @@ def _plot_drift(ax, summaries: list[Summary], colors: dict[str, str]) -> None:
         ax.set_xscale("symlog", linthresh=positive[0])
     elif positive:
         ax.set_xscale("log")
-    ax.set_xlabel("strength (l2_coef: α; l2_kl_coef: λ)")
+    ax.set_xlabel("strength (l2_coef: α; l2_kl_coef: λ; WiSE-FT: t)")
     ax.set_ylabel(column_label("drift") + " from the starting model")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -15,7 +15,7 @@ from hf_l2.demo import FineTuning, Sizes, run_demo
 from hf_l2.demo.data import prepare
 from hf_l2.demo.starting_models import Pretraining, starting_model
 from hf_l2.recipe_common import RecipeInputError
-from hf_l2.sweep import Setting, grid, starting_point
+from hf_l2.sweep import Setting, grid, run_sweep, starting_point, with_model
 
 # A demo small enough for the test suite: the same code path as `hf-l2 demo`, seconds instead of minutes.
 TINY = Sizes(
@@ -26,8 +26,9 @@ TINY = Sizes(
                                    learning_rate=1e-2),
     },
     fine_tuning={
-        "generation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4),
-        "translation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4),
+        "generation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4, fisher_samples=4),
+        "translation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4,
+                                  fisher_samples=4),
     },
 )
 
@@ -38,7 +39,8 @@ def demo(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as `hf-l2 demo` runs; restored for the other tests
     try:
-        path = run_demo(root / "out", root / "cache", modes=("none", "l2_sp"), coefs=(1.0,), seeds=(0, 1), sizes=TINY)
+        path = run_demo(root / "out", root / "cache", modes=("none", "l2_sp"), coefs=(1.0,), seeds=(0, 1), sizes=TINY,
+                        kl_coefs=(1.0,), wise_ft_weights=(0.5,))
     finally:
         torch.set_num_threads(threads)
     return {"root": root, "out": root / "out", "cache": root / "cache", "report": path}
@@ -60,7 +62,8 @@ def test_reduced_demo_tables_have_every_setting_with_finite_numbers(demo, task, 
     expected += [f"pretraining {m} {'↓' if m == 'perplexity' else '↑'}" for m in metrics]
     expected += ["drift ‖θ−θ₀‖"]
     assert header == expected
-    assert [(r[0], r[1]) for r in body] == [("start", "1"), ("none", "2"), ("l2_sp α=1", "2")]
+    assert [(r[0], r[1]) for r in body] == [("start", "1"), ("none", "2"), ("l2_sp α=1", "2"), ("kl λ=1", "2"),
+                                            ("wise_ft t=0.5", "2")]
     for row in body:
         cells = row[2:]
         assert len(cells) == len(expected) - 2
@@ -87,7 +90,7 @@ def test_drift_is_the_distance_from_the_starting_model(demo):
     runs = [json.loads(line) for line in (demo["out"] / "generation" / "results.jsonl").read_text().splitlines()]
     start_folder = next(demo["cache"].glob("start-generation-*"))
     start = dict(AutoModelForCausalLM.from_pretrained(start_folder).named_parameters())
-    for run in runs[1:]:
+    for run in [r for r in runs[1:] if r["mode"] != "wise_ft"]:  # (WiSE-FT's drift: test_sweep_wise_ft_...)
         folder = demo["out"] / "generation" / "runs" / f"{Setting(run['mode'], run['coef']).slug}-seed{run['seed']}"
         tuned = dict(AutoModelForCausalLM.from_pretrained(folder).named_parameters())
         expected = math.sqrt(sum((tuned[n].double() - start[n].double()).pow(2).sum().item() for n in start))
@@ -172,14 +175,19 @@ def test_report_refuses_missing_or_non_finite_numbers(tmp_path, second, message)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def generation_arguments(demo) -> list[str]:
+    """The generation recipe's arguments on the reduced demo's starting model and data (2 steps)."""
+    data = prepare(demo["cache"])
+    return ["--model_name_or_path", str(next(demo["cache"].glob("start-generation-*"))),
+            "--train_file", str(data.generation("target_train")),
+            "--validation_file", str(data.generation("target_validation")),
+            "--block_size", "32", "--max_steps", "2", "--max_eval_samples", "4", "--use_cpu", "true",
+            "--cache_dir", str(demo["cache"] / "datasets")]
+
+
 def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, capsys):
     from hf_l2.cli import main
-    data = prepare(demo["cache"])
-    recipe_args = ["--model_name_or_path", str(next(demo["cache"].glob("start-generation-*"))),
-                   "--train_file", str(data.generation("target_train")),
-                   "--validation_file", str(data.generation("target_validation")),
-                   "--block_size", "32", "--max_steps", "2", "--max_eval_samples", "4", "--use_cpu", "true",
-                   "--cache_dir", str(demo["cache"] / "datasets")]
+    recipe_args = generation_arguments(demo)
     assert main(["sweep", "--recipe", "gpt2_generation", "--l2_mode", "l2_sp", "--l2_coef", "0", "1",
                  "--l2_kl_coef", "1", "--seeds", "3", "--output_dir", str(tmp_path), "--", *recipe_args]) == 0
     printed = capsys.readouterr().out
@@ -193,6 +201,80 @@ def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, c
     with pytest.raises(SystemExit, match="error: Pass `--model_name_or_path`"):
         main(["sweep", "--recipe", "gpt2_generation", "--l2_coef", "1", "--output_dir", str(tmp_path),
               "--", "--train_file", "x.txt"])
+
+
+# Every method the sweep knows that reuses earlier runs: F computed once, WiSE-FT of the `none` runs.
+METHODS = grid(["none", "l2_sp_fisher"], [1.0], wise_ft_weights=[0.5])
+
+
+@pytest.fixture(scope="module")
+def method_sweep(demo, tmp_path_factory):
+    # All blocks of the 93 held-out pretraining paragraphs: every seed's F is over the same examples.
+    recipe_args = [*generation_arguments(demo), "--fisher_file", str(prepare(demo["cache"]).generation(
+        "pretrain_validation")), "--l2_fisher_samples", "100000", "--learning_rate", "1e-2"]
+    out = tmp_path_factory.mktemp("methods")
+    return {"args": recipe_args, "out": out, "rows": run_sweep("gpt2_generation", recipe_args, METHODS, [0, 1], out)}
+
+
+def _numbers(row: dict) -> dict:
+    """A row without its timings (the only numbers that differ between two identical runs)."""
+    return {k: v for k, v in row.items() if not k.endswith(("_runtime", "_per_second", "_time"))}
+
+
+@pytest.mark.slow  # two spawned workers import torch and transformers: half a minute
+def test_sweep_in_worker_processes_gives_the_rows_of_one_process(method_sweep, tmp_path, capsys):
+    rows = run_sweep("gpt2_generation", method_sweep["args"], METHODS, [0, 1], tmp_path, jobs=2)
+    assert [_numbers(r) for r in rows] == [_numbers(r) for r in method_sweep["rows"]]
+    assert [r["setting"] for r in rows] == ["start", "none", "none", "l2_sp_fisher α=1", "l2_sp_fisher α=1",
+                                            "wise_ft t=0.5", "wise_ft t=0.5"]
+    assert "[7/7]" in capsys.readouterr().out
+
+
+def test_sweep_computes_the_fisher_once_and_the_reuse_changes_nothing(method_sweep, tmp_path):
+    """The seed-1 run loaded seed 0's F; a standalone seed-1 run computes its own: the same final weights."""
+    from hf_l2.fisher import load_fisher
+    from hf_l2.recipes import gpt2_generation
+
+    runs = method_sweep["out"] / "runs"
+    assert load_fisher(str(runs / "l2_sp_fisher-1-seed1"))[2]["path"] == str(runs / "l2_sp_fisher-1-seed0" /
+                                                                              "l2_fisher.safetensors")
+    assert "path" not in load_fisher(str(runs / "l2_sp_fisher-1-seed0"))[2]
+    gpt2_generation.main([*method_sweep["args"], "--l2_mode", "l2_sp_fisher", "--l2_coef", "1", "--seed", "1",
+                          "--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no"])
+    alone = dict(AutoModelForCausalLM.from_pretrained(tmp_path).named_parameters())
+    swept = dict(AutoModelForCausalLM.from_pretrained(runs / "l2_sp_fisher-1-seed1").named_parameters())
+    start = dict(AutoModelForCausalLM.from_pretrained(method_sweep["args"][1]).named_parameters())
+    assert any((alone[n] - start[n]).abs().max() > 1e-2 for n in start)  # it trained
+    for name in alone:
+        torch.testing.assert_close(swept[name], alone[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_wise_ft_is_the_midpoint_of_the_start_and_the_none_run(method_sweep):
+    runs = method_sweep["out"] / "runs"
+    start = dict(AutoModelForCausalLM.from_pretrained(method_sweep["args"][1]).named_parameters())
+    for seed in (0, 1):
+        tuned = dict(AutoModelForCausalLM.from_pretrained(runs / f"none-seed{seed}").named_parameters())
+        mixed = dict(AutoModelForCausalLM.from_pretrained(runs / f"wise_ft-seed{seed}" / "weight-0.5")
+                     .named_parameters())
+        for name in start:
+            torch.testing.assert_close(mixed[name], (start[name] + tuned[name]) / 2, rtol=0, atol=1e-6)
+    rows = {(r["setting"], r["seed"]): r for r in method_sweep["rows"]}
+    for seed in (0, 1):
+        wise, none = rows["wise_ft t=0.5", seed], rows["none", seed]
+        assert wise["drift"] == pytest.approx(none["drift"] / 2, rel=1e-5)
+        # Halfway back toward the start: the loss on the target domain lies between the two ends.
+        assert rows["start", None]["eval_loss"] > wise["eval_loss"] > none["eval_loss"]
+
+
+def test_grid_adds_wise_ft_after_every_other_method_and_needs_the_none_runs():
+    settings = grid(["none", "l2_sp"], [0.1], [1.0], [0.25, 0.5])
+    assert [s.label for s in settings] == ["none", "l2_sp α=0.1", "kl λ=1", "wise_ft t=0.25", "wise_ft t=0.5"]
+    with pytest.raises(RecipeInputError, match="wise_ft_weight.*add `none`"):
+        grid(["l2_sp"], [0.1], wise_ft_weights=[0.5])
+    with pytest.raises(RecipeInputError, match=r"wise_ft_weight.*\[1.5\].*\[0, 1\]"):
+        grid(["none"], [], wise_ft_weights=[1.5])
+    assert with_model(["--a", "1", "--model_name_or_path", "m", "--model_name_or_path=n"], "x") == [
+        "--a", "1", "--model_name_or_path", "x"]
 
 
 def test_missing_catalogs_say_what_to_install(monkeypatch):

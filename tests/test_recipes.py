@@ -269,3 +269,30 @@ def test_generation_recipe_under_accelerate_launch_with_two_processes(workdir, t
     assert (out / "samples.jsonl").read_text().count("\n") == 1
     assert AutoConfig.from_pretrained(out).n_positions == 64
     assert torch.isfinite(torch.tensor(read_json(out / "all_results.json")["eval_loss"]))
+
+
+def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(workdir, tmp_path, capsys):
+    """t = 1 is the run itself and t = 0 its start: their rows equal the recipe's own evaluations of those models."""
+    from hf_l2.cli import main
+
+    data = ["--train_file", str(workdir["text"]["txt"]), "--validation_file", str(workdir["text"]["validation"]),
+            "--cache_dir", str(workdir["cache"]), "--block_size", "32", "--num_samples", "0", *RUN]
+    tuned = generation.main(gpt2_args(workdir, tmp_path / "run", "--l2_mode", "l2_sp", "--l2_coef", "0.1",
+                                      "--num_samples", "0"))
+    start = generation.main(["--model_name_or_path", str(workdir["gpt2"]), "--do_train", "false",
+                             "--output_dir", str(tmp_path / "start"), *data])
+    assert main(["interpolate", str(tmp_path / "run"), "--weight", "0", "--weight", "0.5", "--weight", "1",
+                 "--output_dir", str(tmp_path / "wise"), "--base_model", str(workdir["gpt2"]), "--eval",
+                 "gpt2_generation", "--", *data]) == 0
+    rows = {r["coef"]: r for r in map(json.loads, (tmp_path / "wise" / "results.jsonl").read_text().splitlines())}
+    assert rows[0.0]["eval_loss"] == pytest.approx(start["eval_loss"], rel=1e-6)
+    assert rows[1.0]["eval_loss"] == pytest.approx(tuned["eval_loss"], rel=1e-6)
+    assert rows[0.0]["drift"] == 0 and rows[0.5]["drift"] == pytest.approx(rows[1.0]["drift"] / 2, rel=1e-5)
+    assert "| wise_ft t=0.5 | 1 |" in capsys.readouterr().out and (tmp_path / "wise" / "results.png").is_file()
+    # What cannot be evaluated is refused before anything is written.
+    for extra, message in [(["--eval", "no_such_recipe"], "Recipe 'no_such_recipe' not found"),
+                           (["--eval", "gpt2_generation", "--", "--model_name_or_path", "x"], "sets --model_name_or_path"),
+                           (["--", "--train_file", "x"], "only for --eval")]:
+        assert main(["interpolate", str(tmp_path / "run"), "--weight", "0.5", "--output_dir",
+                     str(tmp_path / "refused"), *extra]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -1,30 +1,40 @@
 """`hf-l2 demo`: the main job end to end, offline, in minutes on a CPU.
 
 For generation and for translation: prepare the data (cached), build a small starting model by pretraining it
-on the pretraining domain (cached, keyed by its settings), then sweep the fine-tuning recipe over
-`l2_mode` none / l2 / l2_sp × α × seeds on a small fine-tuning-domain set, and report the target metric, the
-pretraining-domain metric (what was forgotten) and the drift from the starting model, per setting, mean ± std.
+on the pretraining domain (cached, keyed by its settings), then sweep the fine-tuning recipe on a small
+fine-tuning-domain set over every method × strength × seed: `l2_mode` none / l2 / l2_sp / l2_sp_fisher at each α
+(F from pretraining-domain data, the textbook choice), the output-space anchor (KL) at each λ and WiSE-FT of the
+`none` runs at each t. Report the target metric, the pretraining-domain metric (what was forgotten) and the drift
+from the starting model, per setting, mean ± std, and one frontier plot per task with a curve per method.
 Every number in the report comes from runs made by this invocation.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..sweep_report import write_report
+from ..config import MODES
 from ..recipe_common import RecipeInputError
-from ..sweep import grid, run_sweep
+from ..sweep import WISE_FT, grid, run_sweep
+from ..sweep_report import write_report
 from .data import DemoData, DemoDataError, prepare
 from .starting_models import GENERATION, RECIPES, TRANSLATION, Pretraining, starting_model
 
 TASKS = tuple(RECIPES)
+DEMO_MODES = ("none", "l2", "l2_sp", "l2_sp_fisher")
+COEFS = (0.01, 0.1, 1.0)  # α of l2, l2_sp and l2_sp_fisher
+KL_COEFS = (0.1, 1.0, 10.0)  # λ of the output-space anchor
+WISE_FT_WEIGHTS = (0.25, 0.5, 0.75)  # t of WiSE-FT
 TITLES = {
     "generation": "Generation: tiny GPT-2 pretrained on Python's language reference, "
     "fine-tuned on Django's UI messages",
@@ -41,6 +51,7 @@ class FineTuning:
     batch_size: int
     learning_rate: float
     max_eval_samples: int
+    fisher_samples: int  # pretraining-domain examples F is averaged over (computed once per task)
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,9 @@ class Sizes:
 FULL = Sizes(
     pretraining={"generation": GENERATION, "translation": TRANSLATION},
     fine_tuning={
-        "generation": FineTuning(steps=80, batch_size=8, learning_rate=2e-3, max_eval_samples=64),
-        "translation": FineTuning(steps=80, batch_size=16, learning_rate=1e-3, max_eval_samples=128),
+        "generation": FineTuning(steps=80, batch_size=8, learning_rate=2e-3, max_eval_samples=64, fisher_samples=256),
+        "translation": FineTuning(steps=80, batch_size=16, learning_rate=1e-3, max_eval_samples=128,
+                                  fisher_samples=256),
     },
 )
 
@@ -67,6 +79,7 @@ def recipe_arguments(task: str, data: DemoData, start: Path, tuning: FineTuning,
         "--model_name_or_path", str(start), "--cache_dir", str(cache),
         "--train_file", str(files("target_train")), "--validation_file", str(files("target_validation")),
         "--pretrain_validation_file", str(files("pretrain_validation")),
+        "--fisher_file", str(files("pretrain_train")), "--l2_fisher_samples", str(tuning.fisher_samples),
         "--max_eval_samples", str(tuning.max_eval_samples), "--max_steps", str(tuning.steps),
         "--per_device_train_batch_size", str(tuning.batch_size), "--per_device_eval_batch_size", "64",
         "--learning_rate", str(tuning.learning_rate), "--lr_scheduler_type", "constant", "--weight_decay", "0",
@@ -83,40 +96,74 @@ def run_demo(
     output_dir: str | Path = "runs/demo",
     cache_dir: str | Path = "runs/demo/cache",
     tasks: tuple[str, ...] = TASKS,
-    modes: tuple[str, ...] = ("none", "l2", "l2_sp"),
-    coefs: tuple[float, ...] = (0.01, 0.1, 1.0),
+    modes: tuple[str, ...] = DEMO_MODES,
+    coefs: tuple[float, ...] = COEFS,
     seeds: tuple[int, ...] = (0, 1, 2),
     sizes: Sizes = FULL,
+    kl_coefs: tuple[float, ...] = KL_COEFS,
+    wise_ft_weights: tuple[float, ...] = WISE_FT_WEIGHTS,
+    jobs: int = 1,
 ) -> Path:
-    """Run the demo; return the path of `demo.md` (both tables, with what was run and how long it took)."""
+    """Run the demo; return the path of `demo.md` (both tables, with what was run and how long it took).
+
+    ``jobs`` runs that many recipe calls at a time (the two starting models, then each task's runs), each in its
+    own process: the numbers are the same as with one.
+    """
     started = time.perf_counter()
     output_dir, cache_dir = Path(output_dir), Path(cache_dir)
     (output_dir / "demo.md").unlink(missing_ok=True)  # never leave an old report beside a failed run
+    settings = grid(list(modes), list(coefs), list(kl_coefs), list(wise_ft_weights))
     data = prepare(cache_dir)
-    settings = grid(list(modes), list(coefs))
+    starts = starting_models(tasks, data, sizes, cache_dir, jobs)
     sections = []
     for task in tasks:
         task_started = time.perf_counter()
-        start = starting_model(task, data, sizes.pretraining[task], cache_dir)
         tuning = sizes.fine_tuning[task]
-        argv = recipe_arguments(task, data, start, tuning, sizes.pretraining[task].context, cache_dir / "datasets")
-        rows = run_sweep(RECIPES[task], argv, settings, list(seeds), output_dir / task)
+        argv = recipe_arguments(task, data, starts[task], tuning, sizes.pretraining[task].context,
+                                cache_dir / "datasets")
+        rows = run_sweep(RECIPES[task], argv, settings, list(seeds), output_dir / task, jobs)
         table, figure = write_report(rows, output_dir / task, TITLES[task])
         minutes = (time.perf_counter() - task_started) / 60
+        trained = sum(row["mode"] not in ("start", WISE_FT) for row in rows)
         sections.append(
             table.read_text(encoding="utf-8")
-            + f"\n![{task}]({figure.relative_to(output_dir)})\n\n{len(rows) - 1} fine-tuning runs of {tuning.steps} "
-            f"steps (batch {tuning.batch_size}, lr {tuning.learning_rate:g}) and one evaluation of the starting "
-            f"model in {minutes:.1f} min.\n"
+            + f"\n![{task}]({figure.relative_to(output_dir)})\n\n{trained} fine-tuning runs of {tuning.steps} "
+            f"steps (batch {tuning.batch_size}, lr {tuning.learning_rate:g}), {len(rows) - trained} evaluations "
+            f"(the starting model and the WiSE-FT models) in {minutes:.1f} min.\n"
         )
     minutes = (time.perf_counter() - started) / 60
     header = (
-        f"# hf_l2 demo\n\nSeeds {list(seeds)}; {torch.get_num_threads()} CPU thread(s); Python "
+        f"# hf_l2 demo\n\nSeeds {list(seeds)}; {jobs} run(s) at a time, {torch.get_num_threads()} torch thread(s) "
+        f"each; Python "
         f"{platform.python_version()}, torch {torch.__version__}; data {data.key}; {minutes:.1f} min in all.\n\n"
     )
     path = output_dir / "demo.md"
     path.write_text(header + "\n".join(sections), encoding="utf-8")
     return path
+
+
+def starting_models(tasks: tuple[str, ...], data: DemoData, sizes: Sizes, cache_dir: Path, jobs: int) -> dict[str, Path]:
+    """Each task's starting model (cached), built side by side in worker processes when ``jobs`` > 1."""
+    if jobs == 1 or len(tasks) == 1:
+        return {task: starting_model(task, data, sizes.pretraining[task], cache_dir) for task in tasks}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
+        futures = {task: pool.submit(_starting_model, task, data, sizes.pretraining[task], cache_dir,
+                                     torch.get_num_threads()) for task in tasks}
+        return {task: future.result() for task, future in futures.items()}
+
+
+def _starting_model(task: str, data: DemoData, settings: Pretraining, cache_dir: Path, threads: int) -> Path:
+    import datasets
+
+    datasets.disable_progress_bars()
+    torch.set_num_threads(threads)
+    return starting_model(task, data, settings, cache_dir)
+
+
+def default_jobs() -> int:
+    """One run per CPU core this process may use, at most 4 (the runs are small and one thread each)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -126,9 +173,17 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="runs/demo", help="Where runs, tables and plots go.")
     parser.add_argument("--cache_dir", default="runs/demo/cache", help="Prepared data and starting models.")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--l2_coef", nargs="+", type=float, default=[0.01, 0.1, 1.0], help="α values.")
+    parser.add_argument("--l2_mode", nargs="+", choices=MODES, default=list(DEMO_MODES),
+                        help="Weight-penalty methods (none runs once, the others at every α).")
+    parser.add_argument("--l2_coef", nargs="+", type=float, default=list(COEFS), help="α values.")
+    parser.add_argument("--l2_kl_coef", nargs="*", type=float, default=list(KL_COEFS),
+                        help="λ values of the output-space anchor (KL to the starting model); none: no KL curve.")
+    parser.add_argument("--wise_ft_weight", nargs="*", type=float, default=list(WISE_FT_WEIGHTS),
+                        help="t values of WiSE-FT of the `none` runs; none: no WiSE-FT curve.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the models are tiny).")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="Runs at a time, each in its own process (default: the CPU cores, at most 4).")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (the models are tiny).")
     parser.set_defaults(run=main)
     return parser
 
@@ -136,13 +191,15 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import datasets
 
-    if args.threads < 1:
-        sys.exit(f"error: `--threads` must be at least 1, got {args.threads}.")
+    for flag in ("threads", "jobs"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: `--{flag}` must be at least 1, got {getattr(args, flag)}.")
     datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     try:
-        path = run_demo(args.output_dir, args.cache_dir, tuple(args.tasks), coefs=tuple(args.l2_coef),
-                        seeds=tuple(args.seeds))
+        path = run_demo(args.output_dir, args.cache_dir, tuple(args.tasks), tuple(args.l2_mode), tuple(args.l2_coef),
+                        tuple(args.seeds), kl_coefs=tuple(args.l2_kl_coef),
+                        wise_ft_weights=tuple(args.wise_ft_weight), jobs=args.jobs)
     except (RecipeInputError, DemoDataError) as err:
         sys.exit(f"error: {err}")
     print(path.read_text(encoding="utf-8"))

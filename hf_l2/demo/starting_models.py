@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTMode
 
 from ..local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
 from ..recipe_common import load_recipe
-from ..sweep import RUN_DEFAULTS
+from ..recipe_runs import RUN_DEFAULTS
 from .data import DemoData, move_into_cache
 
 

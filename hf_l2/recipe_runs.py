@@ -1,0 +1,41 @@
+"""A recipe run as `hf-l2 sweep`, the demo and `hf-l2 interpolate --eval` make it: the recipe's own `main(argv)`,
+quiet, in this process or in a worker process, and the drift of the model it saved from the starting one."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import torch
+
+from .anchor import read_weights
+from .recipe_common import load_recipe
+
+# Quiet in-process runs without checkpoints; placed before the user's recipe arguments, so that those win.
+RUN_DEFAULTS = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "warning",
+                "--num_samples", "0"]
+
+
+def drift(model_dir: str | Path, start: dict[str, torch.Tensor]) -> float:
+    """‖θ − θ₀‖ over the floating-point weights the two saved models share."""
+    weights = read_weights(str(model_dir))
+    shared = [n for n, v in weights.items() if n in start and v.is_floating_point() and v.shape == start[n].shape]
+    if not shared:
+        raise RuntimeError(f"{model_dir} shares no weight (same name and shape) with the starting model.")
+    return math.sqrt(sum((weights[n].double() - start[n].double()).pow(2).sum().item() for n in shared))
+
+
+def run_recipe(recipe: str, argv: list[str], log_path: str | Path, threads: int) -> tuple[dict, float]:
+    """One recipe run, `main(argv)`, its printed output in ``log_path`` (a failure still raises here); returns its
+    metrics and seconds. Runs in this process or in a worker of the sweep's pool, with ``threads`` torch threads."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    torch.set_num_threads(threads)
+    module = load_recipe(recipe)
+    started = time.perf_counter()
+    with open(log_path, "w") as log, redirect_stdout(log), redirect_stderr(log):
+        metrics = module.main(argv)
+    return metrics, time.perf_counter() - started
