@@ -65,4 +65,4 @@ def test_two_process_ddp_equals_one_process_with_the_output_anchor(tmp_path):
     resumed = gpt2_from_checkpoint(checkpoint)
     L2Trainer(model=resumed, args=l2_args(tmp_path / "resumed", **common),
               train_dataset=TokenDataset(n=8)).train(resume_from_checkpoint=str(checkpoint))
-    assert max_rel_diff(params_of(resumed), ddp["params"]) < 5e-6
+    assert max_rel_diff(params_of(resumed), ddp["params"]) < 5e-6  # 8.4e-3 with the step-2 weights as the KL's θ₀
