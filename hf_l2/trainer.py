@@ -523,7 +523,8 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
     """`L2PenaltyMixin` plus the output-space anchor `l2_kl_coef`·KL(p_θ₀ ‖ p_θ) (see `hf_l2.output_anchor`).
 
     The KL is added to the training loss in `compute_loss` (never to the eval loss), normalized like the task
-    loss; the reported `loss` stays the task loss and the mean per-token KL is logged as `l2/kl`.
+    loss; the reported `loss` stays the task loss and the mean per-token KL is logged as `l2/kl`. θ₀ that the KL
+    holds beyond the penalty's goes into every checkpoint (`KL_ANCHOR_FILES`) and is restored on resume.
     `_l2_kl_logits` says where the policy's logits come from: `"outputs"` (the model's `logits`), `"backbone"`
     (hidden states projected by the output embeddings, for fused-head losses such as TRL's SFT) or None (refused).
     """
@@ -604,6 +605,28 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         loss = loss + term.to(loss.device)
         return (loss, outputs) if return_outputs else loss
 
+    def _kl_normalizer(self, tokens: int, num_items_in_batch) -> float | torch.Tensor:
+        """What Σ KL is divided by so that it is weighted exactly like the task loss (see `Trainer.compute_loss`).
+
+        Normalized by `num_items_in_batch` (the accumulated batch's tokens, over all processes with
+        `average_tokens_across_devices`, which the Trainer offsets by ×num_processes against DDP's averaging);
+        otherwise a mean over this micro-batch's tokens, which `training_step` divides by the accumulation steps.
+        """
+        if num_items_in_batch is None or not self._loss_is_scaled(num_items_in_batch):
+            return max(tokens, 1)
+        processes = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return num_items_in_batch / (processes if self.args.average_tokens_across_devices else 1)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._l2_kl_window and "loss" in logs:
+            total = torch.stack(self._l2_kl_window).sum(0)
+            self._l2_kl_window = []
+            if world_size() > 1:  # `log` runs on every process at the same step
+                dist.all_reduce(total)
+            kl_sum, tokens = total.tolist()
+            logs["l2/kl"] = kl_sum / max(tokens, 1.0)
+        super().log(logs, start_time)
+
     # ---- checkpoints: θ₀ of the parameters the penalty does not hold ------------------------------------------
     def _l2_save_anchor_files(self, output_dir: str) -> None:
         """Also the KL's own snapshot, in every checkpoint (and beside the final weights with the penalty's θ₀).
@@ -644,28 +667,6 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         if differ:
             _warn_saved_anchor_in_force(checkpoint, differ)
         self._l2_kl.restore(saved)
-
-    def _kl_normalizer(self, tokens: int, num_items_in_batch) -> float | torch.Tensor:
-        """What Σ KL is divided by so that it is weighted exactly like the task loss (see `Trainer.compute_loss`).
-
-        Normalized by `num_items_in_batch` (the accumulated batch's tokens, over all processes with
-        `average_tokens_across_devices`, which the Trainer offsets by ×num_processes against DDP's averaging);
-        otherwise a mean over this micro-batch's tokens, which `training_step` divides by the accumulation steps.
-        """
-        if num_items_in_batch is None or not self._loss_is_scaled(num_items_in_batch):
-            return max(tokens, 1)
-        processes = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
-        return num_items_in_batch / (processes if self.args.average_tokens_across_devices else 1)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._l2_kl_window and "loss" in logs:
-            total = torch.stack(self._l2_kl_window).sum(0)
-            self._l2_kl_window = []
-            if world_size() > 1:  # `log` runs on every process at the same step
-                dist.all_reduce(total)
-            kl_sum, tokens = total.tolist()
-            logs["l2/kl"] = kl_sum / max(tokens, 1.0)
-        super().log(logs, start_time)
 
 
 def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:
