@@ -268,23 +268,23 @@ def test_resume_on_the_checkpoints_weights_keeps_the_runs_reference(tmp_path, ca
 def test_a_damaged_or_partial_reference_snapshot_is_refused_on_resume(tmp_path):
     """The KL's file is checked as the penalty's θ₀ file is (checksums, shapes, finite values), and must hold θ₀ of
     every parameter the resumed trainer's reference needs."""
-    args = l2_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, l2_coef=1.0, l2_kl_coef=1.0)
-    L2Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset()).train()
+    def args(mode):
+        return l2_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, l2_mode=mode, l2_kl_coef=1.0)
+
+    L2Trainer(model=tiny_gpt2(), args=args("l2_sp"), train_dataset=TokenDataset()).train()
     checkpoint = tmp_path / "checkpoint-1"
     # `l2_mode="none"` leaves the weights to the KL's own snapshot; the L2-SP run saved only biases and norms.
-    args.l2_mode = "none"
-    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args, train_dataset=TokenDataset())
+    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args("none"), train_dataset=TokenDataset())
     weights = sum(penalized(n) for n in params_of(tiny_gpt2()))
     with pytest.raises(ValueError, match=rf"{KL_FILE} lacks θ₀ for {weights} parameter\(s\) of the KL's reference"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
-    args.l2_mode = "l2_sp"
     path = str(checkpoint / KL_FILE)
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
     tensors = load_file(path)
     tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"] + 1.0
     save_file(tensors, path, metadata=metadata)
-    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args, train_dataset=TokenDataset())
+    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args("l2_sp"), train_dataset=TokenDataset())
     with pytest.raises(ValueError, match=rf"{KL_FILE} is damaged .*transformer\.ln_f\.bias: its bytes differ from"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
