@@ -20,6 +20,9 @@ from .sharding import local_pieces
 ANCHOR_FILE = "l2_anchor.safetensors"
 # Sharded runs (FSDP, ZeRO-3): each rank saves its own pieces of θ₀, as FSDP and DeepSpeed save their states.
 RANK_ANCHOR_FILE = "l2_anchor-rank{rank:05d}-of-{world:05d}.safetensors"
+# θ₀ of the trainable parameters that the output anchor (`l2_kl_coef`) holds and the penalty does not, in the same
+# format. Always whole: the KL is refused under FSDP / ZeRO-3, so the per-rank name is never written.
+KL_ANCHOR_FILES = ("l2_kl_anchor.safetensors", "l2_kl_anchor-rank{rank:05d}-of-{world:05d}.safetensors")
 
 
 def read_weights(path_or_repo_id: str) -> dict[str, torch.Tensor]:

@@ -15,8 +15,10 @@ from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, O
 from ._version import __version__
 
 # What the Trainer leaves out of its own pushes: private files and intermediate checkpoints.
-# θ₀ and F (as large as the model each) stay local: the Hub has the base model, and `hf-l2 interpolate` reads them.
-UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", "l2_anchor*.safetensors", "l2_fisher*.safetensors"]
+# θ₀ (the penalty's and the KL's) and F, as large as the model each, stay local: the Hub has the base model, and
+# `hf-l2 interpolate` reads them.
+UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", "l2_anchor*.safetensors", "l2_kl_anchor*.safetensors",
+                          "l2_fisher*.safetensors"]
 
 
 class HubPublishError(RuntimeError):

@@ -85,6 +85,11 @@ class OutputAnchor:
     def anchors(self) -> dict[str, torch.Tensor]:
         return {**self.own, **{n: get() for n, get in self.shared.items()}}
 
+    def restore(self, saved: Mapping[str, torch.Tensor]) -> None:
+        """Replace the snapshot by the one a run saved (resume); each tensor keeps the dtype and device it had."""
+        for name, old in self.own.items():
+            self.own[name] = saved[name].to(dtype=old.dtype, device=old.device)
+
     @property
     def own_bytes(self) -> int:
         """Bytes of θ₀ held by this object alone (the shared part costs nothing extra)."""

@@ -16,7 +16,7 @@ import zipfile
 
 from safetensors import SafetensorError, safe_open
 
-from .anchor import ANCHOR_FILE, RANK_ANCHOR_FILE
+from .anchor import ANCHOR_FILE, KL_ANCHOR_FILES, RANK_ANCHOR_FILE
 
 # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, as `get_last_checkpoint` matches it.
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -81,11 +81,14 @@ def _anchor_problem(folder: str) -> str | None:
     return ", ".join(problems) or None
 
 
-def missing_from_checkpoint(folder: str, *, save_only_model: bool = False, l2_sp: bool = False) -> list[str]:
+def missing_from_checkpoint(
+    folder: str, *, save_only_model: bool = False, l2_sp: bool = False, l2_kl: bool = False
+) -> list[str]:
     """What `folder` lacks to resume from it, as the Trainer (and L2-SP's θ₀) would read it; [] when complete.
 
     With `save_only_model` the Trainer saves only weights and state; otherwise also optimizer and scheduler (FSDP
-    and DeepSpeed in their own folders), and with L2-SP θ₀ (one file, or one per rank under FSDP / ZeRO-3).
+    and DeepSpeed in their own folders), with L2-SP θ₀ (one file, or one per rank under FSDP / ZeRO-3), and with
+    the output anchor (`l2_kl`) the θ₀ that its reference holds beyond the penalty's (one file).
     """
     missing = [p for p in [unreadable(os.path.join(folder, "trainer_state.json"))] if p]
     if not _sharded_or_deepspeed(folder, "pytorch_model_fsdp"):
@@ -98,6 +101,9 @@ def missing_from_checkpoint(folder: str, *, save_only_model: bool = False, l2_sp
         missing += [p for p in (unreadable(os.path.join(folder, n)) for n in (optimizer, "scheduler.pt")) if p]
     if l2_sp:
         problem = _anchor_problem(folder)
+        missing += [problem] if problem else []
+    if l2_kl:
+        problem = unreadable(os.path.join(folder, KL_ANCHOR_FILES[0]))
         missing += [problem] if problem else []
     return missing
 

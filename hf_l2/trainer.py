@@ -14,8 +14,10 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .anchor import ANCHOR_FILE, anchor_source, expected_anchors, load_anchor, read_weights, save_anchor
-from .anchor_checks import differing_anchors
+from .anchor import (
+    ANCHOR_FILE, KL_ANCHOR_FILES, anchor_source, expected_anchors, load_anchor, read_weights, save_anchor,
+)
+from .anchor_checks import ExpectedAnchor, differing_anchors
 from .builder import build_lora_penalty, build_penalty
 from .callbacks import WeightNormCallback
 from .config import ANCHOR_DTYPES, ANCHORED_MODES, L2Config, L2Seq2SeqConfig, validate_l2_fields
@@ -299,29 +301,32 @@ class L2PenaltyMixin:
 
     # ---- logging --------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._l2 is not None and self._l2.bound and "loss" in logs:
-            logs.update(self._l2_metrics())
+        if "loss" in logs:  # a training log (`l2/kl`, if any, is in `logs` already: see `L2OutputAnchorMixin.log`)
+            if self._l2 is not None and self._l2.bound:
+                logs.update(self._l2_metrics())
             self._l2_stop_if_not_finite(logs)
         super().log(logs, start_time)
 
     def _l2_stop_if_not_finite(self, logs: dict[str, float]) -> None:
-        """A NaN or infinite Ω or drift means the weights are garbage: stop now, before the next checkpoint saves them.
+        """A NaN or infinite Ω, drift or KL means the weights are garbage: stop now, before the next checkpoint
+        saves them (a non-finite KL is in the loss of the step just taken, so its update is non-finite too).
 
         The Trainer alone would carry on: its `logging_nan_inf_filter` logs a non-finite loss as the running mean.
         """
-        keys = ("l2/penalty", "l2/drift", "l2/lora_delta")
+        keys = ("l2/penalty", "l2/drift", "l2/lora_delta", "l2/kl")
         bad = {k: logs[k] for k in keys if k in logs and not math.isfinite(logs[k])}
         if not bad:
             return
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-        finite = [h["step"] for h in self.state.log_history if "l2/penalty" in h]
+        finite = [h["step"] for h in self.state.log_history if any(k in h for k in keys)]
         decoupled = " (with `l2_impl='decoupled'`, lr·α near or above 1)" if self.args.l2_impl == "decoupled" else ""
+        coefs = "`l2_coef` or `l2_kl_coef`" if "l2/kl" in bad else "`l2_coef`"
         raise FloatingPointError(
             f"Training stopped at step {self.state.global_step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}, "
-            f"so the weights are no longer finite. Likely causes: a learning rate or `l2_coef` too large{decoupled}, "
+            f"so the weights are no longer finite. Likely causes: a learning rate or {coefs} too large{decoupled}, "
             "fp16 overflow, or a non-finite θ₀ or model. The logged `loss` may not show it (`logging_nan_inf_filter`). "
             + (f"The last finite statistics were logged at step {finite[-1]}. " if finite else "")
-            + (f"The last checkpoint is {last}: resume from it with a lower learning rate or `l2_coef`."
+            + (f"The last checkpoint is {last}: resume from it with a lower learning rate or {coefs}."
                if last else "No checkpoint had been saved yet.")
         )
 
@@ -500,10 +505,14 @@ class L2PenaltyMixin:
                 "resume, drop `l2_anchor_path` or point it at the model this run started from; to anchor to the "
                 "other model, start a new run from the checkpoint's weights without `resume_from_checkpoint`."
             )
-        logger.warning(
-            f"θ₀ in force: the one saved in {checkpoint} (this run's own), not the weights the trainer was built "
-            f"with, which differ in {len(differ)} tensor(s), e.g. {differ[:3]}."
-        )
+        _warn_saved_anchor_in_force(checkpoint, differ)
+
+
+def _warn_saved_anchor_in_force(checkpoint: str, differ: list[str]) -> None:
+    logger.warning(
+        f"θ₀ in force: the one saved in {checkpoint} (this run's own), not the weights the trainer was built "
+        f"with, which differ in {len(differ)} tensor(s), e.g. {differ[:3]}."
+    )
 
 
 def _trainable_names(model) -> list[str]:
@@ -514,7 +523,8 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
     """`L2PenaltyMixin` plus the output-space anchor `l2_kl_coef`·KL(p_θ₀ ‖ p_θ) (see `hf_l2.output_anchor`).
 
     The KL is added to the training loss in `compute_loss` (never to the eval loss), normalized like the task
-    loss; the reported `loss` stays the task loss and the mean per-token KL is logged as `l2/kl`.
+    loss; the reported `loss` stays the task loss and the mean per-token KL is logged as `l2/kl`. θ₀ that the KL
+    holds beyond the penalty's goes into every checkpoint (`KL_ANCHOR_FILES`) and is restored on resume.
     `_l2_kl_logits` says where the policy's logits come from: `"outputs"` (the model's `logits`), `"backbone"`
     (hidden states projected by the output embeddings, for fused-head losses such as TRL's SFT) or None (refused).
     """
@@ -616,6 +626,47 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
             kl_sum, tokens = total.tolist()
             logs["l2/kl"] = kl_sum / max(tokens, 1.0)
         super().log(logs, start_time)
+
+    # ---- checkpoints: θ₀ of the parameters the penalty does not hold ------------------------------------------
+    def _l2_save_anchor_files(self, output_dir: str) -> None:
+        """Also the KL's own snapshot, in every checkpoint (and beside the final weights with the penalty's θ₀).
+        Written even when empty, so that a checkpoint without it is known to predate it; the snapshot is whole on
+        every process (no sharding with the KL), so the main one writes it."""
+        super()._l2_save_anchor_files(output_dir)
+        if self._l2_kl is not None and self.args.should_save:
+            save_anchor(self._l2_kl.own, {}, output_dir, files=KL_ANCHOR_FILES)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # the penalty's θ₀, which the KL reads where shared
+        if checkpoint is not None and self._l2_kl is not None and self._l2_kl.own:
+            self._l2_restore_kl_snapshot(checkpoint)
+
+    def _l2_restore_kl_snapshot(self, checkpoint: str) -> None:
+        """The run's own θ₀ for the KL's snapshot, checked like the penalty's; a trainer built from other weights
+        (e.g. the checkpoint's) says at WARNING that it does not use them."""
+        own, name = self._l2_kl.own, KL_ANCHOR_FILES[0]
+        expected = {n: ExpectedAnchor(tuple(t.shape)) for n, t in own.items()}  # exactly the parameter's shape
+        loaded = load_anchor(checkpoint, expected=expected, files=KL_ANCHOR_FILES)
+        if loaded is None:
+            logger.warning(
+                f"{checkpoint} has no {name} (saved by an older hf_l2): the KL keeps θ₀ of {len(own)} tensor(s) the "
+                "penalty does not hold as they were when the trainer was built. Build the trainer from the model "
+                "the run started from so that the reference is right."
+            )
+            return
+        saved, _ = loaded
+        missing = [n for n in own if n not in saved]
+        if missing:
+            raise ValueError(
+                f"{checkpoint}/{name} lacks θ₀ for {len(missing)} parameter(s) of the KL's reference, first "
+                f"{missing[:5]}: the trainable parameters or the penalty's settings (`l2_mode`, `l2_exclude`, "
+                "`l2_anchor_path`, `l2_anchor_dtype`, `l2_anchor_device`) differ from that run's. Resume with the "
+                "settings of that run, or start a new run."
+            )
+        differ = differing_anchors(own, {}, saved, {})
+        if differ:
+            _warn_saved_anchor_in_force(checkpoint, differ)
+        self._l2_kl.restore(saved)
 
 
 def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:

@@ -2,7 +2,7 @@
 
 With `no_avg` after the impl: `average_tokens_across_devices=False`, and also the stock Trainer with Ω added to each
 micro-batch's loss by hand (over GA micro-batches that is Ω once), the reference for that setting. With `kl=λ`:
-the output anchor, `l2_kl_coef=λ`."""
+the output anchor, `l2_kl_coef=λ`, with a checkpoint at step 2 in the output's folder."""
 
 import os
 import sys
@@ -36,7 +36,8 @@ if __name__ == "__main__":
     mode = next((a for a in sys.argv[3:] if a != "no_avg" and not a.startswith("kl=")), "l2_sp")
     kl_coef = next((float(a[3:]) for a in sys.argv[3:] if a.startswith("kl=")), 0.0)  # the output anchor's λ
     common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, max_grad_norm=0.5,
-                  ddp_backend="gloo", **({"average_tokens_across_devices": False} if no_avg else {}))
+                  ddp_backend="gloo", **({"average_tokens_across_devices": False} if no_avg else {}),
+                  **({"save_strategy": "steps", "save_steps": 2} if kl_coef else {}))
     model = tiny_gpt2()
     args = l2_args(os.path.dirname(out), l2_coef=1.0, l2_impl=impl, l2_mode=mode, l2_kl_coef=kl_coef, **common)
     trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))

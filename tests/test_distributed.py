@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from helpers import TokenDataset, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
+from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
 from hf_l2 import L2Trainer
+from hf_l2.anchor import KL_ANCHOR_FILES
 
 pytestmark = pytest.mark.distributed  # 2 processes under torchrun
 
@@ -43,17 +44,25 @@ def test_ddp_without_token_averaging_equals_the_stock_trainer_with_omega_by_hand
 
 def test_two_process_ddp_equals_one_process_with_the_output_anchor(tmp_path):
     """The KL is weighted like the task loss across processes (`average_tokens_across_devices`: ×2 against DDP's
-    averaging of the gradients), and `l2/kl` is reduced over both processes' tokens."""
+    averaging of the gradients), and `l2/kl` is reduced over both processes' tokens. The KL's θ₀ file that the
+    main process wrote resumes the run in one process, on a trainer built from the checkpoint's weights."""
     out = tmp_path / "ddp.pt"
     run_two_processes("ddp_worker.py", str(out), "grad", "kl=5.0")
     ddp = torch.load(out, weights_only=False)
     assert ddp["world_size"] == 2
     model = tiny_gpt2()
-    args = l2_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
-                   l2_coef=1.0, max_grad_norm=0.5, l2_kl_coef=5.0)
-    single = L2Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, l2_coef=1.0,
+                  max_grad_norm=0.5, l2_kl_coef=5.0)
+    single = L2Trainer(model=model, args=l2_args(tmp_path / "single", **common), train_dataset=TokenDataset(n=8))
     single.train()
     assert max_rel_diff(ddp["params"], params_of(model)) < 5e-6  # gloo's summation order, as above
     ddp_kl = [h["l2/kl"] for h in ddp["log"] if "l2/kl" in h]
     one_kl = [h["l2/kl"] for h in single.state.log_history if "l2/kl" in h]
     assert one_kl[-1] > 0 and ddp_kl == pytest.approx(one_kl, rel=1e-5)
+
+    checkpoint = tmp_path / "checkpoint-2"
+    assert sorted(f.name for f in checkpoint.glob("l2_kl_anchor*")) == [KL_ANCHOR_FILES[0]]  # one whole file
+    resumed = gpt2_from_checkpoint(checkpoint)
+    L2Trainer(model=resumed, args=l2_args(tmp_path / "resumed", **common),
+              train_dataset=TokenDataset(n=8)).train(resume_from_checkpoint=str(checkpoint))
+    assert max_rel_diff(params_of(resumed), ddp["params"]) < 5e-6  # 8.4e-3 with the step-2 weights as the KL's θ₀

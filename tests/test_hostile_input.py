@@ -16,7 +16,7 @@ import torch
 
 from helpers import ROOT, TokenDataset, l2_args, tiny_gpt2
 from hf_l2 import L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, RANK_ANCHOR_FILE, load_anchor, save_anchor
+from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES, RANK_ANCHOR_FILE, load_anchor, save_anchor
 from hf_l2.recipe_common import RecipeInputError, parse_args
 from hf_l2.saved_folders import missing_from_checkpoint
 from test_recipes import generation, gpt2_args, marian_args, translation, workdir  # noqa: F401 - a fixture
@@ -128,6 +128,12 @@ def test_what_a_complete_checkpoint_holds_depends_on_the_save_settings(crashed_r
     checkpoint = tmp_path / "checkpoint-4"
     shutil.copytree(crashed_run / "checkpoint-4", checkpoint)
     assert missing_from_checkpoint(str(checkpoint), l2_sp=True) == []
+    # With the output anchor (`l2_kl_coef`), also the KL's θ₀ file (the run had none).
+    assert missing_from_checkpoint(str(checkpoint), l2_kl=True) == [f"{KL_ANCHOR_FILES[0]} (missing)"]
+    save_anchor({"w": torch.zeros(2)}, {}, str(checkpoint), files=KL_ANCHOR_FILES)
+    assert missing_from_checkpoint(str(checkpoint), l2_sp=True, l2_kl=True) == []
+    truncate(checkpoint / KL_ANCHOR_FILES[0])
+    assert missing_from_checkpoint(str(checkpoint), l2_kl=True)[0].startswith(f"{KL_ANCHOR_FILES[0]} (unreadable")
     truncate(checkpoint / "trainer_state.json")
     assert missing_from_checkpoint(str(checkpoint))[0].startswith("trainer_state.json (unreadable JSON")
     (checkpoint / ANCHOR_FILE).unlink()

@@ -125,7 +125,7 @@ def local_files(folder) -> set[str]:
 def test_push_to_hub_sends_model_tokenizer_card_and_plot_after_saving_them(tmp_path, fake_hub):
     out = tmp_path / "out"
     args = l2_args(out, push_to_hub=True, hub_model_id="alice/tiny-l2sp", hub_private_repo=True, hub_strategy="end",
-                   save_strategy="steps", save_steps=2, l2_coef=1.0)
+                   save_strategy="steps", save_steps=2, l2_coef=1.0, l2_kl_coef=0.5)
     trainer = L2Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(),
                         eval_dataset=TokenDataset(n=4, seed=3), processing_class=word_tokenizer())
     # Built with push_to_hub=True, the trainer creates the repo before training: a bad token stops it right there.
@@ -143,8 +143,8 @@ def test_push_to_hub_sends_model_tokenizer_card_and_plot_after_saving_them(tmp_p
     assert (sent["repo_id"], sent["revision"]) == ("alice/tiny-l2sp", "main")
     on_disk = local_files(out)
     assert {"checkpoint-2/model.safetensors", "checkpoint-4/l2_anchor.safetensors"} <= on_disk
-    assert "l2_anchor.safetensors" in on_disk  # θ₀ stays beside the weights for interpolation, off the Hub
-    assert set(sent["files"]) == {f for f in on_disk if not f.startswith(("checkpoint-", "l2_anchor"))}
+    assert {"l2_anchor.safetensors", "l2_kl_anchor.safetensors"} <= on_disk  # θ₀ stays beside the weights, off the Hub
+    assert set(sent["files"]) == {f for f in on_disk if not f.startswith(("checkpoint-", "l2_anchor", "l2_kl_anchor"))}
     assert wanted <= set(sent["files"])
     for name in ("README.md", PLOT_FILE, "model.safetensors"):
         assert sent["files"][name] == (out / name).read_bytes()

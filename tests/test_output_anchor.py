@@ -1,14 +1,19 @@
 """`l2_kl_coef`: the KL to θ₀'s predictions, against references that keep a frozen deep copy of the starting model."""
 
 import copy
+import logging
+import os
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import Seq2SeqTrainer, Trainer
 
 from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
+from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES
 from hf_l2.output_anchor import OutputAnchor
 from test_trainer import PairDataset, tiny_marian
 
@@ -212,6 +217,76 @@ def test_seq2seq_matches_the_reference_and_generate_eval_is_unaffected(tmp_path,
 def test_bad_values_name_the_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         L2Config(output_dir=str(tmp_path), **{field: value})
+
+
+KL_FILE = KL_ANCHOR_FILES[0]
+
+
+@pytest.mark.parametrize("mode", ["none", "l2_sp"])
+def test_resume_on_the_checkpoints_weights_keeps_the_runs_reference(tmp_path, caplog, mode):
+    """A trainer built from a checkpoint's weights snapshots them as θ₀; resumed, it must use the run's θ₀ (saved
+    in the checkpoint) and end where the uninterrupted run ends. `none`: every trainable parameter is the KL's own;
+    `l2_sp`: biases and LayerNorms are, the rest is the penalty's θ₀ (restored by the penalty)."""
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_mode=mode, l2_coef=1.0, l2_kl_coef=LAMBDA,
+                  gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    full = tiny_gpt2()
+    trainer = L2Trainer(model=full, args=l2_args(tmp_path / "full", **common), train_dataset=TokenDataset())
+    own, shared = set(trainer._l2_kl.own), set(trainer._l2_kl.shared)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    start = params_of(tiny_gpt2())
+    assert own == ({n for n in start if not penalized(n)} if mode == "l2_sp" else set(start))
+    assert own.isdisjoint(shared) and own | shared == set(start) and (mode == "none") == (not shared)
+
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    saved = load_file(str(checkpoint / KL_FILE))
+    assert saved.keys() == own and all(torch.equal(saved[n], start[n]) for n in own)
+    # Beside the final weights only with the penalty's θ₀ (then θ₀ of every trainable parameter is there).
+    assert (tmp_path / "final" / KL_FILE).is_file() == (tmp_path / "final" / ANCHOR_FILE).is_file() == bool(shared)
+
+    def resume():
+        model = gpt2_from_checkpoint(checkpoint)
+        L2Trainer(model=model, args=l2_args(tmp_path / "full", **common),
+                  train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
+        return params_of(model)
+
+    with caplog.at_level(logging.WARNING):
+        resumed = resume()
+    # Before the snapshot was saved, this resume ended 2.7e-2 (`none`) and 7.9e-3 (`l2_sp`) away.
+    assert max_rel_diff(resumed, params_of(full)) < 1e-6
+    assert f"θ₀ in force: the one saved in {checkpoint}" in caplog.text
+
+    # Without the file the same resume takes the step-3 weights as the reference, ends elsewhere, and says so.
+    os.remove(checkpoint / KL_FILE)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        wrong = resume()
+    assert f"{checkpoint} has no {KL_FILE}" in caplog.text
+    assert max_rel_diff(wrong, params_of(full)) > 1e-4
+
+
+def test_a_damaged_or_partial_reference_snapshot_is_refused_on_resume(tmp_path):
+    """The KL's file is checked as the penalty's θ₀ file is (checksums, shapes, finite values), and must hold θ₀ of
+    every parameter the resumed trainer's reference needs."""
+    def args(mode):
+        return l2_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, l2_mode=mode, l2_kl_coef=1.0)
+
+    L2Trainer(model=tiny_gpt2(), args=args("l2_sp"), train_dataset=TokenDataset()).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    # `l2_mode="none"` leaves the weights to the KL's own snapshot; the L2-SP run saved only biases and norms.
+    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args("none"), train_dataset=TokenDataset())
+    weights = sum(penalized(n) for n in params_of(tiny_gpt2()))
+    with pytest.raises(ValueError, match=rf"{KL_FILE} lacks θ₀ for {weights} parameter\(s\) of the KL's reference"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    path = str(checkpoint / KL_FILE)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"] + 1.0
+    save_file(tensors, path, metadata=metadata)
+    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args("l2_sp"), train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match=rf"{KL_FILE} is damaged .*transformer\.ln_f\.bias: its bytes differ from"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_sharded_and_deepspeed_runs_are_refused(tmp_path):

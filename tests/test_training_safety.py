@@ -204,6 +204,31 @@ def test_non_finite_statistics_stop_training_naming_the_step_and_the_last_checkp
     assert trainer.state.global_step == 3 and not (tmp_path / "checkpoint-4").exists()
 
 
+class InfiniteReference(TrainerCallback):
+    """From optimizer step `at` on, GPT-2's logits are +inf in eval mode, where only θ₀'s reference forward runs:
+    the KL turns NaN although the weights are finite (its NaN reaches them with that step's update)."""
+
+    def __init__(self, model, at):
+        self.at, self.on = at, False
+        model.lm_head.register_forward_hook(
+            lambda module, args, out: out + float("inf") if self.on and not module.training else None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.on = state.global_step + 1 >= self.at
+
+
+def test_non_finite_kl_stops_training_naming_it_and_the_step(tmp_path):
+    """`l2_mode="none"`: no penalty statistics, the KL alone must stop the run."""
+    model = tiny_gpt2()
+    args = l2_args(tmp_path, l2_mode="none", l2_kl_coef=1.0, max_steps=6, save_strategy="steps", save_steps=2)
+    trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[InfiniteReference(model, 3)])
+    with pytest.raises(FloatingPointError, match=r"stopped at step 3: l2/kl = nan, .*`l2_kl_coef` too large") as err:
+        trainer.train()
+    assert "The last finite statistics were logged at step 2" in str(err.value)
+    assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in str(err.value)
+    assert trainer.state.global_step == 3 and not (tmp_path / "checkpoint-4").exists()
+
+
 # ---- item 4: the card and the logs say which precision ran ------------------------------------------------------
 def hyperparameter_rows(card_text):
     return {line.split(":")[0].strip("- "): line.split(":", 1)[1].strip()
