@@ -29,6 +29,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from transformers import HfArgumentParser, PretrainedConfig, Trainer
 from transformers.hf_argparser import string_to_bool
 
+from .config import ANCHORED_MODES
 from .hub import HubPublishError
 from .saved_folders import checkpoints_newest_first, missing_from_checkpoint
 
@@ -430,7 +431,8 @@ def resolve_checkpoint(training_args, overwrite_output_dir: bool = False) -> str
     if not training_args.do_train:
         return requested
     expected = dict(save_only_model=training_args.save_only_model,
-                    l2_sp=getattr(training_args, "l2_mode", None) == "l2_sp",
+                    l2_sp=getattr(training_args, "l2_mode", None) in ANCHORED_MODES,
+                    fisher=getattr(training_args, "l2_mode", None) == "l2_sp_fisher",
                     l2_kl=bool(getattr(training_args, "l2_kl_coef", 0)))
     say = print if training_args.process_index == 0 else (lambda *_: None)
     word = str(requested).lower()  # a config file may give a boolean

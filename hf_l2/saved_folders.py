@@ -17,6 +17,7 @@ import zipfile
 from safetensors import SafetensorError, safe_open
 
 from .anchor import ANCHOR_FILE, KL_ANCHOR_FILES, RANK_ANCHOR_FILE
+from .fisher import FISHER_FILES
 
 # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, as `get_last_checkpoint` matches it.
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -24,7 +25,6 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                 "pytorch_model.bin", "adapter_model.bin")
 TOKENIZER_FILE = "tokenizer_config.json"  # written by every tokenizer's save_pretrained
-_ANCHOR_PIECES = re.compile(r"^l2_anchor-rank(\d+)-of-(\d+)\.safetensors$")
 
 
 def unreadable(path: str) -> str | None:
@@ -71,24 +71,27 @@ def _sharded_or_deepspeed(folder: str, prefix: str) -> bool:
     return bool(glob.glob(os.path.join(folder, f"{prefix}_*")) or glob.glob(os.path.join(folder, "global_step*")))
 
 
-def _anchor_problem(folder: str) -> str | None:
-    pieces = [m for m in map(_ANCHOR_PIECES.match, os.listdir(folder)) if m]
+def _anchor_problem(folder: str, files: tuple[str, str]) -> str | None:
+    """θ₀ or F as `files` name it (the whole file, or the per-rank pattern): every piece there and readable."""
+    whole, per_rank = files
+    pieces = [n for n in os.listdir(folder) if n.startswith(per_rank.split("{")[0])]
     if not pieces:
-        return unreadable(os.path.join(folder, ANCHOR_FILE))
-    world = int(pieces[0].group(2))
-    wanted = [RANK_ANCHOR_FILE.format(rank=r, world=world) for r in range(world)]
+        return unreadable(os.path.join(folder, whole))
+    world = int(re.search(r"-of-(\d+)\.safetensors$", pieces[0]).group(1))
+    wanted = [per_rank.format(rank=r, world=world) for r in range(world)]
     problems = [p for p in (unreadable(os.path.join(folder, n)) for n in wanted) if p]
     return ", ".join(problems) or None
 
 
 def missing_from_checkpoint(
-    folder: str, *, save_only_model: bool = False, l2_sp: bool = False, l2_kl: bool = False
+    folder: str, *, save_only_model: bool = False, l2_sp: bool = False, fisher: bool = False, l2_kl: bool = False
 ) -> list[str]:
     """What `folder` lacks to resume from it, as the Trainer (and L2-SP's θ₀) would read it; [] when complete.
 
     With `save_only_model` the Trainer saves only weights and state; otherwise also optimizer and scheduler (FSDP
-    and DeepSpeed in their own folders), with L2-SP θ₀ (one file, or one per rank under FSDP / ZeRO-3), and with
-    the output anchor (`l2_kl`) the θ₀ that its reference holds beyond the penalty's (one file).
+    and DeepSpeed in their own folders), with L2-SP θ₀ (`l2_sp`: one file, or one per rank under FSDP / ZeRO-3),
+    with `l2_sp_fisher` also F (`fisher`, in the same layout), and with the output anchor (`l2_kl`) the θ₀ that its
+    reference holds beyond the penalty's (one file).
     """
     missing = [p for p in [unreadable(os.path.join(folder, "trainer_state.json"))] if p]
     if not _sharded_or_deepspeed(folder, "pytorch_model_fsdp"):
@@ -99,8 +102,8 @@ def missing_from_checkpoint(
     if not _sharded_or_deepspeed(folder, "optimizer"):
         optimizer = "optimizer.bin" if os.path.isfile(os.path.join(folder, "optimizer.bin")) else "optimizer.pt"
         missing += [p for p in (unreadable(os.path.join(folder, n)) for n in (optimizer, "scheduler.pt")) if p]
-    if l2_sp:
-        problem = _anchor_problem(folder)
+    for wanted, files in ((l2_sp, (ANCHOR_FILE, RANK_ANCHOR_FILE)), (fisher, FISHER_FILES)):
+        problem = _anchor_problem(folder, files) if wanted else None
         missing += [problem] if problem else []
     if l2_kl:
         problem = unreadable(os.path.join(folder, KL_ANCHOR_FILES[0]))

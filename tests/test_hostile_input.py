@@ -152,6 +152,37 @@ def test_what_a_complete_checkpoint_holds_depends_on_the_save_settings(crashed_r
         f"{RANK_ANCHOR_FILE.format(rank=1, world=2)} (missing)")
 
 
+def test_an_l2_sp_fisher_checkpoint_is_complete_only_with_its_fisher(crashed_run, tmp_path):
+    from hf_l2.fisher import FISHER_FILE, RANK_FISHER_FILE
+
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(crashed_run / "checkpoint-4", checkpoint)
+    assert missing_from_checkpoint(str(checkpoint), l2_sp=True, fisher=True) == [f"{FISHER_FILE} (missing)"]
+    save_anchor({"w": torch.ones(2)}, {}, str(checkpoint), files=(FISHER_FILE, RANK_FISHER_FILE))
+    assert missing_from_checkpoint(str(checkpoint), l2_sp=True, fisher=True) == []
+    (checkpoint / FISHER_FILE).unlink()
+    save_anchor({"w": torch.ones(2)}, {}, str(checkpoint), rank=1, world=2, files=(FISHER_FILE, RANK_FISHER_FILE))
+    assert missing_from_checkpoint(str(checkpoint), l2_sp=True, fisher=True) == [
+        f"{RANK_FISHER_FILE.format(rank=0, world=2)} (missing)"]
+
+
+def test_an_l2_sp_fisher_rerun_skips_a_checkpoint_without_its_fisher(workdir, crashed_run, tmp_path, capsys):  # noqa: F811
+    """Resuming from a checkpoint without F would compute F again at the checkpoint's weights, not at θ₀."""
+    from safetensors.torch import load_file
+
+    from hf_l2.fisher import FISHER_FILES
+
+    out = copy_of(crashed_run, tmp_path)
+    anchor = load_file(str(out / "checkpoint-2" / ANCHOR_FILE))
+    save_anchor({n: torch.ones_like(t) for n, t in anchor.items()}, {}, str(out / "checkpoint-2"), files=FISHER_FILES)
+    argv = gpt2_args(workdir, out, *SAVING, "--l2_mode", "l2_sp_fisher")
+    argv[argv.index("--max_steps") + 1] = "6"
+    generation.main(argv)
+    said = capsys.readouterr().out
+    assert f"Skipping the incomplete checkpoint {out / 'checkpoint-4'}: it lacks {FISHER_FILES[0]} (missing)" in said
+    assert f"Resuming from {out / 'checkpoint-2'}" in said
+
+
 # ---- 9. config files --------------------------------------------------------------------------------------
 def parse_config(tmp_path, workdir, text: str):  # noqa: F811
     path = tmp_path / "run.yaml"
