@@ -169,15 +169,24 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def frontier_summary(summaries: list[Summary], budget: float = FORGETTING_BUDGET) -> str | None:
-    """One sentence: within a forgetting budget, which method gives the best target metric, by how much, and
-    whether that gap is beyond the seeds' spread. None when the runs cannot say (no start, no unpenalized run or no
-    pretraining-domain numbers).
+@dataclass
+class Budget:
+    """The forgetting budget of a sweep and, per method, its best setting within it (best first)."""
 
-    The budget is a fraction of what fine-tuning without a penalty forgets: the pretraining-domain metric may
-    move from the starting model's toward the unpenalized model's by at most `budget` of the way. Each method
-    is represented by its best setting within the budget.
-    """
+    metric: str  # the compared metric's name (`bleu`, `perplexity`, `loss`)
+    label: str
+    higher: bool
+    start: float  # the starting model's pretraining-domain value
+    none: float  # the unpenalized runs' mean
+    limit: float  # the least good pretraining-domain value allowed
+    best: list[Summary]  # each method's best qualifying setting, best target first
+
+
+def forgetting_budget(summaries: list[Summary], budget: float = FORGETTING_BUDGET) -> Budget | str | None:
+    """Within a forgetting budget, each method's best setting by target metric. The budget is a fraction of what
+    fine-tuning without a penalty forgets: the pretraining-domain metric may move from the starting model's toward
+    the unpenalized model's by at most `budget` of the way. A sentence instead when nothing was forgotten; None
+    when the runs cannot say (no start, no unpenalized run or no pretraining-domain numbers)."""
     wanted = summaries[0].values
     metric = next((m for m in SUMMARY_METRICS if f"eval_{m}" in wanted and f"eval_pretrain_{m}" in wanted), None)
     fixed = {s.mode: s for s in summaries if s.mode in ("start", "none")}
@@ -192,20 +201,32 @@ def frontier_summary(summaries: list[Summary], budget: float = FORGETTING_BUDGET
         return (f"Fine-tuning without a penalty did not lower the pretraining-domain {label} ({start:.2f} → "
                 f"{none:.2f}): there is no forgetting to budget here.")
     limit = start - sign * budget * forgotten
-    within = [s for s in summaries if s.mode not in ("start", "none") and sign * (s.mean(pretrain) - limit) >= 0]
     best: dict[str, Summary] = {}
-    for s in within:
+    for s in summaries:
+        if s.mode in ("start", "none") or sign * (s.mean(pretrain) - limit) < 0:
+            continue
         if s.mode not in best or sign * (s.mean(target) - best[s.mode].mean(target)) > 0:
             best[s.mode] = s
     ranked = sorted(best.values(), key=lambda s: -sign * s.mean(target))
-    reference = fixed["none"]
+    return Budget(metric, label, higher, start, none, limit, ranked)
+
+
+def frontier_summary(summaries: list[Summary], budget: float = FORGETTING_BUDGET) -> str | None:
+    """One sentence: within a forgetting budget (see `forgetting_budget`), which method gives the best target
+    metric, by how much, and whether that gap is beyond the seeds' spread."""
+    found = forgetting_budget(summaries, budget)
+    if not isinstance(found, Budget):
+        return found
+    target, label, sign = f"eval_{found.metric}", found.label, 1 if found.higher else -1
+    reference = next(s for s in summaries if s.mode == "none")
     budget_text = (f"At a forgetting budget of {budget:.0%} of what fine-tuning without a penalty forgets "
-                   f"(pretraining {label} {'≥' if higher else '≤'} {limit:.2f}; start {start:.2f}, no penalty "
-                   f"{none:.2f})")
+                   f"(pretraining {label} {'≥' if found.higher else '≤'} {found.limit:.2f}; start {found.start:.2f}, "
+                   f"no penalty {found.none:.2f})")
 
     def cell(s: Summary) -> str:
         return f"{s.setting} ({_format(s.mean(target), s.std(target), s.runs)})"
 
+    ranked = found.best
     if not ranked:
         return f"{budget_text}, no setting qualifies."
     first = ranked[0]
@@ -220,6 +241,21 @@ def frontier_summary(summaries: list[Summary], budget: float = FORGETTING_BUDGET
     return (f"{budget_text}, {cell(first)} gives the best target {label}, {gap:.2f} better than the best of "
             f"{second.mode}, {cell(second)}: {verdict} the seeds' spread ({spread:.2f}, the two standard deviations "
             f"added){cost}.")
+
+
+def budget_table(summaries: list[Summary], budget: float = FORGETTING_BUDGET) -> str | None:
+    """Markdown: each method's best setting within the forgetting budget, best target first (None without one)."""
+    found = forgetting_budget(summaries, budget)
+    if not isinstance(found, Budget) or not found.best:
+        return None
+    target, pretrain = f"eval_{found.metric}", f"eval_pretrain_{found.metric}"
+    arrow = "↑" if found.higher else "↓"
+    lines = [f"| method | best setting within the budget | target {found.label} {arrow} | "
+             f"pretraining {found.label} {arrow} |", "|---|---|---:|---:|"]
+    for s in found.best:
+        lines.append(f"| {s.mode} | {s.setting} | {_format(s.mean(target), s.std(target), s.runs)} | "
+                     f"{_format(s.mean(pretrain), s.std(pretrain), s.runs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot_drift(ax, summaries: list[Summary], colors: dict[str, str]) -> None:
@@ -245,13 +281,14 @@ def _plot_drift(ax, summaries: list[Summary], colors: dict[str, str]) -> None:
 
 
 def write_report(rows: list[dict], output_dir: str | Path, title: str) -> tuple[Path, Path]:
-    """`results.md` (title, table and the frontier's one-sentence summary) and `results.png` under `output_dir`;
-    returns their paths."""
+    """`results.md` (title, table, the frontier's one-sentence summary and each method's best setting within the
+    forgetting budget) and `results.png` under `output_dir`; returns their paths."""
     summaries = summarize(rows)
     output_dir = Path(output_dir)
     table, figure = output_dir / "results.md", output_dir / "results.png"
     plot(summaries, figure, title)
     summary = frontier_summary(summaries)
-    table.write_text(f"### {title}\n\n{markdown_table(summaries)}" + (f"\n{summary}\n" if summary else ""),
-                     encoding="utf-8")
+    ranking = budget_table(summaries)
+    table.write_text(f"### {title}\n\n{markdown_table(summaries)}" + (f"\n{summary}\n" if summary else "")
+                     + (f"\n{ranking}" if ranking else ""), encoding="utf-8")
     return table, figure

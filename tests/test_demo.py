@@ -318,6 +318,28 @@ def test_frontier_summary_names_the_best_method_within_the_forgetting_budget():
     assert sweep_report.frontier_summary(sweep_report.summarize(rows), 0.0).endswith("no setting qualifies.")
 
 
+def test_budget_table_lists_each_methods_best_setting_within_the_budget(tmp_path):
+    # Start 30, no penalty 10: pretraining BLEU ≥ 20 qualifies. kl λ=1 (target 21) beats l2_sp α=0.1 (19); l2 α=0.1
+    # (pretraining 12) is out, l2 α=1 (22) in; wise_ft t=0.5 (pretraining 20, exactly the limit) counts.
+    rows = _rows({
+        "start": [(5.0, 30.0)],
+        "none": [(20.0, 10.0)],
+        "l2 α=0.1": [(18.0, 12.0)],
+        "l2 α=1": [(14.0, 22.0)],
+        "l2_sp α=0.1": [(19.0, 25.0)],
+        "l2_sp α=1": [(12.0, 28.0)],
+        "kl α=1": [(21.0, 21.0)],
+        "wise_ft α=0.5": [(13.0, 20.0)],
+    })
+    lines = sweep_report.budget_table(sweep_report.summarize(rows)).splitlines()
+    assert lines[0] == "| method | best setting within the budget | target BLEU ↑ | pretraining BLEU ↑ |"
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["kl α=1", "l2_sp α=0.1", "l2 α=1", "wise_ft α=0.5"]
+    assert lines[2] == "| kl | kl α=1 | 21.00 | 21.00 |"
+    table, _ = sweep_report.write_report(rows, tmp_path, "t")
+    assert "| l2_sp | l2_sp α=0.1 | 19.00 | 25.00 |" in table.read_text()
+    assert sweep_report.budget_table(sweep_report.summarize(rows), 0.0) is None  # nothing qualifies: no table
+
+
 def test_frontier_summary_says_when_nothing_was_forgotten_and_plot_draws_any_method(tmp_path):
     rows = _rows({"start": [(5.0, 10.0)], "none": [(20.0, 12.0)], "wise_ft α=0.5": [(12.0, 11.0)]})
     sentence = sweep_report.frontier_summary(sweep_report.summarize(rows))
