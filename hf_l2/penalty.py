@@ -128,7 +128,8 @@ def _weighted_lerp_(params: Sequence[torch.Tensor], ends: Sequence[torch.Tensor]
             continue
         step = torch.empty(min(p.numel(), BLOCK_NUMEL), dtype=p.dtype, device=p.device)
         for p_block, end_block, w_block in zip(*(t.reshape(-1).split(BLOCK_NUMEL) for t in (p, end, w))):
-            p_block.lerp_(end_block, torch.mul(w_block, rate, out=step[: p_block.numel()]))
+            # widened first: a product of a bf16 F and the rate would be rounded to bf16
+            p_block.lerp_(end_block, torch.mul(w_block.to(p.dtype), rate, out=step[: p_block.numel()]))
 
 
 def _sum_sq(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:

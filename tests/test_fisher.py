@@ -291,6 +291,21 @@ def test_fisher_forms_are_the_formulas_across_chunks_and_blocks(monkeypatch, imp
             torch.testing.assert_close(p.grad, got[n] + 2 / 3 * got[n])
 
 
+def test_weighted_pull_with_bf16_storage_steps_in_the_parameters_dtype():
+    """θ₀ and F in bf16 (`l2_anchor_dtype`), fp32 weights: lr·α·F is formed in fp32, not rounded to bf16 (2⁻⁹)."""
+    g = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(700, 401, generator=g))  # two CPU blocks
+    anchor = (param.detach() + 0.1 * torch.randn(param.shape, generator=g)).bfloat16()
+    fisher = (2 * torch.rand(param.shape, generator=g)).bfloat16()
+    penalty = L2Penalty(1.0, 0.0, ["w"], [], {"w": anchor})
+    penalty.set_fisher({"w": fisher})
+    penalty.bind({"w": param})
+    start = param.detach().clone()
+    penalty.pull_(lambda _: 0.3)  # not a power of 2: rounding a product to bf16 would show
+    expected = 0.3 * fisher.float() * (anchor.float() - start)
+    torch.testing.assert_close(param.detach() - start, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_weighted_value_is_accurate_on_millions_of_values():
     """Ω with F against float64: a plain fp32 norm accumulator would drift by ~10⁻³ over 4M values on the CPU."""
     g = torch.Generator().manual_seed(0)
