@@ -5,8 +5,11 @@ training epoch on the same examples.
     python benchmarks/bench_fisher.py --device cuda --repeats 50 --fisher_model gpt2
 
 1. Penalty step: `L2Penalty` over GPT-2 small's ≥2-D tensors (124M values, random weights from the config), each
-   impl with and without F (fp32), called in turn within every repeat so that load drifts hit all alike. F adds one
-   read of a full-size tensor to the gradient form (target: ≤ 1.3× the L2-SP step).
+   impl with and without F (fp32), all called once per repeat in a fresh random order so that load drifts hit all
+   alike; medians of wall and (on the CPU) process CPU seconds, and each call's peak memory growth. F adds one read
+   of a full-size tensor (target: ≤ 1.3× the L2-SP step). The "decoupled floor" row is one pass that reads θ, θ₀
+   and F and writes θ (`addcmul_`, θ += w·F·θ₀ at a negligible w: not the pull, a cost reference): what a fused
+   kernel for the weighted pull would cost at best.
 2. F vs an epoch: `L2Trainer` on the same N sequences, once computing F over them (one forward+backward per
    example, `hf_l2.fisher.trainer_fisher`) and once training one epoch at `--batch_size` (l2_sp), side by side.
 """
@@ -21,8 +24,10 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bench_penalty import COEF, DRIFT, LR, call_times
-from common import add_run_arguments, default_device, environment, synchronize, write_section
+from bench_penalty import COEF, DRIFT, LR
+from common import (
+    PeakMemory, add_run_arguments, call_times, default_device, environment, mib, synchronize, write_section
+)
 from hf_l2 import L2Config, L2Trainer
 from hf_l2.penalty import L2Penalty, snapshot
 
@@ -53,17 +58,38 @@ def penalty_step(device: torch.device, warmup: int, repeats: int) -> str:
         fns[f"grad {label}"] = penalty.add_to_grads_
         fns[f"loss {label}"] = lambda p=penalty: p.loss_term().backward()
         fns[f"decoupled {label}"] = lambda p=penalty: p.pull_(lambda _: LR)
-    times = call_times(fns, device, warmup, repeats)
-    median = {k: statistics.median(v) for k, v in times.items()}
+    thetas = [p.detach() for p in params.values()]
+    thetas0, weights = [anchors[n] for n in names], [fisher[n] for n in names]
+    fns["decoupled floor"] = lambda: torch._foreach_addcmul_(thetas, weights, thetas0, value=LR * COEF)
+    wall, cpu = call_times(fns, device, warmup, repeats, order_seed=0)
+    peaks = {}
+    for name, fn in fns.items():
+        with PeakMemory(device) as mem:
+            fn()
+        peaks[name] = mem.delta
+    on_cpu = device.type == "cpu"
+
+    def ms(name: str) -> str:
+        cells = [statistics.median(wall[name])] + ([statistics.median(cpu[name])] if on_cpu else [])
+        return " / ".join(f"{1e3 * c:.0f}" for c in cells)
+
+    def ratio(name: str, base: str) -> str:
+        runs = [wall] + ([cpu] if on_cpu else [])
+        return " / ".join(f"{statistics.median(t[name]) / statistics.median(t[base]):.2f}×" for t in runs)
+
+    clock = "wall / CPU" if on_cpu else "wall"
     lines = [
         f"### Penalty step, GPT-2 small shapes ({sum(p.numel() for p in params.values()) / 1e6:.1f}M values)",
         "",
-        "| impl | l2_sp median ms | l2_sp_fisher median ms | ratio (target ≤ 1.3×) |",
-        "|---|---:|---:|---:|",
+        f"| impl | l2_sp median ms ({clock}) | l2_sp_fisher median ms ({clock}) | ratio ({clock}; target ≤ 1.3×) "
+        "| peak Δ MiB l2_sp / l2_sp_fisher |",
+        "|---|---:|---:|---:|---:|",
     ]
     for impl in ("grad", "loss", "decoupled"):
-        a, b = median[f"{impl} l2_sp"], median[f"{impl} l2_sp_fisher"]
-        lines.append(f"| {impl} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}× |")
+        a, b = f"{impl} l2_sp", f"{impl} l2_sp_fisher"
+        lines.append(f"| {impl} | {ms(a)} | {ms(b)} | {ratio(b, a)} | {mib(peaks[a])} / {mib(peaks[b])} |")
+    lines.append(f"| decoupled floor (one pass over θ, θ₀, F) | | {ms('decoupled floor')} "
+                 f"| {ratio('decoupled floor', 'decoupled l2_sp')} | {mib(peaks['decoupled floor'])} |")
     print("\n".join(lines), flush=True)
     return "\n".join(lines)
 
@@ -131,7 +157,9 @@ def main() -> None:
     body = "\n\n".join([
         f"## Fisher-weighted L2-SP (`bench_fisher.py`, {device.type})",
         environment(device, f"α = {COEF}; penalty: {args.repeats} timed calls per variant after {args.warmup} "
-                    "warm-up, medians; F in fp32"),
+                    "warm-up, in a fresh random order per repeat, medians; F in fp32; CPU: process CPU seconds "
+                    "(all threads), which leave out the time other processes hold the cores",
+                    f"peak Δ: {PeakMemory.label(device)}, over one call"),
         *tables,
     ])
     write_section(args.out, f"bench_fisher:{device.type}", body)

@@ -26,14 +26,13 @@ import argparse
 import gc
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from common import PeakMemory, add_run_arguments, default_device, environment, mib, synchronize, write_section
+from common import PeakMemory, add_run_arguments, call_times, default_device, environment, mib, write_section
 from hf_l2.penalty import L2Penalty, snapshot
 
 COEF = 0.01  # L2Config's default α
@@ -104,22 +103,6 @@ def variants(params: dict[str, torch.Tensor]) -> dict[str, tuple[Callable[[], ob
     return cases
 
 
-def call_times(
-    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, list[float]]:
-    """Seconds of each timed call; each repeat calls every function once, in turn."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def bench_model(name: str, device: torch.device, warmup: int, repeats: int) -> tuple[str, dict]:
     """The model's markdown table, and its numbers: per variant median/min seconds, bytes, peak memory growth."""
     torch.manual_seed(0)
@@ -127,7 +110,7 @@ def bench_model(name: str, device: torch.device, warmup: int, repeats: int) -> t
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2}
     cases = variants(params)
     fns = {v: fn for v, (fn, _) in cases.items()}
-    times = call_times(fns, device, warmup, repeats)
+    times, _ = call_times(fns, device, warmup, repeats)
     median = {v: statistics.median(t) for v, t in times.items()}
     peaks = {}
     for v, fn in fns.items():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import platform
+import random
 import re
 import shlex
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +47,34 @@ def default_device() -> str:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def call_times(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+    order_seed: int | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of each timed call; each repeat calls every function once, in turn.
+
+    With ``order_seed`` each repeat takes a fresh random order, so that no function always runs right after the
+    same one (what a call leaves in the allocator and the caches changes the next one's cost). CPU seconds are this
+    process's, all threads (``time.process_time``): on a shared machine they leave out the time other processes
+    hold the cores, which wall time counts. They mean nothing for CUDA work.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(order_seed)
+    for i in range(warmup + repeats):
+        if order_seed is not None:
+            rng.shuffle(order)
+        for name in order:
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            synchronize(device)
+            if i >= warmup:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def device_name(device: torch.device) -> str:

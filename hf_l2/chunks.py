@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 # Elements per chunk of temporaries (θ − θ₀); 2**24 fp32 values = 64 MiB, a few chunks for GPT-2 small.
 CHUNK_NUMEL = 1 << 24
+# Elements per block of a temporary that should stay in cache on the CPU: 2**18 fp32 values = 1 MiB (L2 / L3).
+BLOCK_NUMEL = 1 << 18
 
 
 def chunk_slices(numels: Sequence[int], limit: int = CHUNK_NUMEL) -> list[slice]:

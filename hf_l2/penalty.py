@@ -11,7 +11,9 @@ A coefficient schedule multiplies α and β by a factor (``set_factor``); ``pull
 on Ω alone applied straight to the parameters.
 Per-step work runs on lists of tensors with multi-tensor (``torch._foreach_*``) kernels, in chunks of
 bounded size: with ``add_to_grads_`` the only full-size copy kept in memory is the anchor itself. The in-loss
-form (``loss_term``) hands autograd a full-size ∇Ω, as any loss term's backward does.
+form (``loss_term``) hands autograd a full-size ∇Ω, as any loss term's backward does (with F it is formed in the
+forward, which needs F·(θ − θ₀) for Ω anyway, and kept for the backward). On the CPU the weighted decoupled pull
+forms its per-value step one cache-sized block at a time (``_weighted_lerp_``).
 
 Under sharding (FSDP, ZeRO-3) everything is per rank: the penalty binds to this rank's pieces of the parameters
 (``sharding.local_pieces``), keeps only the matching pieces of θ₀, and its statistics are summed across ranks.
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .chunks import chunk_slices
+from .chunks import BLOCK_NUMEL, chunk_slices
 from .sharding import Piece, world_size
 
 @dataclass
@@ -98,12 +100,36 @@ def _norms_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
 
 
-def _weighted_norms_sq(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ w·t² of each tensor (w ≥ 0, per value), in fp32, as one 1-d tensor."""
-    tensors = [t.float() for t in tensors]
-    products = torch._foreach_mul(tensors, [w.float() for w in weights])
-    torch._foreach_mul_(products, tensors)
-    return torch.stack(torch._foreach_norm(products, 1, dtype=torch.float32))  # every term is ≥ 0: a plain sum
+def _sums_of_products(diff: Sequence[torch.Tensor], weighted: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ d·h of each pair of tensors, in fp32, as one 1-d tensor; ``diff`` (a temporary) is overwritten.
+
+    A cascade ``sum``: on the CPU an fp32 ``norm`` or ``dot`` accumulator drifts by 10⁻³–10⁻¹ over the tens of
+    millions of values of an embedding.
+    """
+    wide = [d.float() for d in diff]  # fp32 stays in place
+    torch._foreach_mul_(wide, [h.float() for h in weighted])
+    return torch.stack([t.sum(dtype=torch.float32) for t in wide])
+
+
+def _weighted_lerp_(params: Sequence[torch.Tensor], ends: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                    rate: float) -> None:
+    """p ← lerp(p, end, rate·w) per value, with ``lerp_``'s own rounding (w ≡ 1 gives a scalar-weight lerp's bits).
+
+    On the CPU, where a multi-tensor op runs one tensor at a time anyway, rate·w is formed one cache-sized block
+    (``BLOCK_NUMEL``) at a time and never goes through memory; elsewhere one fused kernel per op and chunk.
+    """
+    if params[0].device.type != "cpu":
+        steps = torch._foreach_mul([w.to(p.dtype) for w, p in zip(weights, params)], rate)
+        torch._foreach_lerp_(params, ends, steps)
+        return
+    for p, end, w in zip(params, ends, weights):
+        if not p.is_contiguous():  # no flat view to cut into blocks: the whole tensor is one block
+            p.lerp_(end, w.to(p.dtype) * rate)
+            continue
+        step = torch.empty(min(p.numel(), BLOCK_NUMEL), dtype=p.dtype, device=p.device)
+        for p_block, end_block, w_block in zip(*(t.reshape(-1).split(BLOCK_NUMEL) for t in (p, end, w))):
+            # widened first: a product of a bf16 F and the rate would be rounded to bf16
+            p_block.lerp_(end_block, torch.mul(w_block.to(p.dtype), rate, out=step[: p_block.numel()]))
 
 
 def _sum_sq(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,6 +291,11 @@ class L2Penalty:
         return self._bound
 
     @property
+    def has_fisher(self) -> bool:
+        """Whether the bound penalty weights its anchored values by F."""
+        return self._bound and self._fisher_tensors is not None
+
+    @property
     def sharded(self) -> bool:
         """Whether the bound parameters are sharded across ranks (anchors are then per-rank pieces)."""
         return self._bound and self._sharded
@@ -359,8 +390,7 @@ class L2Penalty:
                     if fisher is None:
                         torch._foreach_lerp_([params[i] for i in idx], ends, lr * self.coef)
                     else:  # a step of lr·α·F per value
-                        steps = torch._foreach_mul([fisher[i].to(params[i].dtype) for i in idx], lr * self.coef)
-                        torch._foreach_lerp_([params[i] for i in idx], ends, steps)
+                        _weighted_lerp_([params[i] for i in idx], ends, [fisher[i] for i in idx], lr * self.coef)
                 del anchors, fisher
         if self.head_coef and new:
             for lr, idx in group_by_value([lr_of(p.param) for p, _ in self._new]).items():
@@ -368,9 +398,13 @@ class L2Penalty:
 
     # ---- value and statistics -------------------------------------------------------------------------------
     def _drift_sq(
-        self, anchored: Sequence[torch.Tensor], weights: torch.Tensor | None = None, fisher: bool = False
+        self, anchored: Sequence[torch.Tensor], weights: torch.Tensor | None = None, fisher: bool = False,
+        keep: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Σ(θ − θ₀)², or with ``fisher`` Σ F·(θ − θ₀)² (the same without F); ``weights`` per tensor (sharding)."""
+        """Σ(θ − θ₀)², or with ``fisher`` Σ F·(θ − θ₀)² (the same without F); ``weights`` per tensor (sharding).
+
+        With F and a ``keep`` list, F·(θ − θ₀) of each tensor (∇Ω/α, full-size) is appended to it.
+        """
         total = torch.zeros((), dtype=torch.float32, device=self._home)
         with torch.no_grad():
             for sl, _, diff in self._drift_chunks(anchored):
@@ -379,15 +413,22 @@ class L2Penalty:
                 if f is None:
                     total = total + _sum_sq(diff, w).to(total.device)
                 elif diff:
-                    squares = _weighted_norms_sq(diff, f)
+                    weighted = torch._foreach_mul(diff, f)
+                    if keep is not None:
+                        keep += weighted
+                    squares = _sums_of_products(diff, weighted)
                     total = total + (squares if w is None else squares * w.to(squares.device)).sum().to(total.device)
+                    del weighted
         return total
 
-    def value(self) -> torch.Tensor:
-        """Ω as a detached fp32 0-d tensor (no host sync); under sharding, this rank's pieces' share of Ω."""
+    def value(self, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Ω as a detached fp32 0-d tensor (no host sync); under sharding, this rank's pieces' share of Ω.
+
+        With F, a ``keep`` list receives F·(θ − θ₀) of each anchored tensor (see :meth:`gradients`).
+        """
         anchored, new = self.tensors()
         with torch.no_grad():
-            out = 0.5 * self.coef * self._drift_sq(anchored, fisher=True)
+            out = 0.5 * self.coef * self._drift_sq(anchored, fisher=True, keep=keep)
             if new:
                 out = out + 0.5 * self.head_coef * _sum_sq(new).to(out.device)
         return out
@@ -473,16 +514,27 @@ class L2Penalty:
         anchored, new = self.tensors()
         return _PenaltyFunction.apply(self, *anchored, *new)
 
-    def gradients(self, scale: torch.Tensor | float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """∇Ω·scale as new tensors, for the anchored and new parts (the backward of :meth:`loss_term`)."""
+    def gradients(
+        self, scale: torch.Tensor | float = 1.0, weighted: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """∇Ω·scale as new tensors, for the anchored and new parts (the backward of :meth:`loss_term`).
+
+        ``weighted``: F·(θ − θ₀) as kept by ``value(keep=...)`` at the same θ, scaled in place into the anchored
+        part instead of being formed again.
+        """
         anchored, new = self.tensors()
-        grads_a: list[torch.Tensor] = []
-        for sl, _, diff in self._drift_chunks(anchored):
-            fisher = self._fisher_chunk(sl, anchored)
-            if fisher is not None:
-                torch._foreach_mul_(diff, fisher)
-            torch._foreach_mul_(diff, self._factor(self.coef, scale))
-            grads_a += diff
+        if weighted is not None:
+            grads_a = weighted
+            if grads_a:
+                torch._foreach_mul_(grads_a, self._factor(self.coef, scale))
+        else:
+            grads_a = []
+            for sl, _, diff in self._drift_chunks(anchored):
+                fisher = self._fisher_chunk(sl, anchored)
+                if fisher is not None:
+                    torch._foreach_mul_(diff, fisher)
+                torch._foreach_mul_(diff, self._factor(self.coef, scale))
+                grads_a += diff
         grads_n = torch._foreach_mul(new, self._factor(self.head_coef, scale)) if new else []
         return grads_a, grads_n
 
@@ -538,12 +590,16 @@ class _PenaltyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, penalty: L2Penalty, *tensors):
         ctx.penalty = penalty
-        return penalty.value()
+        # With F the forward forms F·(θ − θ₀) anyway: kept, it is the backward's full-size ∇Ω/α (formed earlier,
+        # not in addition), so the backward is one in-place scaling.
+        ctx.weighted = [] if penalty.has_fisher and penalty.coef and any(ctx.needs_input_grad) else None
+        return penalty.value(keep=ctx.weighted)
 
     @staticmethod
     def backward(ctx, grad_output):
         penalty = ctx.penalty
-        grads_a, grads_n = penalty.gradients(grad_output)
+        weighted, ctx.weighted = ctx.weighted, None  # consumed in place: a second backward forms it again
+        grads_a, grads_n = penalty.gradients(grad_output, weighted)
         # A zero coefficient gives no gradient at all (None), not zeros: a parameter the task did not reach keeps
         # `.grad = None`, and the optimizer skips it.
         if not penalty.coef:

@@ -7,9 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hf_l2.penalty
 import hf_l2.trainer
 from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
 from hf_l2 import L2Trainer
+from hf_l2.chunks import chunk_slices
 from hf_l2.fisher import FISHER_FILE, save_fisher
 from hf_l2.penalty import L2Penalty
 
@@ -217,6 +219,106 @@ def test_sharded_pieces_cut_the_fisher_like_the_anchor():
     penalty.add_to_grads_()
     torch.testing.assert_close(piece_param.grad, 1.5 * fisher[2:5] * (full[2:5] - anchor[2:5]))
     assert penalty.fisher_layout["w"] == (8, torch.Size([6, 4]))
+
+
+# Several engine chunks (a 300k limit instead of 2**24) and several CPU blocks per tensor (BLOCK_NUMEL = 2**18):
+# 700×401 and 600×500 values are cut into two blocks each, the first with a tail that is not a multiple of any
+# vector width; the transposed one has no flat view (one block); "c" is tiny.
+ENGINE_SHAPES = {"a": (700, 401), "b": (30, 50), "c": (5,), "d": (600, 500)}
+
+
+def engine_penalty(monkeypatch, fisher: dict[str, torch.Tensor] | None, alpha=0.3):
+    """An L2Penalty with (or without) F over fresh parameters, all made the same way from one seed."""
+    monkeypatch.setattr(hf_l2.penalty, "chunk_slices", lambda sizes: chunk_slices(sizes, limit=300_000))
+    g = torch.Generator().manual_seed(0)
+    params = {}
+    for name, shape in ENGINE_SHAPES.items():
+        values = torch.randn(shape[::-1] if name == "b" else shape, generator=g)
+        params[name] = torch.nn.Parameter(values.t() if name == "b" else values)
+    assert not params["b"].is_contiguous()
+    anchors = {n: p.detach() + 1e-2 * torch.randn(p.shape, generator=g) for n, p in params.items()}
+    penalty = L2Penalty(alpha, 0.0, list(params), [], dict(anchors))
+    if fisher is not None:
+        penalty.set_fisher(fisher)
+    penalty.bind(params)
+    assert len(chunk_slices([p.numel() for p in params.values()], limit=300_000)) == 2
+    return penalty, params, anchors
+
+
+def run_form(penalty, params, impl, lr=0.05):
+    """θ after a decoupled pull, or the gradients of the grad / loss form (the loss one under a factor of 3)."""
+    for p in params.values():
+        p.grad = None
+    if impl == "decoupled":
+        penalty.pull_(lambda _: lr)
+        return {n: p.detach().clone() for n, p in params.items()}
+    if impl == "grad":
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        penalty.add_to_grads_()
+    else:
+        (3.0 * penalty.loss_term()).backward()
+    return {n: p.grad.clone() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("impl", ["grad", "loss", "decoupled"])
+def test_a_fisher_of_ones_is_l2_sp_bit_for_bit_across_chunks_and_blocks(monkeypatch, impl):
+    ones = {n: torch.ones(s) for n, s in ENGINE_SHAPES.items()}
+    plain = run_form(*engine_penalty(monkeypatch, None), impl)
+    weighted = run_form(*engine_penalty(monkeypatch, ones), impl)
+    assert all(torch.equal(weighted[n], plain[n]) for n in plain)
+
+
+@pytest.mark.parametrize("impl", ["grad", "loss", "decoupled"])
+def test_fisher_forms_are_the_formulas_across_chunks_and_blocks(monkeypatch, impl):
+    g = torch.Generator().manual_seed(1)
+    fisher = {n: 2 * torch.rand(s, generator=g) for n, s in ENGINE_SHAPES.items()}
+    alpha, lr = 0.3, 0.05
+    penalty, params, anchors = engine_penalty(monkeypatch, fisher, alpha)
+    start = {n: p.detach().clone() for n, p in params.items()}
+    got = run_form(penalty, params, impl, lr)
+    pull = {n: alpha * fisher[n] * (start[n] - anchors[n]) for n in params}  # ∇Ω
+    expected = {n: start[n] - lr * pull[n] for n in params} if impl == "decoupled" else pull
+    if impl == "loss":
+        expected = {n: 3.0 * e for n, e in expected.items()}
+    for n in params:
+        torch.testing.assert_close(got[n], expected[n])
+    if impl == "loss":  # the backward consumed what the forward kept: a second backward forms it again
+        term = penalty.loss_term()
+        term.backward(retain_graph=True)
+        term.backward()
+        for n, p in params.items():
+            torch.testing.assert_close(p.grad, got[n] + 2 / 3 * got[n])
+
+
+def test_weighted_pull_with_bf16_storage_steps_in_the_parameters_dtype():
+    """θ₀ and F in bf16 (`l2_anchor_dtype`), fp32 weights: lr·α·F is formed in fp32, not rounded to bf16 (2⁻⁹)."""
+    g = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(700, 401, generator=g))  # two CPU blocks
+    anchor = (param.detach() + 0.1 * torch.randn(param.shape, generator=g)).bfloat16()
+    fisher = (2 * torch.rand(param.shape, generator=g)).bfloat16()
+    penalty = L2Penalty(1.0, 0.0, ["w"], [], {"w": anchor})
+    penalty.set_fisher({"w": fisher})
+    penalty.bind({"w": param})
+    start = param.detach().clone()
+    penalty.pull_(lambda _: 0.3)  # not a power of 2: rounding a product to bf16 would show
+    expected = 0.3 * fisher.float() * (anchor.float() - start)
+    torch.testing.assert_close(param.detach() - start, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_value_is_accurate_on_millions_of_values():
+    """Ω with F against float64: a plain fp32 norm accumulator would drift by ~10⁻³ over 4M values on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(2048, 2048, generator=g))
+    anchor = param.detach() + 1e-3 * torch.randn(param.shape, generator=g)
+    fisher = 2 * torch.rand(param.shape, generator=g)
+    penalty = L2Penalty(0.5, 0.0, ["w"], [], {"w": anchor})
+    penalty.set_fisher({"w": fisher})
+    penalty.bind({"w": param})
+    expected = float(0.25 * (fisher.double() * (param.detach().double() - anchor.double()) ** 2).sum())
+    assert float(penalty.value()) == pytest.approx(expected, rel=1e-6)
+    assert float(penalty.loss_term().detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(penalty.statistics()["weighted_drift_sq"]) == pytest.approx(4 * expected, rel=1e-6)
 
 
 def test_bad_fisher_settings_name_the_field(tmp_path):
