@@ -13,7 +13,8 @@ whatever the gradient statistics. The step runs as a pre-hook of the wrapped tor
 The pull is a gradient step of size w = lr·α on a quadratic: θ − θ₀ becomes (1 − w)·(θ − θ₀). At w = 1 it lands on
 θ₀ (the task gradient is undone at every step), between 1 and 2 it overshoots and oscillates, past 2 it diverges.
 So w ≥ 1 (and lr·β ≥ 1 for new parameters) is refused: when the trainer is built, from `learning_rate` and the
-schedule's largest factor, and on the first step from the optimizer's own learning rates.
+schedule's largest factor, and on the first step from the optimizer's own learning rates (with `l2_sp_fisher`,
+whose pull is lr·α·Fᵢ per value, from lr·α·max F: F is known by then).
 """
 
 from __future__ import annotations
@@ -22,21 +23,36 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch.utils.hooks import RemovableHandle
 
 from .penalty import L2Penalty
 
 
-def check_pull_rate(lr: float, coef: float, factor: float, symbol: str, where: str) -> None:
-    """Refuse a decoupled pull lr·coef·factor ≥ 1; `symbol` (α or β) and `where` (the lr's source) word the error."""
-    rate = lr * coef * factor
+def check_pull_rate(lr: float, coef: float, factor: float, symbol: str, where: str, peak_weight: float = 1.0) -> None:
+    """Refuse a decoupled pull lr·coef·factor·peak_weight ≥ 1; `symbol` (α or β) and `where` (the lr's source) word
+    the error; `peak_weight` is the largest per-value weight (F of `l2_sp_fisher`, whose pull is lr·α·Fᵢ)."""
+    rate = lr * coef * factor * peak_weight
     if rate >= 1:
         peak = f" × {factor:g} (the schedule's peak)" if factor != 1 else ""
+        weight = f" × {peak_weight:g} (the largest Fisher weight)" if peak_weight != 1 else ""
         raise ValueError(
-            f"`l2_impl='decoupled'`: the pull's step lr·{symbol} = {lr:g} × {coef:g}{peak} = {rate:g} ({where}) is "
-            f"≥ 1, so each step would put the weights on θ₀ (at 1), past it (above 1), and diverge (from 2). Keep "
-            f"{symbol} below {1 / (lr * factor):g} at this learning rate, or use `l2_impl='grad'`."
+            f"`l2_impl='decoupled'`: the pull's step lr·{symbol}{'·F' if weight else ''} = {lr:g} × {coef:g}{peak}"
+            f"{weight} = {rate:g} ({where}) is ≥ 1, so each step would put the weights on θ₀ (at 1), past it (above "
+            f"1), and diverge (from 2). Keep {symbol} below {1 / (lr * factor * peak_weight):g} at this learning rate, "
+            "or use `l2_impl='grad'`."
         )
+
+
+def fisher_peak(term: L2Penalty) -> float:
+    """The largest F over all processes' pieces (1 without F): the fastest per-value pull of the decoupled form."""
+    if not term.has_fisher:
+        return 1.0
+    pieces = [f.float().max() for f in term.fisher.values() if f.numel()]
+    peak = torch.stack(pieces).max() if pieces else torch.zeros(())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # FSDP: each rank holds a piece
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
 
 
 class PenaltyTerm(Protocol):
@@ -88,12 +104,12 @@ class DecoupledPull:
         for term in self.terms:
             if not isinstance(term, L2Penalty):  # the LoRA-delta pull is not linear in θ: no single rate
                 continue
-            for names, coef, symbol in ((term.anchored_names, term.base_coef, "α"),
-                                        (term.new_names, term.base_head_coef, "β")):
+            for names, coef, symbol, peak in ((term.anchored_names, term.base_coef, "α", fisher_peak(term)),
+                                              (term.new_names, term.base_head_coef, "β", 1.0)):
                 if coef and names:
                     groups = [group_of[id(term.parameters[n])] for n in names]
                     lr = max(max(float(g["lr"]), float(g.get("initial_lr", 0.0))) for g in groups)
-                    check_pull_rate(lr, coef, self.max_factor, symbol, "the optimizer's learning rate")
+                    check_pull_rate(lr, coef, self.max_factor, symbol, "the optimizer's learning rate", peak)
 
     def detach(self) -> None:
         if self._handle is not None:

@@ -95,9 +95,18 @@ def group_by_value(values: Sequence[float]) -> dict[float, list[int]]:
     return groups
 
 
+# Values per partial norm on the CPU, whose fp32 norm runs 5·10⁻³ low over GPT-2's 38.6M-value embedding when taken
+# whole; in blocks of 2¹⁶ it is within 10⁻⁶ of fp64, for 20% more time.
+NORM_BLOCK = 1 << 16
+
+
 def _norms_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖t‖² of each tensor, in fp32, as one 1-d tensor."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+    """‖t‖² of each tensor, in fp32, as one 1-d tensor (on the CPU summed over blocks of ``NORM_BLOCK`` values)."""
+    if not tensors or tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+    blocks = [t.reshape(-1).split(NORM_BLOCK) if t.is_contiguous() else (t,) for t in tensors]
+    squares = torch.stack(torch._foreach_norm([b for parts in blocks for b in parts], 2, dtype=torch.float32)).square()
+    return torch.stack([part.sum() for part in squares.split([len(parts) for parts in blocks])])
 
 
 def _sums_of_products(diff: Sequence[torch.Tensor], weighted: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -123,7 +123,8 @@ def test_grad_and_loss_match_a_hand_written_loop_with_accumulation_and_clipping(
 
 
 def test_decoupled_is_a_hand_written_pull_with_fisher(tmp_path):
-    data, alpha, lr, steps = TokenDataset(n=8), 2.0, 0.05, 3
+    # lr·α·max F ≈ 0.56 (max F ≈ 56 here): every value moves toward θ₀, none past it
+    data, alpha, lr, steps = TokenDataset(n=8), 0.2, 0.05, 3
     model = tiny_gpt2()
     trainer = fisher_trainer(tmp_path, model, data, l2_impl="decoupled", l2_coef=alpha, optim="sgd", learning_rate=lr,
                              max_steps=steps, per_device_train_batch_size=8, max_grad_norm=0.0)
@@ -144,6 +145,20 @@ def test_decoupled_is_a_hand_written_pull_with_fisher(tmp_path):
                     p -= lr * alpha * fisher[n] * (p - anchor[n])
                 p -= lr * p.grad
     assert max_rel_diff(params_of(model), params_of(ref)) < 1e-5
+
+
+def test_decoupled_refuses_a_pull_past_the_anchor_on_its_largest_fisher_weight(tmp_path):
+    """lr·α = 0.1 passes at construction, but normalized F has values far above 1: lr·α·max F ≥ 1 would put those
+    values past θ₀ at every step. F is known at the first step, and the check uses it."""
+    data = TokenDataset(n=8)
+    trainer = fisher_trainer(tmp_path, tiny_gpt2(), data, l2_impl="decoupled", l2_coef=2.0, optim="sgd",
+                             learning_rate=0.05, max_steps=2, per_device_train_batch_size=8)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match=r"lr·α·F = 0.05 × 2 × [\d.]+ \(the largest Fisher weight\).*≥ 1") as caught:
+        trainer.train()
+    peak = max(float(f.max()) for f in trainer.l2_terms.penalty.fisher.values())
+    assert peak > 10 and f"Keep α below {1 / (0.05 * peak):g}" in str(caught.value)
+    assert all(torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())  # refused before any step
 
 
 def test_penalty_is_not_stuck_at_zero(tmp_path):
