@@ -4,7 +4,9 @@ quiet, in this process or in a worker process, and the drift of the model it sav
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -39,3 +41,9 @@ def run_recipe(recipe: str, argv: list[str], log_path: str | Path, threads: int)
     with open(log_path, "w") as log, redirect_stdout(log), redirect_stderr(log):
         metrics = module.main(argv)
     return metrics, time.perf_counter() - started
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor | None:
+    """``jobs`` worker processes for recipe runs (None for one job: runs stay in this process). Spawned, not
+    forked: a fork would copy torch's thread pools and any open process group."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None

@@ -27,10 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from .config import MODES
 from .fisher import FISHER_FILE
 from .interpolate import interpolate_run
 from .recipe_common import RecipeInputError, load_recipe
-from .recipe_runs import RUN_DEFAULTS, drift, run_recipe
+from .recipe_runs import RUN_DEFAULTS, drift, run_recipe, worker_pool
 
 # Set by the sweep for every run; the recipe arguments may not set them.
 OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--l2_kl_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
@@ -157,12 +156,14 @@ def run_sweep(
     seeds: list[int],
     output_dir: str | Path,
     jobs: int = 1,
+    pool: Executor | None = None,
 ) -> list[dict]:
     """Run the recipe for every (setting, seed), plus once on the untrained starting model; return one row per run.
 
     Each row holds `setting`, `mode`, `coef`, `seed`, the recipe's `eval_*` metrics and `drift`. Earlier results
     under `output_dir` are deleted first, so nothing reported can come from a previous invocation. With ``jobs``
-    > 1 the runs go to that many worker processes (each run is independent and seeded: the same rows either way).
+    > 1 the runs go to that many worker processes (each run is independent and seeded: the same rows either way),
+    or to ``pool`` when one is given (the demo shares one between its tasks).
 
     Two methods reuse earlier runs. `l2_sp_fisher`: F depends on θ₀ and the Fisher data, not on α, so the first
     `l2_sp_fisher` run computes it (on its seed's sample) and the others load it with `--l2_fisher_path`, unless
@@ -223,7 +224,8 @@ def run_sweep(
         for future in as_completed(futures):
             finished(futures[future], *future.result())
 
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    owned = worker_pool(jobs) if pool is None else None
+    pool = pool or owned
     try:
         execute(first, pool)
         wise_ft = sorted(s.coef for s in settings if s.mode == WISE_FT)
@@ -232,8 +234,8 @@ def run_sweep(
                             base_model=start_path)
         execute(later, pool)
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        if owned is not None:
+            owned.shutdown(cancel_futures=True)
     start_weights = read_weights(start_path)
     rows = []
     for run in first + later:

@@ -85,7 +85,7 @@ def test_a_reduced_demo_runs_from_the_wheel(installed):
     _, work, _ = installed
     code = ("from hf_l2.demo import FineTuning, Sizes, run_demo\n"
             "from hf_l2.demo.starting_models import Pretraining\n"
-            f"print(run_demo('demo', 'demo/cache', modes=('none', 'l2_sp'), coefs=(1.0,), seeds=(0,), sizes={TINY!r}, kl_coefs=(), wise_ft_weights=()))")
+            f"print(run_demo('demo', 'demo/cache', modes=('none', 'l2_sp'), coefs=(1.0,), seeds=(0,), sizes={TINY!r}, kl_coefs=(), wise_ft_weights=(), jobs=2))")
     report = work / run(installed, "-c", code).strip().splitlines()[-1]
     assert report == work / "demo" / "demo.md"
     for task in ("generation", "translation"):
