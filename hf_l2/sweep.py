@@ -184,7 +184,8 @@ def run_sweep(
     evaluate = ["--do_train", "false", "--do_eval", "true"]
     first = [Run("start", evaluate, {"setting": "start", "mode": "start", "coef": 0.0, "seed": None}, recipe_args)]
     later: list[Run] = []
-    fisher_from = None if any(a.split("=")[0] == "--l2_fisher_path" for a in recipe_args) else ""
+    shares_fisher = not any(a.split("=")[0] == "--l2_fisher_path" for a in recipe_args)
+    fisher_from: str | None = None  # F's file, once the run that computes it is planned
     for setting in settings:
         for seed in seeds:
             row = {"setting": setting.label, "mode": setting.mode, "coef": setting.coef, "seed": seed}
@@ -194,10 +195,10 @@ def run_sweep(
                 later.append(Run(name, evaluate, row, with_model(recipe_args, folder), measured=str(folder)))
                 continue
             flags = ["--do_train", "true", "--do_eval", "true", *setting.flags, "--seed", str(seed)]
-            if setting.mode == "l2_sp_fisher" and fisher_from:
-                later.append(Run(name, flags + ["--l2_fisher_path", fisher_from], row, recipe_args))
-                continue
-            if setting.mode == "l2_sp_fisher" and fisher_from == "":
+            if setting.mode == "l2_sp_fisher" and shares_fisher:
+                if fisher_from:
+                    later.append(Run(name, flags + ["--l2_fisher_path", fisher_from], row, recipe_args))
+                    continue
                 fisher_from = str(runs_dir / name / FISHER_FILE)
             first.append(Run(name, flags, row, recipe_args))
     total = len(first) + len(later)
@@ -220,7 +221,8 @@ def run_sweep(
             for run, argv, log in zip(batch, argvs, logs):
                 finished(run, *run_recipe(recipe, argv, log, threads))
             return
-        futures = {pool.submit(run_recipe, recipe, argv, log, threads): run for run, argv, log in zip(batch, argvs, logs)}
+        futures = {pool.submit(run_recipe, recipe, argv, log, threads): run
+                   for run, argv, log in zip(batch, argvs, logs)}
         for future in as_completed(futures):
             finished(futures[future], *future.result())
 
