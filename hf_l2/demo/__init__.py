@@ -1,7 +1,8 @@
-"""The offline demo: what L2-SP does to a small pretrained model, for generation and for translation.
+"""The offline demo: what L2-SP and the other anchors do to a small pretrained model, for generation and for
+translation.
 
 `hf-l2 demo` (or `run_demo()`) prepares offline data, pretrains two tiny starting models and sweeps the recipes
-over `l2_mode` × α × seeds; see `docs/demo.md`.
+over every method (`l2_mode`, the KL anchor, WiSE-FT) × strength × seeds; see `docs/demo.md`.
 """
 
 from .run import FULL, FineTuning, Sizes, add_demo_parser, run_demo
