@@ -248,9 +248,11 @@ def evaluate_interpolations(
     theta0 = find_anchor(run_dir, base_model, [n for n, v in theta.items() if v.is_floating_point()]).weights
     rows = []
     for folder, t in zip(folders, weights):
+        evaluation = Path(output_dir) / "eval" / folder.name  # beside, not in, the model folder a user may push
+        evaluation.mkdir(parents=True, exist_ok=True)
         argv = [*RUN_DEFAULTS, *recipe_args, "--model_name_or_path", str(folder), "--do_train", "false",
-                "--do_eval", "true", "--output_dir", str(folder / "eval")]
-        metrics, _ = run_recipe(recipe, argv, folder / "eval.log", torch.get_num_threads())
+                "--do_eval", "true", "--output_dir", str(evaluation)]
+        metrics, _ = run_recipe(recipe, argv, evaluation / "eval.log", torch.get_num_threads())
         rows.append({"setting": f"wise_ft t={t:g}", "mode": "wise_ft", "coef": t, "seed": None,
                      "drift": drift(folder, theta0), **metrics})
     with open(Path(output_dir) / "results.jsonl", "w") as f:

@@ -289,6 +289,9 @@ def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(w
     assert rows[1.0]["eval_loss"] == pytest.approx(tuned["eval_loss"], rel=1e-6)
     assert rows[0.0]["drift"] == 0 and rows[0.5]["drift"] == pytest.approx(rows[1.0]["drift"] / 2, rel=1e-5)
     assert "| wise_ft t=0.5 | 1 |" in capsys.readouterr().out and (tmp_path / "wise" / "results.png").is_file()
+    # The model folders hold only the model (they may be pushed); the evaluations are beside them.
+    assert not {"eval", "eval.log"} & set(os.listdir(tmp_path / "wise" / "weight-0.5"))
+    assert (tmp_path / "wise" / "eval" / "weight-0.5" / "eval.log").is_file()
     # What cannot be evaluated is refused before anything is written.
     for extra, message in [(["--eval", "no_such_recipe"], "Recipe 'no_such_recipe' not found"),
                            (["--eval", "gpt2_generation", "--", "--model_name_or_path", "x"], "sets --model_name_or_path"),
