@@ -1,7 +1,6 @@
 """The model card of a tiny real run: Hub-valid metadata, and numbers that are the run's own."""
 
 import logging
-import os
 import sys
 import types
 import zipfile
