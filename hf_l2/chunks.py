@@ -8,6 +8,9 @@ from collections.abc import Sequence
 CHUNK_NUMEL = 1 << 24
 # Elements per block of a temporary that should stay in cache on the CPU: 2**18 fp32 values = 1 MiB (L2 / L3).
 BLOCK_NUMEL = 1 << 18
+# Values per partial norm on the CPU, whose fp32 norm runs 5·10⁻³ low over GPT-2's 38.6M-value embedding when taken
+# whole; in blocks of 2¹⁶ it is within 10⁻⁶ of fp64, for 20% more time.
+NORM_BLOCK = 1 << 16
 
 
 def chunk_slices(numels: Sequence[int], limit: int = CHUNK_NUMEL) -> list[slice]:

@@ -11,7 +11,6 @@ the card. For a LoRA run the adapter's change is scaled instead: t·ΔW = s·(t�
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -240,7 +239,7 @@ def evaluate_interpolations(
     """Evaluate each θ(t) folder with the recipe (its `--do_eval` on the recipe arguments' data, the model set to
     the folder) and write `results.md`, `results.png` and `results.jsonl` under ``output_dir``: one row per t with
     the recipe's `eval_*` metrics and the drift ‖θ(t) − θ₀‖, so that t can be picked on validation data."""
-    from .recipe_runs import RUN_DEFAULTS, drift, run_recipe
+    from .recipe_runs import RUN_DEFAULTS, drift, run_recipe, write_rows
     from .sweep_report import write_report
 
     check_evaluation(run_dir, recipe, recipe_args)
@@ -255,8 +254,7 @@ def evaluate_interpolations(
         metrics, _ = run_recipe(recipe, argv, evaluation / "eval.log", torch.get_num_threads())
         rows.append({"setting": f"wise_ft t={t:g}", "mode": "wise_ft", "coef": t, "seed": None,
                      "drift": drift(folder, theta0), **metrics})
-    with open(Path(output_dir) / "results.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    write_rows(rows, output_dir)
     return write_report(rows, output_dir, f"WiSE-FT of {os.path.basename(os.path.abspath(run_dir))}")
 
 

@@ -3,6 +3,7 @@ quiet, in this process or in a worker process, and the drift of the model it sav
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import time
@@ -29,13 +30,18 @@ def drift(model_dir: str | Path, start: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum((weights[n].double() - start[n].double()).pow(2).sum().item() for n in shared))
 
 
-def run_recipe(recipe: str, argv: list[str], log_path: str | Path, threads: int) -> tuple[dict, float]:
-    """One recipe run, `main(argv)`, its printed output in ``log_path`` (a failure still raises here); returns its
-    metrics and seconds. Runs in this process or in a worker of the sweep's pool, with ``threads`` torch threads."""
+def quiet_process(threads: int) -> None:
+    """What every recipe-running process sets first: no `datasets` progress bars, ``threads`` torch threads."""
     import datasets
 
     datasets.disable_progress_bars()
     torch.set_num_threads(threads)
+
+
+def run_recipe(recipe: str, argv: list[str], log_path: str | Path, threads: int) -> tuple[dict, float]:
+    """One recipe run, `main(argv)`, its printed output in ``log_path`` (a failure still raises here); returns its
+    metrics and seconds. Runs in this process or in a worker of the sweep's pool, with ``threads`` torch threads."""
+    quiet_process(threads)
     module = load_recipe(recipe)
     started = time.perf_counter()
     with open(log_path, "w") as log, redirect_stdout(log), redirect_stderr(log):
@@ -47,3 +53,11 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor | None:
     """``jobs`` worker processes for recipe runs (None for one job: runs stay in this process). Spawned, not
     forked: a fork would copy torch's thread pools and any open process group."""
     return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+
+
+def write_rows(rows: list[dict], output_dir: str | Path) -> Path:
+    """Every run's numbers, one JSON object per line, as `results.jsonl` under ``output_dir``."""
+    path = Path(output_dir) / "results.jsonl"
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path

@@ -25,7 +25,6 @@ evaluated. With `l2_sp_fisher`, F is computed once, by the first such run, and l
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -40,7 +39,7 @@ from .config import MODES
 from .fisher import FISHER_FILE
 from .interpolate import interpolate_run
 from .recipe_common import RecipeInputError, load_recipe
-from .recipe_runs import RUN_DEFAULTS, drift, run_recipe, worker_pool
+from .recipe_runs import RUN_DEFAULTS, drift, run_recipe, worker_pool, write_rows
 
 # Set by the sweep for every run; the recipe arguments may not set them.
 OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--l2_kl_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
@@ -246,8 +245,7 @@ def run_sweep(
                      **done[run.name]})
     order = {s.label: i for i, s in enumerate(settings)}
     rows[1:] = sorted(rows[1:], key=lambda r: (order[r["setting"]], seeds.index(r["seed"])))
-    with open(output_dir / "results.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    write_rows(rows, output_dir)
     return rows
 
 

@@ -197,7 +197,12 @@ class PoisonWeights(TrainerCallback):
 def test_non_finite_statistics_stop_training_naming_the_step_and_the_last_checkpoint(tmp_path, impl):
     args = l2_args(tmp_path, l2_impl=impl, max_steps=6, save_strategy="steps", save_steps=2, logging_steps=1)
     trainer = L2Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[PoisonWeights(3)])
-    with pytest.raises(FloatingPointError, match=r"stopped at step 3: l2/penalty = nan, l2/drift = nan") as err:
+    assert_stops_at_step_3(trainer, tmp_path, r"stopped at step 3: l2/penalty = nan, l2/drift = nan")
+
+
+def assert_stops_at_step_3(trainer, tmp_path, message):
+    """The run (logging every step, a checkpoint every 2) stops at step 3, naming step 2 and checkpoint-2."""
+    with pytest.raises(FloatingPointError, match=message) as err:
         trainer.train()
     assert "The last finite statistics were logged at step 2" in str(err.value)
     assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in str(err.value)
@@ -222,11 +227,7 @@ def test_non_finite_kl_stops_training_naming_it_and_the_step(tmp_path):
     model = tiny_gpt2()
     args = l2_args(tmp_path, l2_mode="none", l2_kl_coef=1.0, max_steps=6, save_strategy="steps", save_steps=2)
     trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[InfiniteReference(model, 3)])
-    with pytest.raises(FloatingPointError, match=r"stopped at step 3: l2/kl = nan, .*`l2_kl_coef` too large") as err:
-        trainer.train()
-    assert "The last finite statistics were logged at step 2" in str(err.value)
-    assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in str(err.value)
-    assert trainer.state.global_step == 3 and not (tmp_path / "checkpoint-4").exists()
+    assert_stops_at_step_3(trainer, tmp_path, r"stopped at step 3: l2/kl = nan, .*`l2_kl_coef` too large")
 
 
 # ---- item 4: the card and the logs say which precision ran ------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from ..config import MODES
 from ..recipe_common import RecipeInputError
-from ..recipe_runs import worker_pool
+from ..recipe_runs import quiet_process, worker_pool
 from ..sweep import WISE_FT, grid, run_sweep
 from ..sweep_report import write_report
 from .data import DemoData, DemoDataError, prepare
@@ -165,10 +165,7 @@ def starting_models(tasks: tuple[str, ...], data: DemoData, sizes: Sizes, cache_
 
 
 def _starting_model(task: str, data: DemoData, settings: Pretraining, cache_dir: Path, threads: int) -> Path:
-    import datasets
-
-    datasets.disable_progress_bars()
-    torch.set_num_threads(threads)
+    quiet_process(threads)
     return starting_model(task, data, settings, cache_dir)
 
 
@@ -200,13 +197,10 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    import datasets
-
     for flag in ("threads", "jobs"):
         if getattr(args, flag) < 1:
             sys.exit(f"error: `--{flag}` must be at least 1, got {getattr(args, flag)}.")
-    datasets.disable_progress_bars()
-    torch.set_num_threads(args.threads)
+    quiet_process(args.threads)
     try:
         path = run_demo(args.output_dir, args.cache_dir, tuple(args.tasks), tuple(args.l2_mode), tuple(args.l2_coef),
                         tuple(args.seeds), kl_coefs=tuple(args.l2_kl_coef),
