@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .anchor_checks import ExpectedAnchor, checksum_metadata, verify_anchor_file
+from .anchor_checks import ANCHOR_FIX, ExpectedAnchor, checksum_metadata, verify_anchor_file
 from .lora import adapter_parameter_names, modules_to_save_originals
 from .penalty import L2Penalty, Selection, snapshot
 from .sharding import local_pieces
@@ -224,11 +224,14 @@ def load_anchor(
     world: int = 1,
     expected: dict[str, ExpectedAnchor] | None = None,
     files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE),
+    what: str = "θ₀",
+    fix: str = ANCHOR_FIX,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
     """θ₀ saved in a checkpoint, with its layout: this rank's file from a sharded run, else the whole-θ₀ file.
 
     Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks,
-    and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`).
+    and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`; `what` and `fix`
+    word the error for files laid out like θ₀, such as F).
     """
     path = _anchor_file(folder, rank, world, files)
     if path is None:
@@ -246,10 +249,9 @@ def load_anchor(
             metadata = f.metadata() or {}
     except (SafetensorError, ValueError) as err:
         raise ValueError(
-            f"{path} cannot be read ({err}): it is truncated or corrupted, e.g. by a kill while it was saved. "
-            "Resume from an earlier checkpoint."
+            f"{path} cannot be read ({err}): it is truncated or corrupted, e.g. by a kill while it was saved. {fix}"
         ) from err
     where = json.loads(metadata.get("layout", "{}"))
     layout = {n: (int(start), torch.Size(shape)) for n, (start, shape) in where.items()}
-    verify_anchor_file(path, tensors, layout, metadata, expected or {}, whole=os.path.basename(path) == files[0])
+    verify_anchor_file(path, tensors, layout, metadata, expected or {}, os.path.basename(path) == files[0], what, fix)
     return tensors, layout

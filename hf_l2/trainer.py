@@ -33,6 +33,12 @@ from .sharding import local_pieces, world_size
 
 logger = logging.get_logger(__name__)
 
+# What to do about a bad F file: one given as `l2_fisher_path`, one in the checkpoint being resumed.
+FISHER_PATH_FIX = ("Pass an F computed for this model as `l2_fisher_path`, or leave `l2_fisher_path` unset to compute "
+                   "F from the Fisher data.")
+FISHER_CHECKPOINT_FIX = ("Resume from an earlier checkpoint, or delete the file to compute F again from the Fisher "
+                         "data (at the weights the trainer was built with: build it from the pretrained model then).")
+
 
 class L2Terms(NamedTuple):
     """The penalty's terms on a trainer (None where absent): over ordinary parameters, and over the LoRA weight
@@ -426,7 +432,8 @@ class L2PenaltyMixin:
         if resume_from_checkpoint and self._l2_fisher_file(resume_from_checkpoint):
             return
         if args.l2_fisher_path:
-            loaded = load_fisher(args.l2_fisher_path)
+            expected = expected_anchors(self.model, self._l2.anchored_names)
+            loaded = load_fisher(args.l2_fisher_path, expected=expected, fix=FISHER_PATH_FIX)
             if loaded is None:
                 raise ValueError(f"`l2_fisher_path`: no {FISHER_FILE} in {args.l2_fisher_path!r}.")
             fisher, _, source = loaded
@@ -479,7 +486,9 @@ class L2PenaltyMixin:
         computed before training."""
         if self.args.l2_mode != "l2_sp_fisher":
             return
-        loaded = load_fisher(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        expected = expected_anchors(self.model, self._l2.anchored_names)
+        rank = dist.get_rank() if world_size() > 1 else 0
+        loaded = load_fisher(checkpoint, rank, world_size(), expected, FISHER_CHECKPOINT_FIX)
         if loaded is None:
             if self._l2.fisher is None:
                 raise ValueError(f"{checkpoint} has no {FISHER_FILE} and no F was computed before resuming.")
