@@ -170,7 +170,8 @@ class L2PenaltyMixin:
         return penalty
 
     def _l2_check_pull_rate(self) -> None:
-        """lr·α < 1 (and lr·β) for the decoupled pull, from `learning_rate`: no schedule of the Trainer exceeds it."""
+        """lr·α < 1 (and lr·β) for the decoupled pull, from `learning_rate`; a scheduler that raises the lr above
+        it is caught at that step, before the pull (see `DecoupledPull`)."""
         args = self.args
         fields = ("l2_coef",) if args.l2_mode == "l2" else ("l2_coef", "l2_head_coef")
         for name in fields:

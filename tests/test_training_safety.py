@@ -3,6 +3,7 @@ pull that overshoots, non-finite statistics, mixed precision that did not run, p
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
@@ -179,6 +180,27 @@ def test_decoupled_pull_checks_a_user_optimizers_learning_rate_at_the_first_step
     with pytest.raises(ValueError, match=r"lr·α = 0\.05 × 40 = 2 \(the optimizer's learning rate\)"):
         trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any update
+
+
+def test_decoupled_pull_is_checked_at_every_step_against_a_rising_learning_rate(tmp_path):
+    """`cosine_with_min_lr` with `min_lr` 5× `learning_rate` raises the lr from 1e-3 to 5e-3: lr·α starts at 0.5
+    (accepted when built) and passes 1 at step 4. Before, the run went on and diverged, exit 0."""
+    lr, min_lr, alpha, steps = 1e-3, 5e-3, 500.0, 10
+    # The schedule written out (torch's cosine from lr to min_lr over `steps`): the first step whose lr·α ≥ 1.
+    lr_at = [min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t / steps)) for t in range(steps)]
+    first = next(t for t in range(steps) if lr_at[t] * alpha >= 1)
+    assert first == 4
+    model = tiny_gpt2()
+    args = l2_args(tmp_path, l2_impl="decoupled", l2_coef=alpha, learning_rate=lr, optim="sgd", max_steps=steps,
+                   lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": min_lr})
+    trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match=rf"lr·α = {lr_at[first]:g} × 500 = {lr_at[first] * alpha:g} \(the learning "
+                                         r"rate the scheduler set for this step\) is ≥ 1"):
+        trainer.train()
+    assert trainer.state.global_step == first  # refused before that step's pull and update
+    start = tiny_gpt2().state_dict()
+    drift = math.sqrt(sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()))
+    assert drift < 1.0
 
 
 class PoisonWeights(TrainerCallback):
