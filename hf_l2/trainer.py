@@ -322,15 +322,37 @@ class L2PenaltyMixin:
         """
         keys = ("l2/penalty", "l2/drift", "l2/lora_delta", "l2/kl")
         bad = {k: logs[k] for k in keys if k in logs and not math.isfinite(logs[k])}
-        if not bad:
-            return
+        if bad:
+            coefs = ["l2_coef", "l2_kl_coef"] if "l2/kl" in bad else ["l2_coef"]
+            what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            self._l2_stop(f"at step {self.state.global_step}: {what}, so the weights are no longer finite", keys, coefs)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm of this step; with a penalty or KL, a non-finite one stops training before
+        the update: clipping by an infinite norm zeroes the gradients, and the model would silently stop moving.
+        Not under fp16 loss scaling, whose scaler skips such a step and lowers its scale."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        coefs = self._l2_coef_fields()
+        scaled = self._amp_loss_scale() is not None or (self.is_deepspeed_enabled and self.args.fp16)
+        if coefs and grad_norm is not None and not scaled and not math.isfinite(float(grad_norm)):
+            self._l2_stop(f"at step {self.state.global_step + 1}, before its update: grad_norm = {float(grad_norm)}",
+                          ("grad_norm",), coefs)
+        return grad_norm
+
+    def _l2_coef_fields(self) -> list[str]:
+        """The coefficient fields of the terms in force (none: the stock Trainer's training)."""
+        return ["l2_coef"] if self._l2 is not None else []
+
+    def _l2_stop(self, what: str, keys: tuple[str, ...], coefs: list[str]) -> None:
+        """Raise the `FloatingPointError` that ends a run gone non-finite: `what` happened (at which step), the
+        last step that logged `keys` finite, the last checkpoint, and which settings (`coefs`) to lower."""
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-        finite = [h["step"] for h in self.state.log_history if any(k in h for k in keys)]
+        finite = [h["step"] for h in self.state.log_history
+                  if any(k in h and math.isfinite(h[k]) for k in keys)]
         decoupled = " (with `l2_impl='decoupled'`, lr·α near or above 1)" if self.args.l2_impl == "decoupled" else ""
-        coefs = "`l2_coef` or `l2_kl_coef`" if "l2/kl" in bad else "`l2_coef`"
+        coefs = " or ".join(f"`{c}`" for c in coefs)
         raise FloatingPointError(
-            f"Training stopped at step {self.state.global_step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}, "
-            f"so the weights are no longer finite. Likely causes: a learning rate or {coefs} too large{decoupled}, "
+            f"Training stopped {what}. Likely causes: a learning rate or {coefs} too large{decoupled}, "
             "fp16 overflow, or a non-finite θ₀ or model. The logged `loss` may not show it (`logging_nan_inf_filter`). "
             + (f"The last finite statistics were logged at step {finite[-1]}. " if finite else "")
             + (f"The last checkpoint is {last}: resume from it with a lower learning rate or {coefs}."
@@ -614,6 +636,9 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         self._l2_kl_window.append(torch.stack([kl_sum.detach(), kl_sum.new_tensor(float(len(policy)))]))
         loss = loss + term.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _l2_coef_fields(self) -> list[str]:
+        return super()._l2_coef_fields() + (["l2_kl_coef"] if self._l2_kl is not None else [])
 
     def _kl_normalizer(self, tokens: int, num_items_in_batch) -> float | torch.Tensor:
         """What Σ KL is divided by so that it is weighted exactly like the task loss (see `Trainer.compute_loss`).
