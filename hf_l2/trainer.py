@@ -27,6 +27,7 @@ from .lora import LoraDeltaPenalty
 from .model_card import mixed_precision_turned_off
 from .optimizers import in_backward_optimizer
 from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
+from .output_lock import holding_output_dir
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
 from .sharding import local_pieces, world_size
@@ -241,13 +242,15 @@ class L2PenaltyMixin:
             self._l2_lora.bind(dict(self.model.named_parameters()))
 
     def train(self, *args, **kwargs):
-        self._l2_prepare_fisher(kwargs.get("resume_from_checkpoint", args[0] if args else None))
-        self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            if self._l2_pull is not None:  # leave no hook on an optimizer the user may step by hand
-                self._l2_pull.detach()
+        # One run per output folder (see `hf_l2.output_lock`), before anything reads or writes in it.
+        with holding_output_dir(self.args.output_dir, self.is_world_process_zero()):
+            self._l2_prepare_fisher(kwargs.get("resume_from_checkpoint", args[0] if args else None))
+            self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                if self._l2_pull is not None:  # leave no hook on an optimizer the user may step by hand
+                    self._l2_pull.detach()
 
     def _loss_is_scaled(self, num_items_in_batch) -> bool:
         """Whether the task loss is already normalized over the accumulated batch (mirrors `training_step`'s test)."""
