@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -42,19 +43,38 @@ def read_weights(path_or_repo_id: str) -> dict[str, torch.Tensor]:
     index = os.path.join(folder, "model.safetensors.index.json")
     legacy = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(single):
-        return load_file(single)
+        return _read_weights_file(single, load_file)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = _read_weights_file(index, lambda path: sorted(set(_json_file(path)["weight_map"].values())))
         weights = {}
         for shard in shards:
-            weights.update(load_file(os.path.join(folder, shard)))
+            weights.update(_read_weights_file(os.path.join(folder, shard), load_file))
         return weights
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        return _read_weights_file(legacy, lambda path: torch.load(path, map_location="cpu", weights_only=True))
     raise ValueError(
         f"`l2_anchor_path`: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {folder!r}."
     )
+
+
+def _json_file(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_weights_file(path: str, read):
+    """`read(path)`, or one error naming the file (and where a link leads) when it is not what its name says:
+    a damaged or hostile header, a link to another kind of file, a missing shard."""
+    try:
+        return read(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        target = os.path.realpath(path)
+        shown = path if target == os.path.abspath(path) else f"{path} (a link to {target})"
+        raise ValueError(
+            f"`l2_anchor_path`: {shown} cannot be read ({type(err).__name__}: {err}): it is damaged or not the file "
+            "its name says. Point `l2_anchor_path` at the folder the pretrained model was saved in by "
+            "`save_pretrained`, or save it again."
+        ) from err
 
 
 def embedding_parameter_names(model: nn.Module, parameters: dict[str, torch.Tensor]) -> frozenset[str]:

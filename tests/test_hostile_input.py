@@ -318,3 +318,57 @@ def test_recipe_errors_are_one_line_without_a_traceback(workdir, tmp_path, flags
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == said and "Traceback" not in result.stderr
+
+
+# ---- 13. a hostile model.safetensors under l2_anchor_path (issue 24) ---------------------------------------------
+def rewrite_header(path, edit) -> None:
+    """Replace a safetensors file's JSON header by `edit(header)` (padded to 8 bytes), keeping its data."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    raw = json.dumps(edit(json.loads(data[8 : 8 + size]))).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size :])
+
+
+def swap_offsets(header):
+    a, b = "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"
+    header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+    return header
+
+
+def declare_2_62_bytes(header):
+    header["transformer.wte.weight"]["shape"] = [2**60, 1]  # 2^60 float32 values: 2^62 bytes
+    return header
+
+
+def declare_huge_header(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes((2**62).to_bytes(8, "little") + data[8:])
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [("huge_header", "header too large"), ("swapped_offsets", "invalid shape, data type, or offset"),
+     ("tensor_of_2_62_bytes", "overflow computing buffer size"), ("symlink", "header too large")],
+)
+def test_a_hostile_anchor_file_is_named_in_one_line_before_training(tmp_path, damage, said):
+    folder = tmp_path / "pretrained"
+    tiny_gpt2().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if damage == "huge_header":
+        declare_huge_header(weights)
+    elif damage == "symlink":
+        (tmp_path / "notes.txt").write_text("not a safetensors file\n" * 100)
+        weights.unlink()
+        weights.symlink_to(tmp_path / "notes.txt")
+    else:
+        rewrite_header(weights, swap_offsets if damage == "swapped_offsets" else declare_2_62_bytes)
+    link = rf" \(a link to {tmp_path / 'notes.txt'}\)" if damage == "symlink" else ""
+    with pytest.raises(ValueError, match=rf"`l2_anchor_path`: {weights}{link} cannot be read \(SafetensorError: "
+                                         rf"Error while deserializing header: {said}"):
+        try:
+            L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path / "run", l2_anchor_path=str(folder)),
+                      train_dataset=TokenDataset())
+        except ValueError as err:
+            assert "\n" not in str(err)
+            raise
