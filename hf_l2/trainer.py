@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from transformers import Seq2SeqTrainer, Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .anchor import (
@@ -30,6 +30,7 @@ from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_k
 from .output_lock import holding_output_dir
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
+from .saved_folders import naming_a_full_disk
 from .sharding import local_pieces, world_size
 
 logger = logging.get_logger(__name__)
@@ -432,18 +433,26 @@ class L2PenaltyMixin:
 
     _l2_saving_checkpoint = False
 
+    # A full disk during any save (a checkpoint, the final weights) is one line naming the file and what to do.
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with naming_a_full_disk(folder, checkpoint=True):
+            super()._save_checkpoint(model, trial)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._l2_saving_checkpoint = _internal_call  # a checkpoint gets θ₀ from `_save_optimizer_and_scheduler`
         try:
-            super().save_model(output_dir, _internal_call)
+            with naming_a_full_disk(output_dir or self.args.output_dir, checkpoint=_internal_call):
+                super().save_model(output_dir, _internal_call)
         finally:
             self._l2_saving_checkpoint = False
 
     def save_weights(self, output_dir: str | None = None) -> None:
         """Also keep θ₀ (and F) beside the final weights, so that `hf-l2 interpolate` and later runs find them."""
-        super().save_weights(output_dir)
-        if not self._l2_saving_checkpoint and self._l2 is not None and self._l2.anchored_names:
-            self._l2_save_anchor_files(output_dir or self.args.output_dir)
+        with naming_a_full_disk(output_dir or self.args.output_dir, checkpoint=self._l2_saving_checkpoint):
+            super().save_weights(output_dir)
+            if not self._l2_saving_checkpoint and self._l2 is not None and self._l2.anchored_names:
+                self._l2_save_anchor_files(output_dir or self.args.output_dir)
 
     # ---- the Fisher weights (l2_sp_fisher) ------------------------------------------------------------------
     def _l2_prepare_fisher(self, resume_from_checkpoint) -> None:

@@ -372,3 +372,47 @@ def test_a_hostile_anchor_file_is_named_in_one_line_before_training(tmp_path, da
         except ValueError as err:
             assert "\n" not in str(err)
             raise
+
+
+# ---- 12. a full disk during a save (issue 24) -----------------------------------------------------------------
+# What safetensors raises when a write fails with ENOSPC (its Rust io::Error, wrapped).
+DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(workdir, tmp_path, capsys, count_steps,  # noqa: F811
+                                                                     monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from hf_l2.recipe_common import run
+
+    real, full = transformers.modeling_utils.safe_save_file, [True]
+
+    def writer(tensors, filename, metadata=None):  # the disk fills while checkpoint-4's weights are written
+        if full[0] and f"{os.sep}checkpoint-4{os.sep}" in filename:
+            with open(filename, "wb") as f:
+                f.write(bytes(100))  # what reached the disk before it was full
+            raise SafetensorError(DISK_FULL)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", writer)
+    out = tmp_path / "run"
+    argv = gpt2_args(workdir, out, *SAVING, "--max_steps", "6")
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: generation.main(argv))
+    said = str(exit_.value.code)
+    assert "\n" not in said
+    assert said.startswith(f"error: [Errno 28] The disk is full: saving {out / 'checkpoint-4'} stopped at "
+                           f"{out / 'checkpoint-4' / 'model.safetensors'} ({DISK_FULL}); this checkpoint is "
+                           "incomplete and a rerun skips it")
+    assert not (out / "_hf_l2.lock").exists()  # the failed run let go of the folder
+    # Space freed: the rerun skips the cut checkpoint and resumes from checkpoint-2.
+    full[0] = False
+    del count_steps[:]
+    capsys.readouterr()
+    generation.main(argv)
+    said = capsys.readouterr().out
+    assert f"Skipping the incomplete checkpoint {out / 'checkpoint-4'}" in said
+    assert f"Resuming from {out / 'checkpoint-2'}" in said
+    assert count_steps == [2, 3, 4, 5]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
