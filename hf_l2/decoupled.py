@@ -133,8 +133,9 @@ class DecoupledPull:
                 continue
             for names, symbol, peak in ((term.anchored_names, "α", fisher_peak(term)), (term.new_names, "β", 1.0)):
                 groups = list({id(g): g for g in (group_of[id(term.parameters[n])] for n in names)}.values())
-                if groups and (term.base_coef if symbol == "α" else term.base_head_coef):
-                    rates.append(PullRate(term, symbol, groups, peak))
+                rate = PullRate(term, symbol, groups, peak)
+                if groups and rate.base_coef:
+                    rates.append(rate)
         return rates
 
     def _check_base_rates(self) -> None:
