@@ -5,13 +5,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .anchor_checks import ExpectedAnchor, checksum_metadata, verify_anchor_file
+from .anchor_checks import ANCHOR_FIX, ExpectedAnchor, checksum_metadata, verify_anchor_file
 from .lora import adapter_parameter_names, modules_to_save_originals
 from .penalty import L2Penalty, Selection, snapshot
 from .sharding import local_pieces
@@ -42,19 +43,38 @@ def read_weights(path_or_repo_id: str) -> dict[str, torch.Tensor]:
     index = os.path.join(folder, "model.safetensors.index.json")
     legacy = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(single):
-        return load_file(single)
+        return _read_weights_file(single, load_file)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = _read_weights_file(index, lambda path: sorted(set(_json_file(path)["weight_map"].values())))
         weights = {}
         for shard in shards:
-            weights.update(load_file(os.path.join(folder, shard)))
+            weights.update(_read_weights_file(os.path.join(folder, shard), load_file))
         return weights
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        return _read_weights_file(legacy, lambda path: torch.load(path, map_location="cpu", weights_only=True))
     raise ValueError(
         f"`l2_anchor_path`: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {folder!r}."
     )
+
+
+def _json_file(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_weights_file(path: str, read):
+    """`read(path)`, or one error naming the file (and where a link leads) when it is not what its name says:
+    a damaged or hostile header, a link to another kind of file, a missing shard."""
+    try:
+        return read(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        target = os.path.realpath(path)
+        shown = path if target == os.path.abspath(path) else f"{path} (a link to {target})"
+        raise ValueError(
+            f"`l2_anchor_path`: {shown} cannot be read ({type(err).__name__}: {err}): it is damaged or not the file "
+            "its name says. Point `l2_anchor_path` at the folder the pretrained model was saved in by "
+            "`save_pretrained`, or save it again."
+        ) from err
 
 
 def embedding_parameter_names(model: nn.Module, parameters: dict[str, torch.Tensor]) -> frozenset[str]:
@@ -224,11 +244,14 @@ def load_anchor(
     world: int = 1,
     expected: dict[str, ExpectedAnchor] | None = None,
     files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE),
+    what: str = "θ₀",
+    fix: str = ANCHOR_FIX,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
     """θ₀ saved in a checkpoint, with its layout: this rank's file from a sharded run, else the whole-θ₀ file.
 
     Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks,
-    and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`).
+    and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`; `what` and `fix`
+    word the error for files laid out like θ₀, such as F).
     """
     path = _anchor_file(folder, rank, world, files)
     if path is None:
@@ -246,10 +269,9 @@ def load_anchor(
             metadata = f.metadata() or {}
     except (SafetensorError, ValueError) as err:
         raise ValueError(
-            f"{path} cannot be read ({err}): it is truncated or corrupted, e.g. by a kill while it was saved. "
-            "Resume from an earlier checkpoint."
+            f"{path} cannot be read ({err}): it is truncated or corrupted, e.g. by a kill while it was saved. {fix}"
         ) from err
     where = json.loads(metadata.get("layout", "{}"))
     layout = {n: (int(start), torch.Size(shape)) for n, (start, shape) in where.items()}
-    verify_anchor_file(path, tensors, layout, metadata, expected or {}, whole=os.path.basename(path) == files[0])
+    verify_anchor_file(path, tensors, layout, metadata, expected or {}, os.path.basename(path) == files[0], what, fix)
     return tensors, layout

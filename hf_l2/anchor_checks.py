@@ -1,4 +1,5 @@
-"""Checks on a θ₀ file read back from a checkpoint: it is the θ₀ that was written, and it fits this model.
+"""Checks on a θ₀ file read back from a checkpoint: it is the θ₀ that was written, and it fits this model. F files
+(`l2_sp_fisher`), laid out like θ₀, get the same checks and one more: no negative value.
 
 A damaged `l2_anchor*.safetensors` can still be perfectly readable: NaN or flipped exponent bits train a NaN or
 stalled model, all zeros trains plain L2, a tensor of the wrong shape would be reshaped or sliced into place. So
@@ -26,13 +27,20 @@ logger = logging.get_logger(__name__)
 CHECKSUM_KEY = "sha256"  # safetensors metadata: JSON {tensor name: hex digest}
 
 
+# What `verify_anchor_file` tells the user to do about a bad θ₀ file in a checkpoint (the default).
+ANCHOR_FIX = ("Resume from an earlier checkpoint, or delete the file to anchor to the weights the trainer was built "
+              "with (build it from the pretrained model then).")
+
+
 @dataclass(frozen=True)
 class ExpectedAnchor:
-    """What θ₀ of one parameter must look like: the parameter's full shape; `resizable` for the embeddings, whose
-    θ₀ may have other rows (a vocabulary resized after pretraining)."""
+    """What θ₀ (or F, laid out like θ₀) of one parameter must look like: the parameter's full shape; `resizable` for
+    the embeddings, whose θ₀ may have other rows (a vocabulary resized after pretraining); `nonnegative` for F,
+    a mean of squares."""
 
     shape: tuple[int, ...]
     resizable: bool = False
+    nonnegative: bool = False
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -54,14 +62,17 @@ def verify_anchor_file(
     metadata: dict[str, str],
     expected: dict[str, ExpectedAnchor],
     whole: bool,
+    what: str = "θ₀",
+    fix: str = ANCHOR_FIX,
 ) -> None:
     """Raise one error listing every damaged or misfitting tensor of the θ₀ file at `path`.
 
     `expected` holds the parameters this run anchors (others in the file are not checked against the model);
     `whole` says the file holds whole tensors (`l2_anchor.safetensors`), else this rank's pieces at `layout`.
+    `what` names the file's contents (θ₀, F) and `fix` says what to do, in the messages.
     """
     problems = [f"{name}: {p}" for name, want in expected.items() if name in tensors
-                and (p := _misfit(tensors[name], layout.get(name), want, whole))]
+                and (p := _misfit(tensors[name], layout.get(name), want, whole, what))]
     recorded = json.loads(metadata[CHECKSUM_KEY]) if CHECKSUM_KEY in metadata else None
     if recorded is not None:
         problems += [f"{name}: its bytes differ from the checksum written with it" for name, t in tensors.items()
@@ -71,29 +82,31 @@ def verify_anchor_file(
         raise ValueError(
             f"{path} is damaged or does not belong to this model: {len(problems)} problem(s), "
             + "; ".join(problems[:5])
-            + ". Resume from an earlier checkpoint, or delete the file to anchor to the weights the trainer was "
-            "built with (build it from the pretrained model then)."
+            + f". {fix}"
         )
     if recorded is None:
         logger.warning_once(f"{path} has no checksums (written by an older hf_l2): a torn write cannot be detected.")
         zeros = [n for n in expected if n in tensors and tensors[n].numel() and not tensors[n].any()]
         if zeros:
             logger.warning(
-                f"{path}: θ₀ is all zeros for {len(zeros)} tensor(s), e.g. {zeros[:3]}; without a checksum a "
+                f"{path}: {what} is all zeros for {len(zeros)} tensor(s), e.g. {zeros[:3]}; without a checksum a "
                 "zero-filled write cannot be ruled out. If these were not zero in the model fine-tuning started "
                 "from, the file is damaged."
             )
 
 
-def _misfit(tensor: torch.Tensor, placed: tuple[int, torch.Size] | None, want: ExpectedAnchor, whole: bool) -> str:
-    """What is wrong with one saved θ₀ tensor ('' if nothing): dtype, shape or position, non-finite values."""
+def _misfit(
+    tensor: torch.Tensor, placed: tuple[int, torch.Size] | None, want: ExpectedAnchor, whole: bool, what: str
+) -> str:
+    """What is wrong with one saved tensor ('' if nothing): dtype, shape or position, non-finite or (`nonnegative`)
+    negative values."""
     if not tensor.is_floating_point():
         return f"dtype {tensor.dtype}, not a floating-point type"
     start, full = placed if placed is not None else (0, tensor.shape)
     full, shape = tuple(full), tuple(want.shape)
     resized = want.resizable and len(full) == len(shape) == 2 and full[1] == shape[1]
     if full != shape and not resized:
-        return f"θ₀ of shape {full}, the parameter has {shape}"
+        return f"{what} of shape {full}, the parameter has {shape}"
     if whole and (start != 0 or tuple(tensor.shape) != full):
         return f"shape {tuple(tensor.shape)}, expected {full}"
     if not whole and (start < 0 or start + tensor.numel() > math.prod(full)):
@@ -102,6 +115,8 @@ def _misfit(tensor: torch.Tensor, placed: tuple[int, torch.Size] | None, want: E
     if not finite.all():
         nan = int(torch.isnan(tensor).sum())
         return f"{nan} NaN and {int((~finite).sum()) - nan} infinite value(s) of {tensor.numel()}"
+    if want.nonnegative and (negative := int((tensor < 0).sum())):
+        return f"{negative} negative value(s) of {tensor.numel()}"
     return ""
 
 

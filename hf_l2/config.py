@@ -65,7 +65,8 @@ class L2Config(TrainingArguments):
             `l2_sp`; the raw F otherwise.
         l2_fisher_path (`str`, *optional*):
             `l2_sp_fisher`: a `l2_fisher.safetensors` file, or a folder holding one (a run's output or checkpoint),
-            to load F from instead of computing it (`l2_fisher_normalize` is applied to it).
+            to load F from instead of computing it (`l2_fisher_normalize` is applied to it). It is checked as
+            θ₀ files are (checksums, shapes, dtype, finite values) and may hold no negative value.
         l2_coef_schedule (`str`, defaults to `"constant"`):
             Multiply α and β by f(t) over the optimizer steps: `constant` (1), `linear` or `cosine` (1 down to
             `l2_coef_end_factor`), `sigmoid` (RecAdam's annealing 1 − 1/(1 + exp(−k(t − t₀)))).

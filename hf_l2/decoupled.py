@@ -13,13 +13,16 @@ whatever the gradient statistics. The step runs as a pre-hook of the wrapped tor
 The pull is a gradient step of size w = lr·α on a quadratic: θ − θ₀ becomes (1 − w)·(θ − θ₀). At w = 1 it lands on
 θ₀ (the task gradient is undone at every step), between 1 and 2 it overshoots and oscillates, past 2 it diverges.
 So w ≥ 1 (and lr·β ≥ 1 for new parameters) is refused: when the trainer is built, from `learning_rate` and the
-schedule's largest factor, and on the first step from the optimizer's own learning rates (with `l2_sp_fisher`,
-whose pull is lr·α·Fᵢ per value, from lr·α·max F: F is known by then).
+schedule's largest factor; on the first step from the optimizer's own base learning rates (with `l2_sp_fisher`,
+whose pull is lr·α·Fᵢ per value, from lr·α·max F: F is known by then); and at every step, before the pull, from
+that step's learning rates and α, since a scheduler may raise the learning rate above its base (e.g.
+`cosine_with_min_lr` with a `min_lr` above `learning_rate`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -55,6 +58,26 @@ def fisher_peak(term: L2Penalty) -> float:
     return float(peak)
 
 
+@dataclass(frozen=True)
+class PullRate:
+    """One linear pull of an `L2Penalty` (α on its anchored tensors, or β on its new ones), the optimizer groups of
+    its parameters and its largest per-value weight (max F, else 1): its rate is lr·coef·peak."""
+
+    term: L2Penalty
+    symbol: str
+    groups: list[dict]
+    peak: float
+
+    @property
+    def base_coef(self) -> float:
+        return self.term.base_coef if self.symbol == "α" else self.term.base_head_coef
+
+    @property
+    def coef(self) -> float:
+        """The coefficient at this step (the schedule's factor applied)."""
+        return self.term.coef if self.symbol == "α" else self.term.head_coef
+
+
 class PenaltyTerm(Protocol):
     """What a penalty term offers once bound (`L2Penalty`, `LoraDeltaPenalty`)."""
 
@@ -69,6 +92,7 @@ class DecoupledPull:
     def __init__(self, terms: Sequence[PenaltyTerm], max_factor: float = 1.0):
         self.terms = list(terms)
         self.max_factor = max_factor  # the coefficient schedule's peak, for the rate check
+        self._rates: list[PullRate] = []
         self._handle: RemovableHandle | None = None
 
     def attach(self, optimizer) -> DecoupledPull:
@@ -89,9 +113,11 @@ class DecoupledPull:
         def lr_of(param: torch.Tensor) -> float:
             return float(group_of[id(param)]["lr"])
 
-        self._check_rates(group_of)
+        self._rates = self._pull_rates(group_of)
+        self._check_base_rates()
 
         def pull(optimizer, args, kwargs):
+            self._check_step_rates()
             for term in self.terms:
                 term.pull_(lr_of)
 
@@ -99,17 +125,33 @@ class DecoupledPull:
         self._handle = inner.register_step_pre_hook(pull)
         return self
 
-    def _check_rates(self, group_of: dict[int, dict]) -> None:
-        """lr·α < 1 with each group's base lr (`initial_lr`, kept by torch's schedulers; a warm-up starts lower)."""
+    def _pull_rates(self, group_of: dict[int, dict]) -> list[PullRate]:
+        """What each linear pull's rate is made of; the LoRA-delta pull is not linear in θ: it has no single rate."""
+        rates = []
         for term in self.terms:
-            if not isinstance(term, L2Penalty):  # the LoRA-delta pull is not linear in θ: no single rate
+            if not isinstance(term, L2Penalty):
                 continue
-            for names, coef, symbol, peak in ((term.anchored_names, term.base_coef, "α", fisher_peak(term)),
-                                              (term.new_names, term.base_head_coef, "β", 1.0)):
-                if coef and names:
-                    groups = [group_of[id(term.parameters[n])] for n in names]
-                    lr = max(max(float(g["lr"]), float(g.get("initial_lr", 0.0))) for g in groups)
-                    check_pull_rate(lr, coef, self.max_factor, symbol, "the optimizer's learning rate", peak)
+            for names, symbol, peak in ((term.anchored_names, "α", fisher_peak(term)), (term.new_names, "β", 1.0)):
+                groups = list({id(g): g for g in (group_of[id(term.parameters[n])] for n in names)}.values())
+                rate = PullRate(term, symbol, groups, peak)
+                if groups and rate.base_coef:
+                    rates.append(rate)
+        return rates
+
+    def _check_base_rates(self) -> None:
+        """lr·α < 1 with each group's base lr (`initial_lr`, kept by torch's schedulers; a warm-up starts lower) and
+        the coefficient schedule's peak: refused before any step."""
+        for rate in self._rates:
+            lr = max(max(float(g["lr"]), float(g.get("initial_lr", 0.0))) for g in rate.groups)
+            check_pull_rate(lr, rate.base_coef, self.max_factor, rate.symbol, "the optimizer's learning rate",
+                            rate.peak)
+
+    def _check_step_rates(self) -> None:
+        """lr·α < 1 with this step's lr and α, before the pull: a scheduler may raise the lr above its base."""
+        for rate in self._rates:
+            lr = max(float(g["lr"]) for g in rate.groups)
+            check_pull_rate(lr, rate.coef, 1.0, rate.symbol, "the learning rate the scheduler set for this step",
+                            rate.peak)
 
     def detach(self) -> None:
         if self._handle is not None:

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .anchor import load_anchor, save_anchor
+from .anchor_checks import ANCHOR_FIX, ExpectedAnchor
 
 FISHER_FILE = "l2_fisher.safetensors"
 RANK_FISHER_FILE = "l2_fisher-rank{rank:05d}-of-{world:05d}.safetensors"
@@ -61,7 +64,12 @@ def normalize_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     total = sum(f.double().sum() for f in fisher.values())
     count = sum(f.numel() for f in fisher.values())
     mean = float(total) / max(count, 1)
-    if not mean > 0:
+    if not math.isfinite(mean):
+        raise ValueError(
+            f"The Fisher is not finite (its mean is {mean}): the model's loss or gradients on the Fisher data are "
+            "NaN or infinite. Check the model's weights and the Fisher data."
+        )
+    if mean <= 0:
         raise ValueError(
             "The Fisher is zero on every penalized value (the loss does not depend on them on this data): "
             "check the Fisher data's labels, or set `l2_fisher_normalize=False`."
@@ -114,14 +122,21 @@ def save_fisher(fisher, layout, folder: str, source: dict, rank: int | None = No
     return save_anchor(fisher, layout, folder, rank, world, files=FISHER_FILES, metadata=metadata)
 
 
-def load_fisher(folder_or_file: str, rank: int = 0, world: int = 1):
+def load_fisher(
+    folder_or_file: str, rank: int = 0, world: int = 1, expected: dict[str, ExpectedAnchor] | None = None,
+    fix: str = ANCHOR_FIX,
+):
     """(F, its layout, its source) from a checkpoint or output folder (this rank's file under sharding, else the
-    whole one) or from a file; None when there is none."""
+    whole one) or from a file; None when there is none.
+
+    The file is checked as θ₀ files are (checksums; with `expected`, the shape, dtype and finite values of each
+    parameter's F) and its values must not be negative; `fix` says what to do about a bad file."""
     if os.path.isfile(folder_or_file):
         folder, files = os.path.dirname(folder_or_file), (os.path.basename(folder_or_file), RANK_FISHER_FILE)
     else:
         folder, files = folder_or_file, FISHER_FILES
-    loaded = load_anchor(folder, rank, world, files=files)
+    expected = {n: replace(want, nonnegative=True) for n, want in (expected or {}).items()}
+    loaded = load_anchor(folder, rank, world, expected, files, "F", fix)
     if loaded is None:
         return None
     path = os.path.join(folder, files[1].format(rank=rank, world=world))

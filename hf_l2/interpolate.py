@@ -4,8 +4,9 @@ models*, CVPR 2022), one `from_pretrained`-loadable folder per t, with the run's
 θ is the run's saved model; θ₀ is the run's own anchor file (`l2_anchor.safetensors` in the output folder, else in
 its last checkpoint; per-rank files of a sharded run are merged) laid over the base model's weights (`base_model`,
 else the card's `base_model`). The anchor holds only the penalized weights (biases and norms are usually left out),
-so the base model fills in the rest; a weight neither has (a new head) keeps its fine-tuned value and is listed in
-the card. For a LoRA run the adapter's change is scaled instead: t·ΔW = s·(t·B)·A, written as an adapter.
+so the base model fills in the rest. A weight neither has, or has in another shape, is refused (another
+architecture), except, with `keep_missing`, one neither has (a new head): it keeps its fine-tuned value and is
+listed in the card. For a LoRA run the adapter's change is scaled instead: t·ΔW = s·(t·B)·A, written as an adapter.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Anchor:
 
 
 def check_weights(weights: list[float], allow_extrapolation: bool) -> None:
+    # θ(t) is computed in float32, whose range t must fit in.
+    infinite = [t for t in weights if not abs(t) <= torch.finfo(torch.float32).max]
+    if infinite:
+        raise InterpolationError(f"--weight {infinite[0]:g} is not a finite float32 number; give t as a number (0 "
+                                 "is θ₀, 1 the fine-tuned model).")
     bad = [t for t in weights if not 0.0 <= t <= 1.0]
     if bad and not allow_extrapolation:
         raise InterpolationError(
@@ -106,8 +112,12 @@ def _card_base_model(run_dir: str) -> str | None:
     return base[0] if isinstance(base, list) else base
 
 
-def find_anchor(run_dir: str, base_model: str | None, names: list[str]) -> Anchor:
-    """θ₀ for the weights ``names`` of the run: the base model's weights, overlaid with the run's anchor file."""
+def find_anchor(
+    run_dir: str, base_model: str | None, theta: dict[str, torch.Tensor], keep_missing: bool = False
+) -> Anchor:
+    """θ₀ for the floating-point weights of the run's ``theta``: the base model's weights, overlaid with the run's
+    anchor file; refused unless it has every one of them (``keep_missing``: some may lack one, a new head) in
+    the same shape."""
     anchor = Anchor({})
     base = base_model or _card_base_model(run_dir)
     if base:
@@ -126,16 +136,47 @@ def find_anchor(run_dir: str, base_model: str | None, names: list[str]) -> Ancho
             f"{run_dir} has no θ₀: no {ANCHOR_FILE} in it or its last checkpoint (an l2_mode=none run keeps none) and "
             "no base_model in its card; pass --base_model with the model the run was fine-tuned from."
         )
-    if not base and not any(n in anchor.weights for n in names):
-        raise InterpolationError(f"the anchor file of {run_dir} shares no weight with its model; pass --base_model.")
-    if not base:
-        missing = [n for n in names if n not in anchor.weights]
-        if missing:
-            raise InterpolationError(
-                f"the run's anchor file holds only the penalized weights ({len(missing)} others, e.g. {missing[0]!r}, "
-                "are not in it): pass --base_model with the model the run was fine-tuned from."
-            )
+    _check_anchor_fits(anchor.weights, theta, base, keep_missing)
     return anchor
+
+
+def _check_anchor_fits(theta0: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], base: str | None,
+                       keep_missing: bool) -> None:
+    """Refuse θ₀ that lacks some of the run's floating-point weights (unless `keep_missing`) or has them in other
+    shapes: those would be written at their fine-tuned values, not blended."""
+    names = [n for n, v in theta.items() if v.is_floating_point()]
+    mismatched = [f"{n}: run {tuple(theta[n].shape)}, θ₀ {tuple(theta0[n].shape)}" for n in names
+                  if n in theta0 and theta0[n].shape != theta[n].shape]
+    missing = [n for n in names if n not in theta0]
+    if mismatched:
+        raise InterpolationError(
+            f"θ₀ has another shape for {len(mismatched)} of the run's {len(names)} weights, e.g. "
+            f"{'; '.join(mismatched[:3])}: pass as --base_model the model the run was fine-tuned from."
+        )
+    if not base and missing:
+        raise InterpolationError(
+            f"the run's anchor file holds only the penalized weights ({len(missing)} others, e.g. {missing[:3]}, are "
+            "not in it): pass --base_model with the model the run was fine-tuned from."
+        )
+    if missing and not keep_missing:
+        raise InterpolationError(
+            f"θ₀ lacks {len(missing)} of the run's {len(names)} weights, e.g. {missing[:3]}: is --base_model {base} "
+            "the model the run was fine-tuned from (not another architecture)? If these are weights the run added "
+            "(a new head), pass --keep_missing to keep them at their fine-tuned values."
+        )
+
+
+def _check_finite(weights: list[float], blend) -> None:
+    """Refuse t whose θ(t) (``blend(t)``: the state and the names kept) is not finite in the weights' dtypes. θ(t)
+    is linear in t, so the smallest and largest t bound every other."""
+    for t in sorted({min(weights), max(weights)}):
+        state, _ = blend(t)
+        bad = [n for n, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise InterpolationError(
+                f"--weight {t:g} gives non-finite values in {len(bad)} weight(s), e.g. {bad[:3]}: they overflow their "
+                "dtype (or θ or θ₀ is not finite there); pick t closer to [0, 1]."
+            )
 
 
 def _model_file(run_dir: str) -> str:
@@ -185,9 +226,10 @@ def scale_adapter(adapter: dict[str, torch.Tensor], t: float) -> tuple[dict[str,
 
 def interpolate_run(
     run_dir: str, weights: list[float], output_dir: str, base_model: str | None = None,
-    allow_extrapolation: bool = False,
+    allow_extrapolation: bool = False, keep_missing: bool = False,
 ) -> list[Path]:
-    """Write one model folder per t under ``output_dir`` (``weight-<t>``); return them."""
+    """Write one model folder per t under ``output_dir`` (``weight-<t>``); return them. Everything is checked
+    before the first folder is written."""
     check_weights(weights, allow_extrapolation)
     if not os.path.isdir(run_dir):
         raise InterpolationError(f"{run_dir} is not a folder; pass the output folder of a run.")
@@ -195,9 +237,11 @@ def interpolate_run(
     if kind == "adapter":
         theta = load_file(os.path.join(run_dir, "adapter_model.safetensors"))
         anchor = Anchor({}, ["the adapter's base model (ΔW = 0)"])
+        _check_finite(weights, lambda t: scale_adapter(theta, t))
     else:
         theta = read_weights(run_dir)
-        anchor = find_anchor(run_dir, base_model, [n for n, v in theta.items() if v.is_floating_point()])
+        anchor = find_anchor(run_dir, base_model, theta, keep_missing)
+        _check_finite(weights, lambda t: interpolate_state(anchor.weights, theta, t))
     folders = []
     for t in weights:
         folder = Path(output_dir) / f"weight-{t:g}"
@@ -234,7 +278,7 @@ def check_evaluation(run_dir: str, recipe: str, recipe_args: list[str]) -> None:
 
 def evaluate_interpolations(
     run_dir: str, folders: list[Path], weights: list[float], recipe: str, recipe_args: list[str], output_dir: str,
-    base_model: str | None = None,
+    base_model: str | None = None, keep_missing: bool = False,
 ) -> tuple[Path, Path]:
     """Evaluate each θ(t) folder with the recipe (its `--do_eval` on the recipe arguments' data, the model set to
     the folder) and write `results.md`, `results.png` and `results.jsonl` under ``output_dir``: one row per t with
@@ -244,7 +288,7 @@ def evaluate_interpolations(
 
     check_evaluation(run_dir, recipe, recipe_args)
     theta = read_weights(run_dir)
-    theta0 = find_anchor(run_dir, base_model, [n for n, v in theta.items() if v.is_floating_point()]).weights
+    theta0 = find_anchor(run_dir, base_model, theta, keep_missing).weights
     rows = []
     for folder, t in zip(folders, weights):
         evaluation = Path(output_dir) / "eval" / folder.name  # beside, not in, the model folder a user may push
@@ -297,6 +341,9 @@ def add_interpolate_parser(subparsers):
                         help="folder or Hub id of the model the run started from (default: the card's base_model); "
                         "fills in θ₀ for the weights the run's anchor file does not hold")
     parser.add_argument("--allow_extrapolation", action="store_true", help="accept t outside [0, 1]")
+    parser.add_argument("--keep_missing", action="store_true",
+                        help="weights that neither the base model nor the run's anchor file holds (a head the run "
+                        "added) keep their fine-tuned values instead of being refused")
     parser.add_argument("--eval", metavar="RECIPE", default=None,
                         help="evaluate each t with this recipe (gpt2_generation, marian_translation or a script) and "
                         "write results.md / .png / .jsonl; its arguments (the run's data flags, e.g. "
@@ -318,12 +365,12 @@ def _main(args) -> int:
         if args.eval:
             check_evaluation(args.run_dir, args.eval, recipe_args)
         folders = interpolate_run(args.run_dir, args.weight, args.output_dir, args.base_model,
-                                  args.allow_extrapolation)
+                                  args.allow_extrapolation, args.keep_missing)
         for folder in folders:
             print(f"Wrote {folder}")
         if args.eval:
             table, figure = evaluate_interpolations(args.run_dir, folders, args.weight, args.eval, recipe_args,
-                                                    args.output_dir, args.base_model)
+                                                    args.output_dir, args.base_model, args.keep_missing)
             print(table.read_text(encoding="utf-8") + f"\nPlot: {figure}")
     except (InterpolationError, RecipeInputError) as err:
         print(f"hf-l2 interpolate: {err}", file=sys.stderr)

@@ -31,6 +31,7 @@ from transformers.hf_argparser import string_to_bool
 
 from .config import ANCHORED_MODES
 from .hub import HubPublishError
+from .output_lock import check_free
 from .saved_folders import checkpoints_newest_first, missing_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -461,6 +462,7 @@ def resolve_checkpoint(training_args, overwrite_output_dir: bool = False) -> str
             "pass `--overwrite_output_dir true` to delete them and start afresh, or another `--output_dir`."
         )
     if not latest and overwrite_output_dir:
+        check_free(training_args.output_dir)  # not the checkpoints of a run still training there
         with training_args.main_process_first(desc="deleting the earlier run's checkpoints", local=False):
             if training_args.should_save:
                 for folder in found:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from transformers import Seq2SeqTrainer, Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .anchor import (
@@ -27,11 +27,19 @@ from .lora import LoraDeltaPenalty
 from .model_card import mixed_precision_turned_off
 from .optimizers import in_backward_optimizer
 from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
+from .output_lock import holding_output_dir
 from .penalty import L2Penalty
 from .publishing import L2PublishingMixin
+from .saved_folders import naming_a_full_disk
 from .sharding import local_pieces, world_size
 
 logger = logging.get_logger(__name__)
+
+# What to do about a bad F file: one given as `l2_fisher_path`, one in the checkpoint being resumed.
+FISHER_PATH_FIX = ("Pass an F computed for this model as `l2_fisher_path`, or leave `l2_fisher_path` unset to compute "
+                   "F from the Fisher data.")
+FISHER_CHECKPOINT_FIX = ("Resume from an earlier checkpoint, or delete the file to compute F again from the Fisher "
+                         "data (at the weights the trainer was built with: build it from the pretrained model then).")
 
 
 class L2Terms(NamedTuple):
@@ -164,7 +172,8 @@ class L2PenaltyMixin:
         return penalty
 
     def _l2_check_pull_rate(self) -> None:
-        """lr·α < 1 (and lr·β) for the decoupled pull, from `learning_rate`: no schedule of the Trainer exceeds it."""
+        """lr·α < 1 (and lr·β) for the decoupled pull, from `learning_rate`; a scheduler that raises the lr above
+        it is caught at that step, before the pull (see `DecoupledPull`)."""
         args = self.args
         fields = ("l2_coef",) if args.l2_mode == "l2" else ("l2_coef", "l2_head_coef")
         for name in fields:
@@ -234,13 +243,15 @@ class L2PenaltyMixin:
             self._l2_lora.bind(dict(self.model.named_parameters()))
 
     def train(self, *args, **kwargs):
-        self._l2_prepare_fisher(kwargs.get("resume_from_checkpoint", args[0] if args else None))
-        self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            if self._l2_pull is not None:  # leave no hook on an optimizer the user may step by hand
-                self._l2_pull.detach()
+        # One run per output folder (see `hf_l2.output_lock`), before anything reads or writes in it.
+        with holding_output_dir(self.args.output_dir, self.is_world_process_zero()):
+            self._l2_prepare_fisher(kwargs.get("resume_from_checkpoint", args[0] if args else None))
+            self._l2_unbind()  # `accelerator.prepare` may swap parameter objects: rebind on the first step
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                if self._l2_pull is not None:  # leave no hook on an optimizer the user may step by hand
+                    self._l2_pull.detach()
 
     def _loss_is_scaled(self, num_items_in_batch) -> bool:
         """Whether the task loss is already normalized over the accumulated batch (mirrors `training_step`'s test)."""
@@ -315,15 +326,37 @@ class L2PenaltyMixin:
         """
         keys = ("l2/penalty", "l2/drift", "l2/lora_delta", "l2/kl")
         bad = {k: logs[k] for k in keys if k in logs and not math.isfinite(logs[k])}
-        if not bad:
-            return
+        if bad:
+            coefs = ["l2_coef", "l2_kl_coef"] if "l2/kl" in bad else ["l2_coef"]
+            what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            self._l2_stop(f"at step {self.state.global_step}: {what}, so the weights are no longer finite", keys, coefs)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm of this step; with a penalty or KL, a non-finite one stops training before
+        the update: clipping by an infinite norm zeroes the gradients, and the model would silently stop moving.
+        Not under fp16 loss scaling, whose scaler skips such a step and lowers its scale."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        coefs = self._l2_coef_fields()
+        scaled = self._amp_loss_scale() is not None or (self.is_deepspeed_enabled and self.args.fp16)
+        if coefs and grad_norm is not None and not scaled and not math.isfinite(float(grad_norm)):
+            self._l2_stop(f"at step {self.state.global_step + 1}, before its update: grad_norm = {float(grad_norm)}",
+                          ("grad_norm",), coefs)
+        return grad_norm
+
+    def _l2_coef_fields(self) -> list[str]:
+        """The coefficient fields of the terms in force (none: the stock Trainer's training)."""
+        return ["l2_coef"] if self._l2 is not None else []
+
+    def _l2_stop(self, what: str, keys: tuple[str, ...], coefs: list[str]) -> None:
+        """Raise the `FloatingPointError` that ends a run gone non-finite: `what` happened (at which step), the
+        last step that logged `keys` finite, the last checkpoint, and which settings (`coefs`) to lower."""
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-        finite = [h["step"] for h in self.state.log_history if any(k in h for k in keys)]
+        finite = [h["step"] for h in self.state.log_history
+                  if any(k in h and math.isfinite(h[k]) for k in keys)]
         decoupled = " (with `l2_impl='decoupled'`, lr·α near or above 1)" if self.args.l2_impl == "decoupled" else ""
-        coefs = "`l2_coef` or `l2_kl_coef`" if "l2/kl" in bad else "`l2_coef`"
+        coefs = " or ".join(f"`{c}`" for c in coefs)
         raise FloatingPointError(
-            f"Training stopped at step {self.state.global_step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}, "
-            f"so the weights are no longer finite. Likely causes: a learning rate or {coefs} too large{decoupled}, "
+            f"Training stopped {what}. Likely causes: a learning rate or {coefs} too large{decoupled}, "
             "fp16 overflow, or a non-finite θ₀ or model. The logged `loss` may not show it (`logging_nan_inf_filter`). "
             + (f"The last finite statistics were logged at step {finite[-1]}. " if finite else "")
             + (f"The last checkpoint is {last}: resume from it with a lower learning rate or {coefs}."
@@ -400,18 +433,26 @@ class L2PenaltyMixin:
 
     _l2_saving_checkpoint = False
 
+    # A full disk during any save (a checkpoint, the final weights) is one line naming the file and what to do.
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with naming_a_full_disk(folder, checkpoint=True):
+            super()._save_checkpoint(model, trial)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._l2_saving_checkpoint = _internal_call  # a checkpoint gets θ₀ from `_save_optimizer_and_scheduler`
         try:
-            super().save_model(output_dir, _internal_call)
+            with naming_a_full_disk(output_dir or self.args.output_dir, checkpoint=_internal_call):
+                super().save_model(output_dir, _internal_call)
         finally:
             self._l2_saving_checkpoint = False
 
     def save_weights(self, output_dir: str | None = None) -> None:
         """Also keep θ₀ (and F) beside the final weights, so that `hf-l2 interpolate` and later runs find them."""
-        super().save_weights(output_dir)
-        if not self._l2_saving_checkpoint and self._l2 is not None and self._l2.anchored_names:
-            self._l2_save_anchor_files(output_dir or self.args.output_dir)
+        with naming_a_full_disk(output_dir or self.args.output_dir, checkpoint=self._l2_saving_checkpoint):
+            super().save_weights(output_dir)
+            if not self._l2_saving_checkpoint and self._l2 is not None and self._l2.anchored_names:
+                self._l2_save_anchor_files(output_dir or self.args.output_dir)
 
     # ---- the Fisher weights (l2_sp_fisher) ------------------------------------------------------------------
     def _l2_prepare_fisher(self, resume_from_checkpoint) -> None:
@@ -426,7 +467,8 @@ class L2PenaltyMixin:
         if resume_from_checkpoint and self._l2_fisher_file(resume_from_checkpoint):
             return
         if args.l2_fisher_path:
-            loaded = load_fisher(args.l2_fisher_path)
+            expected = expected_anchors(self.model, self._l2.anchored_names)
+            loaded = load_fisher(args.l2_fisher_path, expected=expected, fix=FISHER_PATH_FIX)
             if loaded is None:
                 raise ValueError(f"`l2_fisher_path`: no {FISHER_FILE} in {args.l2_fisher_path!r}.")
             fisher, _, source = loaded
@@ -479,7 +521,9 @@ class L2PenaltyMixin:
         computed before training."""
         if self.args.l2_mode != "l2_sp_fisher":
             return
-        loaded = load_fisher(checkpoint, dist.get_rank() if world_size() > 1 else 0, world_size())
+        expected = expected_anchors(self.model, self._l2.anchored_names)
+        rank = dist.get_rank() if world_size() > 1 else 0
+        loaded = load_fisher(checkpoint, rank, world_size(), expected, FISHER_CHECKPOINT_FIX)
         if loaded is None:
             if self._l2.fisher is None:
                 raise ValueError(f"{checkpoint} has no {FISHER_FILE} and no F was computed before resuming.")
@@ -604,6 +648,9 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         self._l2_kl_window.append(torch.stack([kl_sum.detach(), kl_sum.new_tensor(float(len(policy)))]))
         loss = loss + term.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _l2_coef_fields(self) -> list[str]:
+        return super()._l2_coef_fields() + (["l2_kl_coef"] if self._l2_kl is not None else [])
 
     def _kl_normalizer(self, tokens: int, num_items_in_batch) -> float | torch.Tensor:
         """What Σ KL is divided by so that it is weighted exactly like the task loss (see `Trainer.compute_loss`).

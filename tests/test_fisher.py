@@ -12,7 +12,7 @@ import hf_l2.trainer
 from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
 from hf_l2 import L2Trainer
 from hf_l2.chunks import chunk_slices
-from hf_l2.fisher import FISHER_FILE, save_fisher
+from hf_l2.fisher import FISHER_FILE, normalize_fisher, save_fisher
 from hf_l2.penalty import L2Penalty
 
 
@@ -358,3 +358,74 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert max_rel_diff(ddp["params"], params_of(model)) < 1e-6
     last = lambda log: [h for h in log if "l2/penalty" in h][-1]["l2/penalty"]  # noqa: E731
     assert last(ddp["log"]) == pytest.approx(last(single.state.log_history), rel=1e-5) and last(ddp["log"]) > 0
+
+
+# ---- F files are checked like θ₀ (issue 24, item 6) ---------------------------------------------------------------
+QKV = "transformer.h.0.attn.c_attn.weight"  # (16, 48)
+
+
+def saved_fisher(folder, edit) -> str:
+    """An F file of ones for the tiny GPT-2, with `edit` applied to QKV's F, written with valid checksums."""
+    fisher = {n: torch.ones_like(p) for n, p in tiny_gpt2().named_parameters() if n in penalized_names(tiny_gpt2())}
+    fisher[QKV] = edit(fisher[QKV])
+    save_fisher(fisher, {}, str(folder), {"data": "hand-made"})
+    return str(folder / FISHER_FILE)
+
+
+def negative(f):
+    f = f.clone()
+    f[0, :3] = -1.0
+    return f
+
+
+def with_nan(f):
+    f = f.clone()
+    f[2, 5] = float("nan")
+    return f
+
+
+@pytest.mark.parametrize(
+    ("normalize", "edit", "problem"),
+    [
+        (False, negative, rf"{QKV}: 3 negative value\(s\) of 768"),
+        (True, negative, rf"{QKV}: 3 negative value\(s\) of 768"),
+        (True, with_nan, rf"{QKV}: 1 NaN and 0 infinite value\(s\) of 768"),
+        (True, lambda f: f.T.contiguous(), rf"{QKV}: F of shape \(48, 16\), the parameter has \(16, 48\)"),
+        (True, lambda f: f.to(torch.int32), rf"{QKV}: dtype torch.int32, not a floating-point type"),
+    ],
+    ids=["negative-raw", "negative-normalized", "nan-normalized", "transposed", "int"],
+)
+def test_a_bad_fisher_path_is_refused_naming_the_file_the_tensor_and_the_problem(tmp_path, normalize, edit, problem):
+    """Before: a negative raw F trained with a negative penalty (−2.27, a push away from θ₀), a transposed F was
+    reshaped into place, and NaN or negative F under normalization were blamed on the labels ("F is zero")."""
+    path = saved_fisher(tmp_path / "fisher", edit)
+    model = tiny_gpt2()
+    start = params_of(model)
+    trainer = fisher_trainer(tmp_path / "run", model, l2_fisher_path=path, l2_fisher_normalize=normalize)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)} is damaged or does not belong to this model: 1 "
+                                         rf"problem\(s\), {problem}\. .*`l2_fisher_path`") as caught:
+        trainer.train()
+    assert "is zero" not in str(caught.value) and "\n" not in str(caught.value)
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # refused before any step
+
+
+def test_a_negative_fisher_in_a_checkpoint_is_refused_on_resume(tmp_path):
+    """A checkpoint's F with valid checksums but negative values (written so, not damaged in transit)."""
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, l2_coef=1.0)
+    fisher_trainer(tmp_path, **common).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = load_file(str(checkpoint / FISHER_FILE))
+    saved[QKV] = -saved[QKV]
+    save_fisher(saved, {}, str(checkpoint), {"data": "the training set", "examples": 16})
+    trainer = fisher_trainer(tmp_path, gpt2_from_checkpoint(checkpoint), **common)
+    expected = int((saved[QKV] < 0).sum())
+    with pytest.raises(ValueError, match=rf"{FISHER_FILE} is damaged .*{QKV}: {expected} negative value\(s\) of 768"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_non_finite_computed_fisher_is_named_as_such_not_as_zero():
+    fisher = {"w": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}
+    with pytest.raises(ValueError, match=r"The Fisher is not finite \(its mean is nan\)"):
+        normalize_fisher(fisher)
+    with pytest.raises(ValueError, match="The Fisher is zero"):
+        normalize_fisher({"w": torch.zeros(3)})

@@ -318,3 +318,101 @@ def test_recipe_errors_are_one_line_without_a_traceback(workdir, tmp_path, flags
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == said and "Traceback" not in result.stderr
+
+
+# ---- 13. a hostile model.safetensors under l2_anchor_path (issue 24) ---------------------------------------------
+def rewrite_header(path, edit) -> None:
+    """Replace a safetensors file's JSON header by `edit(header)` (padded to 8 bytes), keeping its data."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    raw = json.dumps(edit(json.loads(data[8 : 8 + size]))).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size :])
+
+
+def swap_offsets(header):
+    a, b = "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"
+    header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+    return header
+
+
+def declare_2_62_bytes(header):
+    header["transformer.wte.weight"]["shape"] = [2**60, 1]  # 2^60 float32 values: 2^62 bytes
+    return header
+
+
+def declare_huge_header(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes((2**62).to_bytes(8, "little") + data[8:])
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [("huge_header", "header too large"), ("swapped_offsets", "invalid shape, data type, or offset"),
+     ("tensor_of_2_62_bytes", "overflow computing buffer size"), ("symlink", "header too large")],
+)
+def test_a_hostile_anchor_file_is_named_in_one_line_before_training(tmp_path, damage, said):
+    folder = tmp_path / "pretrained"
+    tiny_gpt2().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if damage == "huge_header":
+        declare_huge_header(weights)
+    elif damage == "symlink":
+        (tmp_path / "notes.txt").write_text("not a safetensors file\n" * 100)
+        weights.unlink()
+        weights.symlink_to(tmp_path / "notes.txt")
+    else:
+        rewrite_header(weights, swap_offsets if damage == "swapped_offsets" else declare_2_62_bytes)
+    link = rf" \(a link to {tmp_path / 'notes.txt'}\)" if damage == "symlink" else ""
+    with pytest.raises(ValueError, match=rf"`l2_anchor_path`: {weights}{link} cannot be read \(SafetensorError: "
+                                         rf"Error while deserializing header: {said}"):
+        try:
+            L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path / "run", l2_anchor_path=str(folder)),
+                      train_dataset=TokenDataset())
+        except ValueError as err:
+            assert "\n" not in str(err)
+            raise
+
+
+# ---- 12. a full disk during a save (issue 24) -----------------------------------------------------------------
+# What safetensors raises when a write fails with ENOSPC (its Rust io::Error, wrapped).
+DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(workdir, tmp_path, capsys, count_steps,  # noqa: F811
+                                                                     monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from hf_l2.recipe_common import run
+
+    real, full = transformers.modeling_utils.safe_save_file, [True]
+
+    def writer(tensors, filename, metadata=None):  # the disk fills while checkpoint-4's weights are written
+        if full[0] and f"{os.sep}checkpoint-4{os.sep}" in filename:
+            with open(filename, "wb") as f:
+                f.write(bytes(100))  # what reached the disk before it was full
+            raise SafetensorError(DISK_FULL)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", writer)
+    out = tmp_path / "run"
+    argv = gpt2_args(workdir, out, *SAVING, "--max_steps", "6")
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: generation.main(argv))
+    said = str(exit_.value.code)
+    assert "\n" not in said
+    assert said.startswith(f"error: [Errno 28] The disk is full: saving {out / 'checkpoint-4'} stopped at "
+                           f"{out / 'checkpoint-4' / 'model.safetensors'} ({DISK_FULL}); this checkpoint is "
+                           "incomplete and a rerun skips it")
+    assert not (out / "_hf_l2.lock").exists()  # the failed run let go of the folder
+    # Space freed: the rerun skips the cut checkpoint and resumes from checkpoint-2.
+    full[0] = False
+    del count_steps[:]
+    capsys.readouterr()
+    generation.main(argv)
+    said = capsys.readouterr().out
+    assert f"Skipping the incomplete checkpoint {out / 'checkpoint-4'}" in said
+    assert f"Resuming from {out / 'checkpoint-2'}" in said
+    assert count_steps == [2, 3, 4, 5]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from helpers import TokenDataset, english_text, l2_args, tiny_gpt2
@@ -124,3 +124,71 @@ def test_bad_input_gets_one_clear_line(tmp_path, tokenizer, capsys, case):
                 "no_anchor": "has no θ₀"}[case]
     assert expected in err[0]
     assert not (tmp_path / "w").exists()
+
+
+# ---- issue 24, item 10: a base model that does not fit, t that overflows ----------------------------------------
+def other_architecture(folder):
+    from transformers import MarianConfig, MarianMTModel
+
+    config = MarianConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, pad_token_id=0,
+                          decoder_start_token_id=0, max_position_embeddings=32)
+    MarianMTModel(config).save_pretrained(folder)
+
+
+def wider_gpt2(folder):
+    from transformers import GPT2Config
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("base", ["other_architecture", "other_shapes"])
+def test_a_base_model_that_does_not_fit_the_run_is_refused_before_writing(tmp_path, tokenizer, capsys, base):
+    """Before: exit 0, the weights θ₀ lacked (or had in other shapes) written at their fine-tuned values."""
+    finished_run(tmp_path / "run", tokenizer)
+    (other_architecture if base == "other_architecture" else wider_gpt2)(tmp_path / "base")
+    # What θ₀ is, written out: the run's anchor file over the base model's weights.
+    tuned = load_file(str(tmp_path / "run" / "model.safetensors"))
+    theta0 = load_file(str(tmp_path / "base" / "model.safetensors")) | load_file(str(tmp_path / "run" / ANCHOR_FILE))
+    missing = [n for n in tuned if n not in theta0]
+    other = [n for n in tuned if n in theta0 and theta0[n].shape != tuned[n].shape]
+    assert (missing and not other) if base == "other_architecture" else (other and not missing)
+    capsys.readouterr()
+    argv = ["interpolate", str(tmp_path / "run"), "--weight", "0.5", "--output_dir", str(tmp_path / "w"),
+            "--base_model", str(tmp_path / "base")]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and not (tmp_path / "w").exists()
+    if base == "other_architecture":
+        assert f"θ₀ lacks {len(missing)} of the run's {len(tuned)} weights, e.g. {missing[:3]}" in err[0]
+        assert "--keep_missing" in err[0]
+        # Asked for, the weights θ₀ lacks keep their fine-tuned values and the others are blended.
+        assert main(argv + ["--keep_missing"]) == 0
+        got = load_file(str(tmp_path / "w" / "weight-0.5" / "model.safetensors"))
+        assert all(torch.equal(got[n], tuned[n]) for n in missing)
+        name = "transformer.h.0.attn.c_attn.weight"
+        torch.testing.assert_close(got[name], (tuned[name] + theta0[name]) / 2, rtol=0, atol=1e-6)
+    else:
+        assert f"θ₀ has another shape for {len(other)} of the run's {len(tuned)} weights, e.g. {other[0]}: run" in err[0]
+
+
+@pytest.mark.parametrize("weights", [["inf"], ["nan"], ["1e39"], ["0.5", "1e37"]])
+def test_weights_giving_non_finite_models_are_refused_before_writing(tmp_path, tokenizer, capsys, weights):
+    """Before: `--weight inf --allow_extrapolation` wrote inf/NaN weights, exit 0. 1e39 is beyond float32, in which
+    θ(t) is computed. 1e37 is not, but one weight moved by 100 gives θ₀ + 1e37·100, beyond it (the first t, 0.5,
+    is fine: still nothing may be written)."""
+    finished_run(tmp_path / "run", tokenizer)
+    saved_start(tmp_path / "base")
+    path = str(tmp_path / "run" / "model.safetensors")
+    tuned = load_file(path)
+    tuned["transformer.h.1.mlp.c_fc.weight"][0, 0] += 100.0
+    save_file(tuned, path, metadata={"format": "pt"})
+    capsys.readouterr()
+    argv = ["interpolate", str(tmp_path / "run"), "--output_dir", str(tmp_path / "w"), "--base_model",
+            str(tmp_path / "base"), "--allow_extrapolation"]
+    rc = main(argv + [a for t in weights for a in ("--weight", t)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and not (tmp_path / "w").exists()
+    expected = ("gives non-finite values in 1 weight(s), e.g. ['transformer.h.1.mlp.c_fc.weight']"
+                if weights[-1] == "1e37" else "is not a finite float32 number")
+    assert f"--weight {float(weights[-1]):g} {expected}" in err[0]

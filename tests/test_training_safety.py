@@ -3,6 +3,7 @@ pull that overshoots, non-finite statistics, mixed precision that did not run, p
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
@@ -181,6 +182,27 @@ def test_decoupled_pull_checks_a_user_optimizers_learning_rate_at_the_first_step
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any update
 
 
+def test_decoupled_pull_is_checked_at_every_step_against_a_rising_learning_rate(tmp_path):
+    """`cosine_with_min_lr` with `min_lr` 5× `learning_rate` raises the lr from 1e-3 to 5e-3: lr·α starts at 0.5
+    (accepted when built) and passes 1 at step 4. Before, the run went on and diverged, exit 0."""
+    lr, min_lr, alpha, steps = 1e-3, 5e-3, 500.0, 10
+    # The schedule written out (torch's cosine from lr to min_lr over `steps`): the first step whose lr·α ≥ 1.
+    lr_at = [min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t / steps)) for t in range(steps)]
+    first = next(t for t in range(steps) if lr_at[t] * alpha >= 1)
+    assert first == 4
+    model = tiny_gpt2()
+    args = l2_args(tmp_path, l2_impl="decoupled", l2_coef=alpha, learning_rate=lr, optim="sgd", max_steps=steps,
+                   lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": min_lr})
+    trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match=rf"lr·α = {lr_at[first]:g} × 500 = {lr_at[first] * alpha:g} \(the learning "
+                                         r"rate the scheduler set for this step\) is ≥ 1"):
+        trainer.train()
+    assert trainer.state.global_step == first  # refused before that step's pull and update
+    start = tiny_gpt2().state_dict()
+    drift = math.sqrt(sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()))
+    assert drift < 1.0
+
+
 class PoisonWeights(TrainerCallback):
     """Set one weight to NaN at the end of optimizer step `at`, as a blown-up update would."""
 
@@ -223,11 +245,57 @@ class InfiniteReference(TrainerCallback):
 
 
 def test_non_finite_kl_stops_training_naming_it_and_the_step(tmp_path):
-    """`l2_mode="none"`: no penalty statistics, the KL alone must stop the run."""
+    """`l2_mode="none"`: no penalty statistics, the KL alone must stop the run: its NaN reaches the gradient of
+    step 3, whose norm stops the run before that step's update."""
     model = tiny_gpt2()
     args = l2_args(tmp_path, l2_mode="none", l2_kl_coef=1.0, max_steps=6, save_strategy="steps", save_steps=2)
     trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[InfiniteReference(model, 3)])
-    assert_stops_at_step_3(trainer, tmp_path, r"stopped at step 3: l2/kl = nan, .*`l2_kl_coef` too large")
+    with pytest.raises(FloatingPointError, match=r"stopped at step 3, before its update: grad_norm = nan\. .*"
+                                                 r"`l2_kl_coef` too large") as err:
+        trainer.train()
+    assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in str(err.value)
+    assert trainer.state.global_step == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("overrides", "coef", "step"), [(dict(l2_coef=1e30), "`l2_coef`", 2),
+                                                      (dict(l2_mode="none", l2_kl_coef=1e30), "`l2_kl_coef`", 1)],
+                         ids=["l2_coef", "l2_kl_coef"])
+def test_an_infinite_gradient_norm_stops_training_before_its_update(tmp_path, overrides, coef, step):
+    """α = 1e30: at step 1 θ = θ₀ and ∇Ω = 0; at step 2 α times a drift of about lr gives a gradient whose norm
+    overflows fp32. λ = 1e30: the KL's gradient at θ₀ is rounding noise (~1e-8), times λ it overflows at step 1.
+    Before, every such step had `grad_norm` inf, clipping zeroed the gradients, the model stopped moving, and the
+    run ended with exit 0."""
+    model = tiny_gpt2()
+    args = l2_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=1, max_grad_norm=1.0, **overrides)
+    trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset())
+    with pytest.raises(FloatingPointError, match=rf"Training stopped at step {step}, before its update: grad_norm = "
+                                                 rf"inf\. Likely causes: a learning rate or {coef} too large") as err:
+        trainer.train()
+    assert "\n" not in str(err.value) and trainer.state.global_step == step - 1
+    if step == 1:
+        assert "No checkpoint had been saved yet" in str(err.value)
+        expected = tiny_gpt2().state_dict()
+    else:
+        assert f"The last checkpoint is {tmp_path / 'checkpoint-1'}" in str(err.value)
+        expected = gpt2_from_checkpoint(tmp_path / "checkpoint-1").state_dict()
+    assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())  # no update after the last step
+
+
+def test_an_infinite_gradient_norm_without_a_penalty_is_the_stock_trainers_business(tmp_path):
+    """`l2_mode="none"` without the KL is exactly the stock Trainer, which trains on through an infinite norm."""
+    from transformers import Trainer
+
+    def huge_loss(outputs, labels, num_items_in_batch=None):  # gradients ~1e30: their norm overflows fp32
+        logits = outputs["logits"][:, :-1].flatten(0, 1)
+        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100) * 1e30
+
+    histories = []
+    for cls in (Trainer, L2Trainer):  # the stock Trainer takes the same config (a `TrainingArguments`)
+        args = l2_args(tmp_path / cls.__name__, l2_mode="none", max_grad_norm=1.0)
+        trainer = cls(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), compute_loss_func=huge_loss)
+        trainer.train()
+        histories.append([h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h])
+    assert histories[0] == histories[1] and len(histories[0]) == 4 and math.inf in histories[0]
 
 
 # ---- item 4: the card and the logs say which precision ran ------------------------------------------------------
