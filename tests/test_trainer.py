@@ -7,9 +7,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Model, MarianConfig, MarianMTModel, Seq2SeqTrainer, Trainer
+from transformers import (
+    GPT2Model, MarianConfig, MarianMTModel, PretrainedConfig, PreTrainedModel, Seq2SeqTrainer, Trainer,
+)
 
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
+from helpers import (
+    RegressionData, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2,
+)
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
 from hf_l2.anchor import ANCHOR_FILE
 
@@ -47,6 +51,44 @@ def test_resume_restores_the_anchor_and_matches_an_uninterrupted_run(tmp_path, i
               train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
     assert max_rel_diff(params_of(wrong), params_of(full)) > 1e-4
 
+
+class TinyRegressor(PreTrainedModel):
+    """A `PreTrainedModel` with no input embeddings (as a regression head or many vision / audio models): its
+    `get_input_embeddings` raises `NotImplementedError` in transformers 5 instead of returning None."""
+
+    config_class = PretrainedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.body = torch.nn.Linear(4, 8)
+        self.head = torch.nn.Linear(8, 1)
+        self.post_init()
+
+    def forward(self, x, y):
+        pred = self.head(torch.tanh(self.body(x))).squeeze(-1)
+        return {"loss": 0.5 * ((pred - y) ** 2).mean()}
+
+
+def tiny_regressor() -> TinyRegressor:
+    torch.manual_seed(0)
+    return TinyRegressor(PretrainedConfig())
+
+
+def test_resume_of_a_model_without_input_embeddings_matches_an_uninterrupted_run(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=g)
+    data = RegressionData(x, x.sum(1))
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_coef=2.0, per_device_train_batch_size=4)
+    with pytest.raises(NotImplementedError):
+        tiny_regressor().get_input_embeddings()
+    full = tiny_regressor()
+    L2Trainer(model=full, args=l2_args(tmp_path / "full", **common), train_dataset=data).train()
+
+    resumed = tiny_regressor()
+    L2Trainer(model=resumed, args=l2_args(tmp_path / "resumed", **common),
+              train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
+    assert max_rel_diff(params_of(full), params_of(tiny_regressor())) > 1e-3  # it trained
 
 # ---- logging --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["grad", "loss"])
