@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -151,6 +152,30 @@ class L2Config(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         validate_l2_fields(self)
+
+    @classmethod
+    def from_training_args(cls, args: TrainingArguments, **l2_fields) -> L2Config:
+        """This class built from `args` (every field kept, `hub_token` included) plus `l2_fields`, e.g.
+        `L2Config.from_training_args(args, l2_coef=0.01)`. `L2Config.from_training_args` of a
+        `Seq2SeqTrainingArguments` gives an `L2Seq2SeqConfig`; for a TRL config call it on the matching L2 class
+        (`hf_l2.trl.L2SFTConfig.from_training_args(sft_config, ...)`).
+
+        Not `L2Config(**args.to_dict(), ...)`: `to_dict()` replaces the tokens by placeholders such as
+        `"<HUB_TOKEN>"`, which the new config would then push with.
+        """
+        target = L2Seq2SeqConfig if cls is L2Config and isinstance(args, Seq2SeqTrainingArguments) else cls
+        known = {f.name for f in fields(target) if f.init}
+        foreign = [f.name for f in fields(args) if f.init and f.name not in known]
+        if foreign:
+            name = type(args).__name__
+            raise TypeError(
+                f"`{name}` has fields `{target.__name__}` lacks, e.g. {foreign[:3]}: call `from_training_args` on an "
+                f"L2 config that extends it, declared as `@dataclasses.dataclass class L2{name}({name}, L2Config)` "
+                "(`hf_l2.trl` has `L2SFTConfig` and `L2DPOConfig`)."
+            )
+        # Deep copies: `__post_init__` may edit dicts (e.g. `fsdp_config`) that `args` would otherwise share.
+        values = {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(args) if f.init}
+        return target(**{**values, **l2_fields})
 
     @property
     def l2_enabled(self) -> bool:

@@ -679,8 +679,9 @@ def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple
         config = default(output_dir="tmp_trainer")
     elif not isinstance(config, L2Config):
         raise TypeError(
-            f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(config).__name__}: build it "
-            "with the same arguments plus the penalty you want, e.g. `L2Config(**args.to_dict(), l2_coef=0.01)`."
+            f"`args` must be an `hf_l2.{default.__name__}`, got {type(config).__name__}: build it from yours plus "
+            f"the penalty you want, e.g. `{default.__name__}.from_training_args(args, l2_coef=0.01)` (every field "
+            "kept, the Hub token too)."
         )
     if positional:
         return (args[0], config, *args[2:]), kwargs
