@@ -66,7 +66,7 @@ class L2PenaltyMixin:
     default_config: type[L2Config] = L2Config  # what `args=None` becomes
 
     def __init__(self, *args, fisher_dataset=None, **kwargs):
-        args, kwargs = _with_l2_config(args, kwargs, self.default_config)  # before `Trainer.__init__` runs
+        args, kwargs = _with_l2_config(args, kwargs, self)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
         if self.args.l2_kl_coef and not isinstance(self, L2OutputAnchorMixin):
             raise TypeError(
@@ -87,6 +87,15 @@ class L2PenaltyMixin:
         self._l2_build_terms()
 
     # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def l2_config_class(cls) -> type[L2Config]:
+        """The config class this trainer takes: what `args=None` becomes, and what a refused `args` converts to."""
+        return cls.default_config
+
+    def _l2_default_args(self, model) -> L2Config:
+        """`args=None`: the stock Trainer's default (`tmp_trainer`), with the L2 defaults."""
+        return self.l2_config_class()(output_dir="tmp_trainer")
+
     def _l2_build_terms(self) -> None:
         """The penalty's terms from `self.args` and θ₀ from `self.model` (or `l2_anchor_path`), after refusing the
         set-ups where `l2_impl` could not reach the weights."""
@@ -669,19 +678,19 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         self._l2_kl.restore(saved)
 
 
-def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:
-    """The Trainer's arguments with `args` an `L2Config`: without one, the stock default (`tmp_trainer`) as a
-    `default` with the L2 defaults. Stock `TrainingArguments` are refused: converting them would train with a
-    penalty nobody chose, and a warning in a log is easy to miss."""
+def _with_l2_config(args: tuple, kwargs: dict, trainer: L2PenaltyMixin) -> tuple[tuple, dict]:
+    """The Trainer's arguments with `args` an `L2Config`: without one, the trainer's default (`_l2_default_args`).
+    Stock `TrainingArguments` are refused: converting them would train with a penalty nobody chose, and a warning
+    in a log is easy to miss."""
     positional = len(args) > 1
     config = args[1] if positional else kwargs.get("args")
     if config is None:
-        config = default(output_dir="tmp_trainer")
+        config = trainer._l2_default_args(args[0] if args else kwargs.get("model"))
     elif not isinstance(config, L2Config):
+        name = trainer.l2_config_class().__name__
         raise TypeError(
-            f"`args` must be an `hf_l2.{default.__name__}`, got {type(config).__name__}: build it from yours plus "
-            f"the penalty you want, e.g. `{default.__name__}.from_training_args(args, l2_coef=0.01)` (every field "
-            "kept, the Hub token too)."
+            f"`args` must be an `{name}`, got {type(config).__name__}: build it from yours plus the penalty you "
+            f"want, e.g. `{name}.from_training_args(args, l2_coef=0.01)` (every field kept, the Hub token too)."
         )
     if positional:
         return (args[0], config, *args[2:]), kwargs
