@@ -91,11 +91,13 @@ class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.trl names hf_l2's train
 
 
 def _trainer_init(trainer_cls: type):
-    """The first `__init__` after hf_l2's mixins: the TRL trainer's."""
-    return next(
-        c.__dict__["__init__"] for c in trainer_cls.__mro__
-        if "__init__" in c.__dict__ and not issubclass(c, L2PenaltyMixin)
-    )
+    """The TRL trainer's `__init__`: the first after hf_l2's mixins that names an `args` parameter, past
+    `*args, **kwargs` pass-throughs (TRL 1.0's `trl.KTOTrainer` wraps `trl.experimental.kto.KTOTrainer` so)."""
+    inits = [c.__dict__["__init__"] for c in trainer_cls.__mro__
+             if "__init__" in c.__dict__ and not issubclass(c, L2PenaltyMixin)]
+    named = (init for init in inits if (parameter := inspect.signature(init).parameters.get("args")) is not None
+             and parameter.kind is not parameter.VAR_POSITIONAL)
+    return next(named, inits[0])
 
 
 def _bound_arguments(trainer_cls: type, args: tuple, kwargs: dict) -> dict:
