@@ -150,8 +150,21 @@ class L2Config(TrainingArguments):
     l2_kl_temperature: float = field(default=1.0, metadata={"help": "τ > 0 of the KL term (with the τ² factor)."})
 
     def __post_init__(self):
+        self._use_cpu_for_cpu_processes()
         super().__post_init__()
         validate_l2_fields(self)
+
+    def _use_cpu_for_cpu_processes(self) -> None:
+        """Several processes (torchrun, `accelerate launch`) on a machine without an accelerator are CPU DDP.
+
+        Without `use_cpu`, accelerate finds no device backend, sets `DistributedType.NO`, and every rank trains
+        the whole run alone into the same `output_dir` (the Trainer only warns "parallel_mode !=
+        ParallelMode.DISTRIBUTED"). With it, the processes form one gloo group."""
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.use_cpu or processes < 2 or torch.accelerator.is_available():
+            return
+        self.use_cpu = True
+        logger.info(f"{processes} processes and no accelerator: `use_cpu=True`, so they train as one CPU DDP job.")
 
     @classmethod
     def from_training_args(cls, args: TrainingArguments, **l2_fields) -> L2Config:

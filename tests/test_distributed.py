@@ -90,3 +90,12 @@ def test_a_loss_that_ignores_num_items_in_batch_trains_on_two_processes_as_on_on
     for key in ("loss", "l2/drift"):
         ddp_values = [h[key] for h in ddp["log"] if key in h]
         assert ddp_values == pytest.approx([h[key] for h in single.state.log_history if key in h], rel=1e-5), key
+
+
+def test_torchrun_without_use_cpu_on_a_machine_without_accelerator_is_one_ddp_job(tmp_path):
+    """Without `use_cpu`, accelerate finds no device backend and each rank would train the whole epoch alone into
+    the same folder: 2 processes must share the epoch (2 steps of 2 × 2 sequences, not 4 steps each)."""
+    out = tmp_path / "run.pt"
+    run_two_processes("cpu_torchrun_worker.py", str(out))
+    run = torch.load(out, weights_only=False)
+    assert (run["world_size"], run["steps"], run["use_cpu"]) == (2, 2, True)
