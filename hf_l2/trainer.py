@@ -703,7 +703,7 @@ def _with_l2_config(args: tuple, kwargs: dict, trainer: L2PenaltyMixin) -> tuple
     if config is None:
         config = trainer._l2_default_args(args[0] if args else kwargs.get("model"))
     elif not isinstance(config, L2Config):
-        wanted = trainer.l2_config_class()  # named where users import it from: `hf_l2.L2Config`, `hf_l2.trl.L2SFTConfig`
+        wanted = trainer.l2_config_class()  # named as imported: `hf_l2.L2Config`, `hf_l2.trl.L2SFTConfig`
         raise TypeError(
             f"`args` must be an `{wanted.__module__.removesuffix('.config')}.{wanted.__name__}`, got "
             f"{type(config).__name__}: build it from yours plus the penalty you want, e.g. "

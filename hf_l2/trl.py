@@ -4,7 +4,7 @@ Any other TRL trainer composes the same way, in one line::
 
     class L2KTOTrainer(L2TRLMixin, KTOTrainer): ...     # the mixin first, so its hooks wrap the trainer's
 
-    from hf_l2.trl import L2KTOConfig                   # = @dataclasses.dataclass class L2KTOConfig(KTOConfig, L2Config)
+    from hf_l2.trl import L2KTOConfig   # = @dataclasses.dataclass class L2KTOConfig(KTOConfig, L2Config)
 
 `hf_l2.trl.L2<X>Config` is made on first use for any TRL config `<X>Config` (this base order keeps its defaults);
 a trainer built without `args` gets its own, as TRL's trainers do. A config declared by hand works the same.

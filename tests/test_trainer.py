@@ -12,8 +12,8 @@ from transformers import (
 )
 
 from helpers import (
-    PairDataset, RegressionData, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2,
-    tiny_marian,
+    PairDataset, RegressionData, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized,
+    tiny_gpt2, tiny_marian,
 )
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
 from hf_l2.anchor import ANCHOR_FILE
