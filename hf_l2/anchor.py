@@ -81,10 +81,19 @@ def embedding_parameter_names(model: nn.Module, parameters: dict[str, torch.Tens
     """Names of the input/output embedding weights: the only parameters allowed to change rows vs. the anchor."""
     wanted = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, getter, lambda: None)()
+        module = _embedding_module(model, getter)
         if module is not None and getattr(module, "weight", None) is not None:
             wanted.add(id(module.weight))
     return frozenset(n for n, p in parameters.items() if id(p) in wanted)
+
+
+def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """`model.<getter>()`, or None for a model without one: transformers 5's `PreTrainedModel.get_input_embeddings`
+    raises `NotImplementedError` where it finds no embedding (a regression head, many vision / audio models)."""
+    try:
+        return getattr(model, getter, lambda: None)()
+    except NotImplementedError:
+        return None
 
 
 def match_anchor(

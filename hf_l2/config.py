@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -150,8 +151,46 @@ class L2Config(TrainingArguments):
     l2_kl_temperature: float = field(default=1.0, metadata={"help": "τ > 0 of the KL term (with the τ² factor)."})
 
     def __post_init__(self):
+        self._use_cpu_for_cpu_processes()
         super().__post_init__()
         validate_l2_fields(self)
+
+    def _use_cpu_for_cpu_processes(self) -> None:
+        """Several processes (torchrun, `accelerate launch`) on a machine without an accelerator are CPU DDP.
+
+        Without `use_cpu`, accelerate finds no device backend, sets `DistributedType.NO`, and every rank trains
+        the whole run alone into the same `output_dir` (the Trainer only warns "parallel_mode !=
+        ParallelMode.DISTRIBUTED"). With it, the processes form one gloo group."""
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.use_cpu or processes < 2 or torch.accelerator.is_available():
+            return
+        self.use_cpu = True
+        logger.info(f"{processes} processes and no accelerator: `use_cpu=True`, so they train as one CPU DDP job.")
+
+    @classmethod
+    def from_training_args(cls, args: TrainingArguments, **l2_fields) -> L2Config:
+        """This class built from `args` (every field kept, `hub_token` included) plus `l2_fields`, e.g.
+        `L2Config.from_training_args(args, l2_coef=0.01)`. `L2Config.from_training_args` of a
+        `Seq2SeqTrainingArguments` gives an `L2Seq2SeqConfig`; for a TRL config call it on the matching L2 class
+        (`hf_l2.trl.L2SFTConfig.from_training_args(sft_config, ...)`, `L2<X>Config` for any TRL `<X>Config`).
+
+        Not `L2Config(**args.to_dict(), ...)`: `to_dict()` replaces the tokens by placeholders such as
+        `"<HUB_TOKEN>"`, which the new config would then push with.
+        """
+        target = L2Seq2SeqConfig if cls is L2Config and isinstance(args, Seq2SeqTrainingArguments) else cls
+        known = {f.name for f in fields(target) if f.init}
+        foreign = [f.name for f in fields(args) if f.init and f.name not in known]
+        if foreign:
+            name = type(args).__name__
+            extended = (f"`from hf_l2.trl import L2{name}`" if type(args).__module__.startswith("trl.")
+                        else f"`@dataclasses.dataclass class L2{name}({name}, L2Config)`")
+            raise TypeError(
+                f"`{name}` has fields `{target.__name__}` lacks, e.g. {foreign[:3]}: call `from_training_args` on an "
+                f"L2 config that extends it, {extended}."
+            )
+        # Deep copies: `__post_init__` may edit dicts (e.g. `fsdp_config`) that `args` would otherwise share.
+        values = {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(args) if f.init}
+        return target(**{**values, **l2_fields})
 
     @property
     def l2_enabled(self) -> bool:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from transformers import Seq2SeqTrainer, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, unwrap_peft_model
 from transformers.utils import logging
 
 from .anchor import (
@@ -24,6 +24,7 @@ from .config import ANCHOR_DTYPES, ANCHORED_MODES, L2Config, L2Seq2SeqConfig, va
 from .decoupled import DecoupledPull, check_pull_rate
 from .fisher import FISHER_FILE, load_fisher, normalize_fisher, save_fisher, trainer_fisher
 from .lora import LoraDeltaPenalty
+from .loss_kwargs import loss_reads_num_items
 from .model_card import mixed_precision_turned_off
 from .optimizers import in_backward_optimizer
 from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
@@ -74,7 +75,7 @@ class L2PenaltyMixin:
     default_config: type[L2Config] = L2Config  # what `args=None` becomes
 
     def __init__(self, *args, fisher_dataset=None, **kwargs):
-        args, kwargs = _with_l2_config(args, kwargs, self.default_config)  # before `Trainer.__init__` runs
+        args, kwargs = _with_l2_config(args, kwargs, self)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
         if self.args.l2_kl_coef and not isinstance(self, L2OutputAnchorMixin):
             raise TypeError(
@@ -90,11 +91,35 @@ class L2PenaltyMixin:
         self._l2_add_to_loss = False
         self._l2_in_loss: torch.Tensor | None = None
         self._move_weight_norm_callbacks_first()
+        self._treat_mean_loss_as_mean()
         if (precision_off := mixed_precision_turned_off(self)) is not None:
             logger.warning(f"Mixed precision is off: {precision_off} (the model card says so).")
         self._l2_build_terms()
 
     # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def l2_config_class(cls) -> type[L2Config]:
+        """The config class this trainer takes: what `args=None` becomes, and what a refused `args` converts to."""
+        return cls.default_config
+
+    def _l2_default_args(self, model) -> L2Config:
+        """`args=None`: the stock Trainer's default (`tmp_trainer`), with the L2 defaults."""
+        return self.l2_config_class()(output_dir="tmp_trainer")
+
+    def _treat_mean_loss_as_mean(self) -> None:
+        """A forward with `**kwargs` makes the Trainer take the loss for one normalized by `num_items_in_batch`
+        (`model_accepts_loss_kwargs`): it then neither divides it by the accumulation steps nor offsets its
+        ×num_processes (see `Trainer.compute_loss`). A loss that ignores it (MarianMT's plain mean) would so weigh
+        GA × num_processes times too much against Ω. Such a loss is trained as the per-batch mean it is: divided by
+        GA, averaged over processes by DDP, as one process gives."""
+        model = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+        if self.model_accepts_loss_kwargs and not loss_reads_num_items(model):
+            self.model_accepts_loss_kwargs = False
+            logger.info(
+                f"{type(model).__name__}'s loss ignores `num_items_in_batch` (a mean per micro-batch): it is divided "
+                "by the accumulation steps and averaged over processes, not scaled by the number of processes."
+            )
+
     def _l2_build_terms(self) -> None:
         """The penalty's terms from `self.args` and θ₀ from `self.model` (or `l2_anchor_path`), after refusing the
         set-ups where `l2_impl` could not reach the weights."""
@@ -716,18 +741,20 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         self._l2_kl.restore(saved)
 
 
-def _with_l2_config(args: tuple, kwargs: dict, default: type[L2Config]) -> tuple[tuple, dict]:
-    """The Trainer's arguments with `args` an `L2Config`: without one, the stock default (`tmp_trainer`) as a
-    `default` with the L2 defaults. Stock `TrainingArguments` are refused: converting them would train with a
-    penalty nobody chose, and a warning in a log is easy to miss."""
+def _with_l2_config(args: tuple, kwargs: dict, trainer: L2PenaltyMixin) -> tuple[tuple, dict]:
+    """The Trainer's arguments with `args` an `L2Config`: without one, the trainer's default (`_l2_default_args`).
+    Stock `TrainingArguments` are refused: converting them would train with a penalty nobody chose, and a warning
+    in a log is easy to miss."""
     positional = len(args) > 1
     config = args[1] if positional else kwargs.get("args")
     if config is None:
-        config = default(output_dir="tmp_trainer")
+        config = trainer._l2_default_args(args[0] if args else kwargs.get("model"))
     elif not isinstance(config, L2Config):
+        wanted = trainer.l2_config_class()  # named as imported: `hf_l2.L2Config`, `hf_l2.trl.L2SFTConfig`
         raise TypeError(
-            f"`args` must be an `hf_l2.L2Config` (or `L2Seq2SeqConfig`), got {type(config).__name__}: build it "
-            "with the same arguments plus the penalty you want, e.g. `L2Config(**args.to_dict(), l2_coef=0.01)`."
+            f"`args` must be an `{wanted.__module__.removesuffix('.config')}.{wanted.__name__}`, got "
+            f"{type(config).__name__}: build it from yours plus the penalty you want, e.g. "
+            f"`{wanted.__name__}.from_training_args(args, l2_coef=0.01)` (every field kept, the Hub token too)."
         )
     if positional:
         return (args[0], config, *args[2:]), kwargs

@@ -1,11 +1,13 @@
 """TRL's trainers with the L2 / L2-SP penalty: `L2SFTTrainer` / `L2SFTConfig`, `L2DPOTrainer` / `L2DPOConfig`.
 
-Any other TRL trainer (or `Trainer` subclass) composes the same way, in two lines::
-
-    @dataclasses.dataclass
-    class L2KTOConfig(KTOConfig, L2Config): ...        # this base order keeps KTOConfig's defaults
+Any other TRL trainer composes the same way, in one line::
 
     class L2KTOTrainer(L2TRLMixin, KTOTrainer): ...     # the mixin first, so its hooks wrap the trainer's
+
+    from hf_l2.trl import L2KTOConfig   # = @dataclasses.dataclass class L2KTOConfig(KTOConfig, L2Config)
+
+`hf_l2.trl.L2<X>Config` is made on first use for any TRL config `<X>Config` (this base order keeps its defaults);
+a trainer built without `args` gets its own, as TRL's trainers do. A config declared by hand works the same.
 
 The penalty is the one of `hf_l2.L2Trainer` (same `l2_*` fields, same hooks), applied to the trainer's own loss:
 TRL's losses, batching, packing, PEFT wrapping and `_metrics` logging are untouched. Needs TRL (`hf_l2[trl]`).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import typing
 
 try:
     import trl
@@ -45,7 +48,8 @@ TRL_CITATION = """@software{vonwerra2020trl,
 
 class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.trl names hf_l2's trainer mixin
     """hf_l2's penalty for a TRL trainer: `class L2XTrainer(L2TRLMixin, XTrainer)`, with `args` an `L2XConfig`
-    declared as `@dataclasses.dataclass class L2XConfig(XConfig, L2Config)`.
+    (`hf_l2.trl.L2XConfig`, or one declared as `@dataclasses.dataclass class L2XConfig(XConfig, L2Config)`);
+    without `args`, `L2XConfig` with TRL's defaults.
 
     On top of [`L2TrainerMixin`] it refuses, before the trainer is built, a config class whose base order silently
     replaced the TRL config's defaults by the stock Trainer's; and the model card (hf_l2's, which replaces TRL's)
@@ -62,6 +66,18 @@ class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.trl names hf_l2's train
             check_config_class(type(config))
         super().__init__(*args, **kwargs)
 
+    @classmethod
+    def l2_config_class(cls) -> type[L2Config]:
+        """The trainer's `default_config` if it names one, else `L2<X>Config` for the TRL trainer's `<X>Config`."""
+        if cls.default_config is not L2Config:
+            return cls.default_config
+        return l2_config_for(trl_config_class(cls))
+
+    def _l2_default_args(self, model) -> L2Config:
+        """`args=None`, as TRL builds it: the config's defaults, with the output folder `<model name>-<trainer>`."""
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        return self.l2_config_class()(f"{(name or '').split('/')[-1]}-{getattr(self, '_name', type(self).__name__)}")
+
     def create_model_card(self, *args, dataset_name: str | list[str] | None = None, **kwargs) -> None:
         """hf_l2's card (see `L2PublishingMixin.create_model_card`); TRL's `dataset_name` counts as `dataset_tags`."""
         if dataset_name is not None and kwargs.get("dataset_tags") is None:
@@ -74,16 +90,62 @@ class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.trl names hf_l2's train
             add_trl_section(os.path.join(output_dir, CARD_FILE), self)
 
 
+def _trainer_init(trainer_cls: type):
+    """The TRL trainer's `__init__`: the first after hf_l2's mixins that names an `args` parameter, past
+    `*args, **kwargs` pass-throughs (TRL 1.0's `trl.KTOTrainer` wraps `trl.experimental.kto.KTOTrainer` so)."""
+    inits = [c.__dict__["__init__"] for c in trainer_cls.__mro__
+             if "__init__" in c.__dict__ and not issubclass(c, L2PenaltyMixin)]
+    named = (init for init in inits if (parameter := inspect.signature(init).parameters.get("args")) is not None
+             and parameter.kind is not parameter.VAR_POSITIONAL)
+    return next(named, inits[0])
+
+
 def _bound_arguments(trainer_cls: type, args: tuple, kwargs: dict) -> dict:
-    """The arguments by name, as the first `__init__` after hf_l2's mixins (the TRL trainer's) will receive them."""
-    init = next(
-        c.__dict__["__init__"] for c in trainer_cls.__mro__
-        if "__init__" in c.__dict__ and not issubclass(c, L2PenaltyMixin)
-    )
+    """The arguments by name, as the TRL trainer's `__init__` will receive them."""
     try:
-        return inspect.signature(init).bind_partial(None, *args, **kwargs).arguments
+        return inspect.signature(_trainer_init(trainer_cls)).bind_partial(None, *args, **kwargs).arguments
     except TypeError:  # let the trainer itself report a wrong call
         return {}
+
+
+def trl_config_class(trainer_cls: type) -> type[TrainingArguments]:
+    """The config class of the TRL trainer under `trainer_cls`, from its `__init__`'s annotation of `args`
+    (`SFTConfig | TrainingArguments | None` → `SFTConfig`)."""
+    parameter = inspect.signature(_trainer_init(trainer_cls)).parameters.get("args")
+    annotation = parameter.annotation if parameter is not None else None
+    found = [
+        t for t in typing.get_args(annotation) or (annotation,)
+        if isinstance(t, type) and issubclass(t, TrainingArguments) and t is not TrainingArguments
+    ]
+    if len(found) != 1:
+        raise TypeError(
+            f"`{trainer_cls.__name__}` got no `args` and its trainer's `__init__` does not say which config it takes: "
+            "pass `args=` an instance of `@dataclasses.dataclass class L2XConfig(XConfig, L2Config)`, XConfig being "
+            f"the trainer's config class (or set `default_config = L2XConfig` on `{trainer_cls.__name__}`)."
+        )
+    return found[0]
+
+
+def l2_config_for(trl_config: type[TrainingArguments]) -> type[L2Config]:
+    """`@dataclasses.dataclass class L2<X>(<X>, L2Config)` for a TRL config class `<X>`: `L2SFTConfig` and
+    `L2DPOConfig` as declared below; any other is made once and set on this module, where pickle looks for it
+    (the Trainer pickles `args` into every checkpoint's `training_args.bin`)."""
+    if trl_config not in _L2_CONFIGS:
+        name = f"L2{trl_config.__name__}"
+        doc = f"[`trl.{trl_config.__name__}`] (with its defaults) plus the `l2_*` fields of [`hf_l2.L2Config`]."
+        made = dataclasses.make_dataclass(name, [], bases=(trl_config, L2Config),
+                                          namespace={"__module__": __name__, "__doc__": doc})
+        globals()[name] = _L2_CONFIGS[trl_config] = made
+    return _L2_CONFIGS[trl_config]
+
+
+def __getattr__(name: str):
+    """`from hf_l2.trl import L2KTOConfig`, and unpickling a `training_args.bin` that holds one: `L2<X>Config` for
+    any TRL config `<X>Config`, made by `l2_config_for`."""
+    trl_config = getattr(trl, name[2:], None) if name.startswith("L2") and name.endswith("Config") else None
+    if isinstance(trl_config, type) and issubclass(trl_config, TrainingArguments):
+        return l2_config_for(trl_config)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_config_class(config_cls: type) -> None:
@@ -157,6 +219,7 @@ class L2SFTTrainer(L2TRLMixin, SFTTrainer):
     head sees.
     """
 
+    default_config = L2SFTConfig
     _l2_kl_logits = "backbone"  # TRL's SFT loss never builds the logits
 
 
@@ -168,3 +231,8 @@ class L2DPOConfig(DPOConfig, L2Config):
 class L2DPOTrainer(L2TRLMixin, DPOTrainer):
     """[`trl.DPOTrainer`] with the penalty on the policy (the reference model is never penalized nor trained);
     takes an [`L2DPOConfig`]."""
+
+    default_config = L2DPOConfig
+
+
+_L2_CONFIGS: dict[type, type[L2Config]] = {SFTConfig: L2SFTConfig, DPOConfig: L2DPOConfig}

@@ -67,6 +67,35 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+def tiny_marian(seed: int = 0, vocab_size: int = 40) -> MarianMTModel:
+    """A 1-layer MarianMT without dropout. Its forward takes `**kwargs` but its loss is a plain mean that ignores
+    `num_items_in_batch` (the Trainer guesses otherwise from the signature)."""
+    torch.manual_seed(seed)
+    config = MarianConfig(
+        vocab_size=vocab_size, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    return MarianMTModel(config)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Random source / target token sequences, every target of the same length (no padding): the mean over a
+    batch's tokens is then the mean of its micro-batches' means, however the batch is split."""
+
+    def __init__(self, n: int = 8, source_length: int = 8, target_length: int = 6, vocab_size: int = 40):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2, vocab_size, (n, source_length), generator=g)
+        self.labels = torch.randint(2, vocab_size, (n, target_length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
 class Regression(nn.Module):
     """y ≈ X·w + b, loss ½·mean((ŷ − y)²); its forward takes no loss kwargs, so the Trainer divides by GA."""
 

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
-from hf_l2 import L2Trainer
+from helpers import (
+    PairDataset, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2,
+    tiny_marian,
+)
+from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
+from marian_ddp_worker import MARIAN_RUN
 from hf_l2.anchor import KL_ANCHOR_FILES
 
 pytestmark = pytest.mark.distributed  # 2 processes under torchrun
@@ -66,3 +70,32 @@ def test_two_process_ddp_equals_one_process_with_the_output_anchor(tmp_path):
     L2Trainer(model=resumed, args=l2_args(tmp_path / "resumed", **common),
               train_dataset=TokenDataset(n=8)).train(resume_from_checkpoint=str(checkpoint))
     assert max_rel_diff(params_of(resumed), ddp["params"]) < 5e-6  # 8.4e-3 with the step-2 weights as the KL's θ₀
+
+
+def test_a_loss_that_ignores_num_items_in_batch_trains_on_two_processes_as_on_one(tmp_path):
+    """MarianMT's forward takes `**kwargs`, so the Trainer multiplies its loss by the number of processes to offset
+    a `num_items_in_batch` normalization that Marian's plain mean never did: the task gradient doubled against Ω.
+    Reference: one process, micro-batch 8 without accumulation, the same 8 pairs per step."""
+    out = tmp_path / "ddp.pt"
+    run_two_processes("marian_ddp_worker.py", str(out))
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["world_size"] == 2
+
+    model = tiny_marian()
+    args = L2Seq2SeqConfig.from_training_args(l2_args(tmp_path / "single", per_device_train_batch_size=8,
+                                                      **MARIAN_RUN))
+    single = L2Seq2SeqTrainer(model=model, args=args, train_dataset=PairDataset())
+    single.train()
+    assert max_rel_diff(ddp["params"], params_of(model)) < 5e-6  # gloo's summation order, as above
+    for key in ("loss", "l2/drift"):
+        ddp_values = [h[key] for h in ddp["log"] if key in h]
+        assert ddp_values == pytest.approx([h[key] for h in single.state.log_history if key in h], rel=1e-5), key
+
+
+def test_torchrun_without_use_cpu_on_a_machine_without_accelerator_is_one_ddp_job(tmp_path):
+    """Without `use_cpu`, accelerate finds no device backend and each rank would train the whole epoch alone into
+    the same folder: 2 processes must share the epoch (2 steps of 2 × 2 sequences, not 4 steps each)."""
+    out = tmp_path / "run.pt"
+    run_two_processes("cpu_torchrun_worker.py", str(out))
+    run = torch.load(out, weights_only=False)
+    assert (run["world_size"], run["steps"], run["use_cpu"]) == (2, 2, True)

@@ -13,10 +13,11 @@ import re
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import GPT2LMHeadModel, MarianMTModel, Trainer, TrainingArguments
 
 from helpers import TokenDataset, l2_args, tiny_gpt2
 from hf_l2 import L2Trainer
+from hf_l2.loss_kwargs import loss_reads_num_items
 
 
 def parameters(function) -> list[str]:
@@ -112,3 +113,38 @@ def test_the_private_helpers_hf_l2_imports_exist():
 
     assert all(isinstance(c, type) for c in (LoraLayer, ParamWrapper, LoraParallelLinear, ModulesToSaveWrapper))
     assert parameters(_is_peft_model) == ["model"]
+
+
+def test_model_accepts_loss_kwargs_decides_the_trainers_loss_scaling():
+    """`L2PenaltyMixin._treat_mean_loss_as_mean` sets it to False for a loss that ignores `num_items_in_batch`: the
+    Trainer must read it where it counts the items, multiplies by the processes and divides by GA."""
+    for method in (Trainer._get_num_items_in_batch, Trainer.compute_loss, Trainer.training_step):
+        assert "self.model_accepts_loss_kwargs" in inspect.getsource(method), method.__name__
+
+
+class MarianByParent(MarianMTModel):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+class GPT2ByParent(GPT2LMHeadModel):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+class OwnLoss(torch.nn.Module):
+    def forward(self, x, **kwargs):
+        return {"loss": x.sum() / kwargs.get("num_items_in_batch", 1)}
+
+
+class SaysNo(GPT2LMHeadModel):
+    accepts_loss_kwargs = False
+
+
+@pytest.mark.parametrize("cls, reads", [
+    (GPT2LMHeadModel, True), (GPT2ByParent, True), (OwnLoss, True), (MarianMTModel, False), (MarianByParent, False),
+    (SaysNo, False),
+])
+def test_which_losses_read_num_items_in_batch(cls, reads):
+    model = cls.__new__(cls)  # the class decides; nothing of the instance is read
+    assert loss_reads_num_items(model) is reads

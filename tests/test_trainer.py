@@ -7,9 +7,14 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Model, MarianConfig, MarianMTModel, Seq2SeqTrainer, Trainer
+from transformers import (
+    GPT2Model, MarianConfig, MarianMTModel, PretrainedConfig, PreTrainedModel, Seq2SeqTrainer, Trainer,
+)
 
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
+from helpers import (
+    PairDataset, RegressionData, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized,
+    tiny_gpt2, tiny_marian,
+)
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
 from hf_l2.anchor import ANCHOR_FILE
 
@@ -47,6 +52,85 @@ def test_resume_restores_the_anchor_and_matches_an_uninterrupted_run(tmp_path, i
               train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
     assert max_rel_diff(params_of(wrong), params_of(full)) > 1e-4
 
+
+class TinyRegressor(PreTrainedModel):
+    """A `PreTrainedModel` with no input embeddings (as a regression head or many vision / audio models): its
+    `get_input_embeddings` raises `NotImplementedError` in transformers 5 instead of returning None."""
+
+    config_class = PretrainedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.body = torch.nn.Linear(4, 8)
+        self.head = torch.nn.Linear(8, 1)
+        self.post_init()
+
+    def forward(self, x, y):
+        pred = self.head(torch.tanh(self.body(x))).squeeze(-1)
+        return {"loss": 0.5 * ((pred - y) ** 2).mean()}
+
+
+def tiny_regressor() -> TinyRegressor:
+    torch.manual_seed(0)
+    return TinyRegressor(PretrainedConfig())
+
+
+def test_resume_of_a_model_without_input_embeddings_matches_an_uninterrupted_run(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=g)
+    data = RegressionData(x, x.sum(1))
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_coef=2.0, per_device_train_batch_size=4)
+    with pytest.raises(NotImplementedError):
+        tiny_regressor().get_input_embeddings()
+    full = tiny_regressor()
+    L2Trainer(model=full, args=l2_args(tmp_path / "full", **common), train_dataset=data).train()
+
+    resumed = tiny_regressor()
+    L2Trainer(model=resumed, args=l2_args(tmp_path / "resumed", **common),
+              train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
+    assert max_rel_diff(params_of(full), params_of(tiny_regressor())) > 1e-3  # it trained
+
+
+# ---- a model whose loss ignores `num_items_in_batch` ----------------------------------------------------------------
+def marian_penalized(name: str) -> bool:
+    """Marian's decayed weights, the Trainer's no-decay rule written out: no biases, no LayerNorms."""
+    return "bias" not in name and "layer_norm" not in name
+
+
+class HandOmegaSeq2Seq(Seq2SeqTrainer):
+    """The stock Seq2SeqTrainer whose loss adds Ω = (α/2)·Σ‖θ − θ₀‖², written out (one micro-batch per step)."""
+
+    def __init__(self, *args, alpha, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = alpha
+        self.start = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                      if p.requires_grad and marian_penalized(n)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        return loss + 0.5 * self.alpha * sum((self.model.get_parameter(n) - t).pow(2).sum()
+                                             for n, t in self.start.items())
+
+
+def test_a_loss_that_ignores_num_items_in_batch_is_divided_by_the_accumulation_steps(tmp_path):
+    """MarianMT's forward takes `**kwargs`, so the Trainer takes its loss for one normalized over the accumulated
+    batch and does not divide it by GA: its task gradient would count GA times against Ω. Reference: the stock
+    Seq2SeqTrainer without accumulation (where that cannot happen), Ω added by hand, the same 8 pairs per step."""
+    common = dict(max_steps=3, l2_coef=10.0, max_grad_norm=0.5)
+    model = tiny_marian()
+    trainer = L2Seq2SeqTrainer(model=model, train_dataset=PairDataset(), args=L2Seq2SeqConfig.from_training_args(
+        l2_args(tmp_path / "l2", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common)))
+    trainer.train()
+    reference = tiny_marian()
+    stock = HandOmegaSeq2Seq(model=reference, train_dataset=PairDataset(), alpha=10.0, args=L2Seq2SeqConfig(
+        **{**l2_args(tmp_path / "stock").to_dict(), "l2_mode": "none", "per_device_train_batch_size": 8,
+           "max_steps": 3, "max_grad_norm": 0.5}))
+    stock.train()
+    assert max_rel_diff(params_of(model), params_of(reference)) < 1e-6
+    assert max_rel_diff(params_of(reference), params_of(tiny_marian())) > 1e-3  # it trained
+    # The first logged loss is the task loss at θ₀ (Ω = 0 there), not GA times it.
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(stock.state.log_history[0]["loss"], rel=1e-6)
 
 # ---- logging --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["grad", "loss"])

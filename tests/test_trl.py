@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -405,6 +406,84 @@ def test_any_trl_trainer_composes_with_the_mixin(tokenizer, tmp_path):
     trainer.train()
     assert "score.weight" in trainer._l2.new_names
     assert trainer.state.log_history[0]["l2/penalty"] > 0
+
+
+def unpaired_preferences() -> Dataset:
+    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}],
+             "label": i % 2 == 0} for i, (q, a) in enumerate(PAIRS)]
+    return Dataset.from_list(rows)
+
+
+def reward_model(tokenizer):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=2,
+                                                    n_head=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+
+
+@pytest.mark.parametrize("algorithm", ["SFT", "DPO", "Reward", "KTO"])
+def test_trainers_built_without_args_take_the_trl_defaults_plus_the_l2_fields(tokenizer, tmp_path, monkeypatch,
+                                                                               algorithm):
+    """As TRL's own trainers do: `args=None` is the TRL config with its defaults (output folder `<model>-<name>`),
+    here with the L2 fields; a trainer composed with `L2TRLMixin` gets a config class `(XConfig, L2Config)` made
+    for it, which pickles (`training_args.bin`) and unpickles in a fresh process."""
+    import trl
+
+    monkeypatch.chdir(tmp_path)
+    # TRL's configs default to bf16, which `TrainingArguments` refuses without a GPU unless `use_cpu` is set.
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+    stock_cls, trl_config = getattr(trl, f"{algorithm}Trainer"), getattr(trl, f"{algorithm}Config")
+    ours_cls = {"SFT": L2SFTTrainer, "DPO": L2DPOTrainer}.get(algorithm) or type(
+        f"L2{algorithm}Trainer", (L2TRLMixin, stock_cls), {})
+    data = {"SFT": conversations("messages"), "DPO": preferences(), "Reward": preferences(),
+            "KTO": unpaired_preferences()}[algorithm]
+    (reward_model if algorithm == "Reward" else model_for)(tokenizer).save_pretrained(tmp_path / "tiny")
+    model_class = type(reward_model(tokenizer) if algorithm == "Reward" else model_for(tokenizer))
+    # DPO and KTO load their reference model from the model's folder.
+    ours = ours_cls(model=model_class.from_pretrained(tmp_path / "tiny"), train_dataset=data,
+                    processing_class=tokenizer).args
+    # TRL's trainer given the config it builds without `args`, `<model name>-<trainer>` (TRL 1.0's KTO builds
+    # none): the trainer edits some fields (e.g. KTO's `remove_unused_columns`), as it edits ours.
+    stock = stock_cls(model=model_class.from_pretrained(tmp_path / "tiny"), args=trl_config(f"tiny-{algorithm}"),
+                      train_dataset=data, processing_class=tokenizer).args
+    # (TRL 1.0's `trl.KTOConfig` is a deprecation subclass of the `trl.experimental` config its trainer takes.)
+    assert {c.__name__ for c in type(ours).__mro__} >= {f"{algorithm}Config", "L2Config"}
+    assert type(ours).__name__ == f"L2{algorithm}Config"
+    assert (ours.l2_mode, ours.l2_coef) == ("l2_sp", 0.01)
+    trl_fields = [f.name for f in dataclasses.fields(trl_config)]
+    assert {k: getattr(ours, k) for k in trl_fields} == {k: getattr(stock, k) for k in trl_fields}
+
+    torch.save(ours, tmp_path / "training_args.bin")
+    load = "import torch; print(type(torch.load('training_args.bin', weights_only=False)).__qualname__)"
+    loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, cwd=tmp_path)
+    assert loaded.stdout.strip() == f"L2{algorithm}Config", loaded.stderr[-2000:]
+
+
+def test_trl_configs_convert_with_every_field_and_the_token(tokenizer, tmp_path):
+    sft = SFTConfig(output_dir=str(tmp_path), use_cpu=True, hub_token="hf_secret", packing=True, max_length=24,
+                    learning_rate=3e-4)
+    converted = L2SFTConfig.from_training_args(sft, l2_coef=0.5)
+    assert type(converted) is L2SFTConfig and converted.l2_coef == 0.5
+    assert {f.name: getattr(converted, f.name) for f in dataclasses.fields(SFTConfig) if f.init} == {
+        f.name: getattr(sft, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
+    with pytest.raises(TypeError, match=r"`SFTConfig` has fields `L2Config` lacks.*from hf_l2.trl import L2SFTConfig"):
+        L2Config.from_training_args(sft)
+    with pytest.raises(TypeError, match=r"L2SFTConfig.from_training_args\(args, l2_coef="):
+        L2SFTTrainer(model=model_for(tokenizer), args=sft, train_dataset=conversations("messages"),
+                     processing_class=tokenizer)
+
+
+def test_a_trainer_that_does_not_say_its_config_is_refused_without_args_naming_the_class_to_write(tokenizer):
+    class Unannotated(SFTTrainer):
+        def __init__(self, model, args=None, **kwargs):
+            super().__init__(model, args, **kwargs)
+
+    class L2Unannotated(L2TRLMixin, Unannotated):
+        pass
+
+    with pytest.raises(TypeError, match=r"`L2Unannotated` got no `args`.*class L2XConfig\(XConfig, L2Config\)"):
+        L2Unannotated(model_for(tokenizer), train_dataset=conversations("messages"), processing_class=tokenizer)
 
 
 def test_importing_hf_l2_does_not_need_trl(monkeypatch):

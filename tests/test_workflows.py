@@ -4,16 +4,17 @@ Every comparison is with an independent run: a standalone trainer with the same 
 the stock Trainer on a model whose own loss adds Ω written out by hand.
 """
 
+import dataclasses
 import logging
 
 import pytest
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, tiny_gpt2
-from hf_l2 import L2Config, L2Trainer
+from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
 
 
 # ---- hyperparameter search ------------------------------------------------------------------------------------
@@ -282,14 +283,52 @@ def test_the_card_of_a_resumed_run_names_the_pretrained_model_not_the_checkpoint
 def test_stock_training_arguments_are_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for positional in (False, True):
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
-        with pytest.raises(TypeError, match=r"L2Config\(\*\*args.to_dict\(\), l2_coef="):
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", hub_token="hf_x")
+        with pytest.raises(TypeError, match=r"L2Config.from_training_args\(args, l2_coef="):
             L2Trainer(tiny_gpt2(), args) if positional else L2Trainer(model=tiny_gpt2(), args=args)
+    with pytest.raises(TypeError, match=r"L2Seq2SeqConfig.from_training_args\(args, l2_coef="):
+        L2Seq2SeqTrainer(tiny_gpt2(), Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True))
     assert list(tmp_path.iterdir()) == []
-    # The one-line fix from the message works.
-    fixed = L2Config(**args.to_dict(), l2_coef=0.5)
-    assert L2Trainer(tiny_gpt2(), fixed).args.l2_coef == 0.5
+    # The one-line fix from the message works, and keeps the token.
+    fixed = L2Config.from_training_args(args, l2_coef=0.5)
+    trainer = L2Trainer(tiny_gpt2(), fixed)
+    assert trainer.args.l2_coef == 0.5 and trainer.args.hub_token == "hf_x"
     assert isinstance(L2Trainer(tiny_gpt2()).args, L2Config)  # no `args`: the stock default, with the L2 fields
+
+
+def init_fields(config) -> dict:
+    """Every field a config was built from, read directly (`to_dict()` masks the tokens)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
+def test_from_training_args_keeps_every_field_the_token_included(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), hub_token="hf_secret", learning_rate=3e-4, lr_scheduler_type="cosine",
+        eval_strategy="steps", eval_steps=7, report_to=["tensorboard"], gradient_accumulation_steps=3,
+        lr_scheduler_kwargs={"num_cycles": 2}, push_to_hub=True, hub_model_id="me/model", use_cpu=True, seed=11,
+    )
+    config = L2Config.from_training_args(args, l2_coef=0.5, l2_mode="l2")
+    assert type(config) is L2Config and (config.l2_coef, config.l2_mode) == (0.5, "l2")
+    assert init_fields(config) == {**init_fields(L2Config(output_dir="x")), **init_fields(args),
+                                   "l2_coef": 0.5, "l2_mode": "l2"}
+    assert config.hub_token == "hf_secret"
+
+    seq2seq = Seq2SeqTrainingArguments(output_dir=str(tmp_path), hub_token="hf_secret", predict_with_generate=True,
+                                       generation_num_beams=3, use_cpu=True)
+    converted = L2Config.from_training_args(seq2seq, l2_coef=0.5)
+    assert type(converted) is L2Seq2SeqConfig
+    assert (converted.predict_with_generate, converted.generation_num_beams, converted.hub_token) == (
+        True, 3, "hf_secret")
+
+
+def test_from_training_args_refuses_a_config_with_fields_the_class_lacks_naming_them(tmp_path):
+    @dataclasses.dataclass
+    class MyArgs(TrainingArguments):
+        my_field: int = 3
+
+    with pytest.raises(TypeError, match=r"`MyArgs` has fields `L2Config` lacks, e\.g\. \['my_field'\].*"
+                                        r"class L2MyArgs\(MyArgs, L2Config\)"):
+        L2Config.from_training_args(MyArgs(output_dir=str(tmp_path)), l2_coef=0.5)
 
 
 # ---- set-ups that penalize nothing -----------------------------------------------------------------------------
