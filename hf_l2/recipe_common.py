@@ -32,6 +32,7 @@ from transformers.hf_argparser import string_to_bool
 from .config import ANCHORED_MODES
 from .hub import HubPublishError
 from .saved_folders import checkpoints_newest_first, missing_from_checkpoint
+from .suggestions import unknown_arguments_message
 
 logger = logging.getLogger(__name__)
 
@@ -146,32 +147,53 @@ class DataArguments:
             raise RecipeInputError("`--validation_split_percentage` must be between 1 and 99.")
 
 
-def parse_args(types: tuple[type, ...], defaults: dict[str, Any], argv: list[str] | None = None) -> tuple:
-    """Parse the recipe's dataclasses from the command line, or from one `.yaml`/`.json` file given alone.
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
-    ``defaults`` are the recipe's own defaults for training arguments (e.g. ``predict_with_generate``); the command
-    line or the file overrides them.
+
+def parse_args(types: tuple[type, ...], defaults: dict[str, Any], argv: list[str] | None = None) -> tuple:
+    """Parse the recipe's dataclasses from the command line, optionally after a `.yaml`/`.json` config file given
+    first: the file's values replace the defaults and the flags after it replace the file's (as TRL's `--config`).
+
+    ``defaults`` are the recipe's own defaults for training arguments (e.g. ``predict_with_generate``); they are the
+    parser's defaults, so `--help` shows them. A misspelled flag or key is refused with the nearest valid one.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(types)
-    config_file = argv[0] if len(argv) == 1 and Path(argv[0]).suffix in (".yaml", ".yml", ".json") else None
+    parser.set_defaults(**defaults)
+    config_file = argv[0] if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES else None
+    flags = argv[1:] if config_file is not None else argv
     try:
         if config_file is not None:
-            with open(config_file) as f:
-                values = json.load(f) if config_file.endswith(".json") else yaml.safe_load(f)
-            if not isinstance(values, (dict, type(None))):
-                raise RecipeInputError(f"{config_file}: the file must hold a mapping of argument names to values.")
-            return parser.parse_dict(coerce_config_values(types, {**defaults, **(values or {})}, config_file))
-        flags = [item for key, value in defaults.items() for item in (f"--{key}", str(value))]
-        return parser.parse_args_into_dataclasses(flags + argv)
+            parser.set_defaults(**read_config_file(types, config_file))
+        _, unknown = parser.parse_known_args(flags)
+        if unknown:
+            known = [option for action in parser._actions for option in action.option_strings]
+            raise RecipeInputError(unknown_arguments_message(unknown, known))
+        return parser.parse_args_into_dataclasses(flags)
+    except RecipeInputError:
+        raise
+    except ValueError as err:  # the arguments' own checks (`__post_init__`)
+        raise RecipeInputError(f"{config_file} and the command line: {err}" if config_file and flags
+                               else f"{config_file}: {err}" if config_file else str(err)) from err
+
+
+def read_config_file(types: tuple[type, ...], path: str) -> dict[str, Any]:
+    """A config file's values, converted as the command line converts them; unknown keys are refused."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except FileNotFoundError as err:
         raise RecipeInputError(f"Config file not found: {err.filename}") from err
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise RecipeInputError(f"{config_file} is not valid YAML or JSON: {err}".replace("\n", " ")) from err
-    except RecipeInputError:
-        raise
-    except ValueError as err:  # the arguments' own checks (`__post_init__`), unknown keys of a config file
-        raise RecipeInputError(f"{config_file}: {err}" if config_file else str(err)) from err
+        raise RecipeInputError(f"{path} is not valid YAML or JSON: {err}".replace("\n", " ")) from err
+    if not isinstance(values, (dict, type(None))):
+        raise RecipeInputError(f"{path}: the file must hold a mapping of argument names to values.")
+    values = values or {}
+    known = {f.name for dtype in types for f in dataclasses.fields(dtype) if f.init}
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        raise RecipeInputError(f"{path}: {unknown_arguments_message(unknown, known, what='key')}")
+    return coerce_config_values(types, values, path)
 
 
 # The field types a config-file value is checked against; other annotations (enums, unions) are left to the field.

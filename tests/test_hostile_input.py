@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -258,9 +259,8 @@ def test_help_shows_the_defaults_the_recipe_sets(recipe, flag, capsys):
     module = {"translation": translation, "generation": generation}[recipe]
     with pytest.raises(SystemExit):
         module.main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    entry = text.split(f" {flag} [")[1].split(" --")[0]
-    assert "(default: True)" in entry, entry
+    entry = re.search(rf"^  {flag} \[.*?(?=^  -)", capsys.readouterr().out, re.MULTILINE | re.DOTALL).group()
+    assert "(default: True)" in " ".join(entry.split()), entry
 
 
 # ---- 10. data files ----------------------------------------------------------------------------------------
