@@ -73,7 +73,11 @@ class TranslationDataArguments(DataArguments):
         default=None, metadata={"help": "Column of target texts without a `translation` column (default: target_lang)."}
     )
     max_source_length: int = field(default=128, metadata={"help": "Source tokens kept (longer inputs are truncated)."})
-    max_target_length: int = field(default=128, metadata={"help": "Target tokens kept (longer targets are truncated)."})
+    max_target_length: int = field(
+        default=128,
+        metadata={"help": "Target tokens kept (longer targets are truncated); also how long evaluation generates, "
+                  "unless `--generation_max_length` says otherwise."},
+    )
 
 
 def pair_columns(dataset, data_args: TranslationDataArguments) -> tuple[str, str] | None:
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(training_args)
     training_args.resume_from_checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
     set_seed(training_args.seed)
+    if training_args.generation_max_length is None:  # else the model's own, often 20 tokens, in every evaluation
+        training_args.generation_max_length = data_args.max_target_length
     if training_args.do_eval and not training_args.predict_with_generate:
         logger.warning("Without `--predict_with_generate`, evaluation reports the loss only (no BLEU / chrF).")
 
@@ -200,15 +206,14 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, pad_to_multiple_of=pad_to),
         compute_metrics=bleu_and_chrf(tokenizer) if training_args.predict_with_generate else None,
     )
-    max_length = training_args.generation_max_length or data_args.max_target_length
 
     def evaluate() -> dict:
-        return evaluate_with_forgetting(trainer, pretrain_set, max_length=max_length)
+        return evaluate_with_forgetting(trainer, pretrain_set)
 
     results = train_and_report(trainer, training_args, len(train_set), len(eval_set), evaluate)
     if data_args.num_samples > 0:
         shown = range(min(data_args.num_samples, len(eval_set)))
-        predictions = trainer.predict(eval_set.select(shown), max_length=max_length).predictions
+        predictions = trainer.predict(eval_set.select(shown)).predictions
         hyps = tokenizer.batch_decode(np.where(predictions != -100, predictions, tokenizer.pad_token_id),
                                       skip_special_tokens=True)
         if trainer.is_world_process_zero():

@@ -163,6 +163,27 @@ def test_translation_recipe_reports_bleu_chrf_and_writes_triples(workdir, tmp_pa
     assert any("l2/drift" in h for h in history) == (layout == "jsonl")
 
 
+def test_translation_evaluation_generates_up_to_max_target_length(workdir, tmp_path):
+    """The evaluations during training generate as long as `--max_target_length`, not the model's own
+    `generation_config.max_length` (here 3: at most 2 tokens after the start token)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model = tmp_path / "short-generation"
+    shutil.copytree(workdir["marian"], model)
+    config = GenerationConfig.from_pretrained(model)
+    config.max_length = 3
+    config.save_pretrained(model)
+    argv = marian_args(workdir, tmp_path / "run", "--eval_strategy", "steps", "--eval_steps", "2", "--num_samples",
+                       "0", "--max_target_length", "12")
+    argv[argv.index("--model_name_or_path") + 1] = str(model)
+    translation.main(argv)
+    history = read_json(tmp_path / "run" / "trainer_state.json")["log_history"]
+    during_training = [h["eval_gen_len"] for h in history if "eval_gen_len" in h and h["step"] < 4]
+    assert during_training and max(during_training) > 2
+
+
 def test_translation_chrf_is_perfect_on_copied_references(workdir):
     """compute_metrics decodes ids the way the recipe does: references fed back as predictions score 100."""
     from transformers import AutoTokenizer
