@@ -130,6 +130,8 @@ def write_model_card(
     card_tags = ["hf_l2", MODE_TAGS[args.l2_mode], *_as_list(info.tags), *(getattr(model, "model_tags", None) or [])]
     card_data = ModelCardData(
         base_model=base_model,
+        # A local folder is no Hub id for `base_model`; recorded here, `hf-l2 interpolate` finds θ₀ without a flag.
+        base_model_path=os.path.abspath(source) if base_model is None and source and os.path.exists(source) else None,
         datasets=datasets or None,
         language=info.language,
         license=info.license,

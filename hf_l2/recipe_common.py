@@ -525,7 +525,12 @@ def train_and_report(trainer: Trainer, training_args, n_train: int, n_eval: int,
 
 
 def write_card_and_push(trainer: Trainer, training_args, card_kwargs: dict) -> None:
-    """Write the model card; with `--push_to_hub`, also push model, tokenizer and card (after the local save)."""
+    """Write the model card; with `--push_to_hub`, also push model, tokenizer and card (after the local save).
+    A run that trained nothing (`--do_train false`: an evaluation) gets neither: it has no fine-tuning to describe."""
+    if not training_args.do_train:
+        say = logger.warning if training_args.push_to_hub else logger.info
+        say("Nothing was trained (--do_train false): no model card is written and nothing is pushed.")
+        return
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
     else:

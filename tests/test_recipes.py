@@ -313,6 +313,11 @@ def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(w
     # The model folders hold only the model (they may be pushed); the evaluations are beside them.
     assert not {"eval", "eval.log"} & set(os.listdir(tmp_path / "wise" / "weight-0.5"))
     assert (tmp_path / "wise" / "eval" / "weight-0.5" / "eval.log").is_file()
+    # An evaluation trains nothing: no card claiming a fine-tuning, no one-point training plot.
+    assert not {"README.md", "l2_training.png"} & set(os.listdir(tmp_path / "wise" / "eval" / "weight-0.5"))
+    # The card of each t reproduces it with the base model it was given.
+    card = (tmp_path / "wise" / "weight-0.5" / "README.md").read_text()
+    assert f"--weight 0.5 --output_dir {tmp_path / 'wise'} --base_model {workdir['gpt2']}" in card
     # What cannot be evaluated is refused before anything is written.
     for extra, message in [(["--eval", "no_such_recipe"], "Recipe 'no_such_recipe' not found"),
                            (["--eval", "gpt2_generation", "--", "--model_name_or_path", "x"], "sets --model_name_or_path"),
@@ -320,3 +325,17 @@ def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(w
         assert main(["interpolate", str(tmp_path / "run"), "--weight", "0.5", "--output_dir",
                      str(tmp_path / "refused"), *extra]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_wise_ft_of_an_unpenalized_run_from_a_local_model_needs_no_base_model(workdir, tmp_path):
+    """`l2_mode none` keeps no θ₀: its card records where the run started, and interpolate reads it there."""
+    from huggingface_hub import ModelCard
+
+    from hf_l2.cli import main
+
+    generation.main(gpt2_args(workdir, tmp_path / "run", "--l2_mode", "none", "--num_samples", "0"))
+    assert ModelCard.load(tmp_path / "run" / "README.md").data.to_dict()["base_model_path"] == str(workdir["gpt2"])
+    assert main(["interpolate", str(tmp_path / "run"), "--weight", "0", "--output_dir", str(tmp_path / "wise")]) == 0
+    start = load_file(workdir["gpt2"] / "model.safetensors")
+    got = load_file(tmp_path / "wise" / "weight-0" / "model.safetensors")
+    assert all(torch.equal(got[name], start[name]) for name in start)
