@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "push",
         help="publish a saved run (model, tokenizer, card, plot) to the Hugging Face Hub",
         description="Upload OUTPUT_DIR, as written by trainer.save_model(), to a Hub model repo (created if needed). "
-        "Checkpoint folders are left out.",
+        "Checkpoint folders, θ₀ files and training_args.bin (it holds any --hub_token) are left out.",
     )
     push.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output folder")
     push.add_argument("--repo-id", required=True, help="'name' (in your namespace) or 'user-or-org/name'")

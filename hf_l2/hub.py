@@ -16,9 +16,9 @@ from ._version import __version__
 
 # What the Trainer leaves out of its own pushes: private files and intermediate checkpoints.
 # θ₀ (the penalty's and the KL's) and F, as large as the model each, stay local: the Hub has the base model, and
-# `hf-l2 interpolate` reads them.
+# `hf-l2 interpolate` reads them. `training_args.bin` is the pickled TrainingArguments, `hub_token` included.
 UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", "l2_anchor*.safetensors", "l2_kl_anchor*.safetensors",
-                          "l2_fisher*.safetensors"]
+                          "l2_fisher*.safetensors", "training_args.bin"]
 
 
 class HubPublishError(RuntimeError):

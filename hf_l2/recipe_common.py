@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import pkgutil
+import shlex
 import shutil
 import sys
 import types as pytypes
@@ -522,6 +523,17 @@ def train_and_report(trainer: Trainer, training_args, n_train: int, n_eval: int,
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     return metrics
+
+
+def called_command(module_name: str, argv: list[str] | None) -> str | None:
+    """The command line that runs the recipe ``module_name`` as `main(argv)` did, for the card of a run started
+    from Python (the sweep, the demo, a script); None when it ran from its own command line, which the card records.
+    """
+    if argv is None:
+        return None
+    shipped = module_name.startswith(f"{RECIPES_PACKAGE}.")
+    program = ["-m", module_name] if shipped else [sys.modules[module_name].__file__]
+    return shlex.join(["python", *program, *argv])
 
 
 def write_card_and_push(trainer: Trainer, training_args, card_kwargs: dict) -> None:

@@ -34,6 +34,7 @@ from hf_l2.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,
+    called_command,
     evaluate_with_forgetting,
     fisher_dataset,
     limit,
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             write_jsonl(Path(training_args.output_dir) / "samples.jsonl", samples)
 
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    card = {"command": called_command(__name__, argv), "finetuned_from": model_args.model_name_or_path,
+            "tasks": "text-generation"}
     if data_args.dataset_name is not None:
         card["dataset_tags"] = data_args.dataset_name
         card["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name or ''}".strip()

@@ -35,6 +35,7 @@ from hf_l2.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,
+    called_command,
     evaluate_with_forgetting,
     fisher_dataset,
     limit,
@@ -221,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
             write_jsonl(Path(training_args.output_dir) / "translations.jsonl",
                         [{"source": s, "reference": r, "hypothesis": h.strip()} for (s, r), h in zip(pairs, hyps)])
 
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "translation",
-            "language": [data_args.source_lang, data_args.target_lang]}
+    card = {"command": called_command(__name__, argv), "finetuned_from": model_args.model_name_or_path,
+            "tasks": "translation", "language": [data_args.source_lang, data_args.target_lang]}
     if data_args.dataset_name is not None:
         card["dataset_tags"] = data_args.dataset_name
         card["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name or ''}".strip()

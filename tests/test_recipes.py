@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -94,7 +95,8 @@ def test_generation_recipe_writes_every_output(workdir, tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(s["prompt"] and "generated" in s for s in samples)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert (out / "README.md").is_file()
+    # Called from Python (as the sweep and the demo call it), the card's command is the recipe's own command line.
+    assert f"python -m hf_l2.recipes.gpt2_generation {shlex.join(argv)}\n" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("train", ["jsonl", "csv"])
@@ -290,6 +292,11 @@ def test_generation_recipe_under_accelerate_launch_with_two_processes(workdir, t
     assert (out / "samples.jsonl").read_text().count("\n") == 1
     assert AutoConfig.from_pretrained(out).n_positions == 64
     assert torch.isfinite(torch.tensor(read_json(out / "all_results.json")["eval_loss"]))
+    # The card's command is the launch as typed: replayed, it starts 2 processes again.
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              str(ROOT / "recipes" / "gpt2_generation.py"), *argv]
+    assert f"{shlex.join(launch)}\n" in (out / "README.md").read_text()
 
 
 def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(workdir, tmp_path, capsys):
