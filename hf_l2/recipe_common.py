@@ -123,6 +123,14 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Redo the preprocessing instead of reusing it."})
     num_samples: int = field(default=8, metadata={"help": "Held-out examples written out with the model's output."})
+    max_row_chars: int = field(
+        default=1_000_000,
+        metadata={
+            "help": "Refuse, before tokenizing, a data row (a line of a .txt file) longer than this many characters: "
+            "a row is tokenized at once, at about 200 bytes of memory per character (a 93 MB line took 18 GB). "
+            "Split long texts into lines, or raise this."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -146,6 +154,8 @@ class DataArguments:
                 )
         if not 0 < self.validation_split_percentage < 100:
             raise RecipeInputError("`--validation_split_percentage` must be between 1 and 99.")
+        if self.max_row_chars < 1:
+            raise RecipeInputError(f"`--max_row_chars` must be at least 1, got {self.max_row_chars}.")
 
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -342,7 +352,10 @@ def _load_file(path: str, name: str, cache_dir: str | None, check: Callable[[Dat
         dataset = load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **extra)
     except Exception as err:  # noqa: BLE001 - `datasets` wraps the cause; the file itself says what is wrong
         raise RecipeInputError(f"{where}: {describe_unreadable_file(path, err)}") from err
-    check(dataset, where)
+    try:
+        check(dataset, where)
+    except UnicodeDecodeError as err:  # the JSON reader keeps bytes that are not UTF-8; reading the rows fails
+        raise RecipeInputError(f"{where}: {describe_unreadable_file(path, err)}") from err
     return dataset
 
 
@@ -380,15 +393,19 @@ def _is_json_document(data: bytes) -> bool:
     return True
 
 
-def require_texts(values: Iterable, where: str, what: str, allow_empty: bool = True) -> None:
+def require_texts(values: Iterable, where: str, what: str, max_chars: int, allow_empty: bool = True) -> None:
     """Refuse, in one line naming ``where``, ``what`` and the rows (counted from 1), values that are missing or
-    null, not text, or (unless ``allow_empty``) empty."""
+    null, not text, longer than ``max_chars`` (`--max_row_chars`) or (unless ``allow_empty``) empty."""
     bad: dict[str, list[int]] = {}
     for row, value in enumerate(values, start=1):
         if value is None:
             bad.setdefault("missing or null", []).append(row)
         elif not isinstance(value, str):
             bad.setdefault(f"not text (e.g. {value!r})", []).append(row)
+        elif len(value) > max_chars:
+            problem = (f"longer than the `--max_row_chars` limit of {max_chars:,} characters (a row is tokenized at "
+                       "once: split long texts into lines, or raise the limit)")
+            bad.setdefault(problem, []).append(row)
         elif not allow_empty and not value.strip():
             bad.setdefault("empty", []).append(row)
     if bad:

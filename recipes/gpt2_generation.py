@@ -76,7 +76,8 @@ def check_texts(dataset, where: str, data_args) -> None:
         raise RecipeInputError(
             f"`--text_column {data_args.text_column}` is not in {where}; its columns: {dataset.column_names}."
         )
-    require_texts(dataset[data_args.text_column], where, f"the text (`{data_args.text_column}`)")
+    require_texts(dataset[data_args.text_column], where, f"the text (`{data_args.text_column}`)",
+                  data_args.max_row_chars)
 
 
 def tokenize_and_block(raw, tokenizer, data_args, training_args, block_size):

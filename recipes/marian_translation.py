@@ -122,7 +122,7 @@ def check_pairs(dataset, where: str, data_args: TranslationDataArguments) -> Non
             )
         texts = {f"`{c}`": dataset[c] for c in columns}
     for what, values in texts.items():
-        require_texts(values, where, f"the text of {what}", allow_empty=False)
+        require_texts(values, where, f"the text of {what}", data_args.max_row_chars, allow_empty=False)
 
 
 def tokenize_pairs(raw, tokenizer, data_args, training_args):

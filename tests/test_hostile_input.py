@@ -318,6 +318,39 @@ def test_translation_pairs_are_checked_on_every_row(workdir, tmp_path, rows, sai
     assert str(caught.value) == f"`--validation_file` {path}: {said}; fix or remove those rows."
 
 
+def test_a_non_utf8_byte_in_translation_pairs_names_the_file_and_the_row(workdir, tmp_path):  # noqa: F811
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(lines(pair("the file", "die Datei")).encode() + '{"translation": {"en": "the window", "de": '
+                     '"f\u00fcr"}}\n'.encode("latin-1"))
+    argv = marian_args(workdir, tmp_path / "out")
+    argv[argv.index("--train_file") + 1] = str(path)
+    with pytest.raises(RecipeInputError) as caught:
+        translation.main(argv)
+    assert str(caught.value).startswith(f"`--train_file` {path}: line 2 is not UTF-8 text (byte 0xfc")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe, name, row", [("generation", "long.txt", "just a line\n" + "x" * 2001 + "\n"),
+                                               ("translation", "long.jsonl", None)])
+def test_a_row_too_long_to_tokenize_is_refused_naming_file_row_and_limit(workdir, tmp_path, recipe, name, row):  # noqa: F811
+    """One row is tokenized at once: a very long one (a whole book on one line) costs gigabytes before any training."""
+    path = tmp_path / name
+    if recipe == "generation":
+        path.write_text(row)
+        argv = gpt2_args(workdir, tmp_path / "out", "--max_row_chars", "2000")
+    else:
+        path.write_text(lines(pair("the file", "die Datei"), pair("y" * 2001, "ja")))
+        argv = marian_args(workdir, tmp_path / "out", "--max_row_chars", "2000")
+    argv[argv.index("--train_file") + 1] = str(path)
+    module = generation if recipe == "generation" else translation
+    with pytest.raises(RecipeInputError) as caught:
+        module.main(argv)
+    message = str(caught.value)
+    assert message.startswith(f"`--train_file` {path}: ") and "(row 2)" in message
+    assert "longer than the `--max_row_chars` limit of 2,000 characters" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_empty_csv_targets_are_refused(workdir, tmp_path):  # noqa: F811
     path = tmp_path / "pairs.csv"
     path.write_text("english,german\nthe file,die Datei\nthe window,\n")
