@@ -376,3 +376,14 @@ def test_cli_warns_about_a_missing_tokenizer_and_pushes_the_model(trained, fake_
     assert "hf-l2 push: warning: no tokenizer (tokenizer_config.json)" in capsys.readouterr().err
     (sent,) = fake_hub.commits
     assert {"model.safetensors", "config.json"} <= set(sent["files"]) and "tokenizer.json" not in sent["files"]
+
+
+def test_a_failed_push_names_only_what_is_saved(trained, fake_hub, tmp_path, capsys):
+    """A folder without tokenizer and plot: the message must not tell that they are saved."""
+    run = saved_run(trained, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", PLOT_FILE):
+        (run / name).unlink()
+    fake_hub.fail = 401
+    capsys.readouterr()
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 1
+    assert f"Nothing is lost: the model and card are saved in {run}." in capsys.readouterr().err
