@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import datasets
+import torch
 import transformers
 import yaml
 from datasets import Dataset, DatasetDict, load_dataset
@@ -285,6 +286,12 @@ def coerce_config_values(types: tuple[type, ...], values: dict[str, Any], source
     except RecipeInputError as err:
         raise RecipeInputError(f"{source}: {err}") from None
     return coerced
+
+
+def no_pinned_memory_without_accelerator(training_args) -> None:
+    """Pinned memory needs an accelerator: without one, every DataLoader the Trainer builds warns about it."""
+    if not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False
 
 
 def setup_logging(training_args) -> None:

@@ -7,17 +7,20 @@ named after `--source_lang` / `--target_lang`). Evaluation generates translation
 `eval_perplexity`, and writes source / reference / hypothesis triples to `translations.jsonl`. With
 `--pretrain_validation_file`, held-out pairs of the pretraining domain get the same metrics as `eval_pretrain_*`.
 
-    python recipes/marian_translation.py --dataset_name wmt16 --dataset_config_name de-en \\
+    python -m hf_l2.recipes.marian_translation --dataset_name wmt16 --dataset_config_name de-en \\
         --source_lang en --target_lang de --output_dir runs/opus-en-de --l2_mode l2_sp --l2_coef 0.01
-    python recipes/marian_translation.py recipes/configs/marian_translation.yaml   # every argument from a file
+    python -m hf_l2.recipes.marian_translation marian_translation.yaml --max_steps 3   # a config file; flags after it win
 
-    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/marian_translation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml  recipes/marian_translation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml      recipes/marian_translation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/zero2.yaml      recipes/marian_translation.py ... --l2_impl loss
-    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml      recipes/marian_translation.py ... --l2_impl loss
-    accelerate launch --config_file recipes/accelerate_configs/cpu.yaml        recipes/marian_translation.py ...
-    accelerate launch --multi_gpu --num_processes 2 recipes/marian_translation.py ... --use_cpu true   # 2 CPU processes
+    accelerate launch --config_file single_gpu.yaml -m hf_l2.recipes.marian_translation ...
+    accelerate launch --config_file multi_gpu.yaml  -m hf_l2.recipes.marian_translation ...
+    accelerate launch --config_file fsdp2.yaml      -m hf_l2.recipes.marian_translation ...
+    accelerate launch --config_file zero2.yaml      -m hf_l2.recipes.marian_translation ... --l2_impl loss
+    accelerate launch --config_file zero3.yaml      -m hf_l2.recipes.marian_translation ... --l2_impl loss
+    accelerate launch --config_file cpu.yaml        -m hf_l2.recipes.marian_translation ...
+    accelerate launch --multi_gpu --num_processes 2 -m hf_l2.recipes.marian_translation ... --use_cpu true   # 2 CPU processes
+
+The config files ship with hf_l2 (`hf_l2/recipes/configs/`, `hf_l2/recipes/accelerate_configs/`: copy them). From
+a checkout, `python recipes/marian_translation.py ...` and the paths `recipes/configs/...` work too.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from hf_l2.recipe_common import (
     fisher_dataset,
     limit,
     load_raw_datasets,
+    no_pinned_memory_without_accelerator,
     parse_args,
     require_architecture,
     require_texts,
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         (TranslationModelArguments, TranslationDataArguments, L2Seq2SeqConfig), DEFAULTS, argv
     )
     setup_logging(training_args)
+    no_pinned_memory_without_accelerator(training_args)
     training_args.resume_from_checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
     set_seed(training_args.seed)
     if training_args.generation_max_length is None:  # else the model's own, often 20 tokens, in every evaluation
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
     require_architecture(config, encoder_decoder=True, name=model_args.model_name_or_path,
-                         recipe="marian_translation.py", other="recipes/gpt2_generation.py")
+                         recipe="hf_l2.recipes.marian_translation", other=f"python -m hf_l2.recipes.gpt2_generation")
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
 

@@ -99,6 +99,21 @@ def test_generation_recipe_writes_every_output(workdir, tmp_path):
     assert f"python -m hf_l2.recipes.gpt2_generation {shlex.join(argv)}\n" in (out / "README.md").read_text()
 
 
+def test_a_cpu_run_is_free_of_stock_warnings_the_recipe_can_prevent(workdir, tmp_path):
+    """No `pin_memory` warning (no accelerator to pin for) and no 4-bit kernel lookup at import."""
+    import warnings
+
+    argv = gpt2_args(workdir, tmp_path, "--num_samples", "0")
+    at = argv.index("--use_cpu")
+    del argv[at:at + 2]  # as a user on a CPU machine runs it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generation.main(argv)
+    assert not [str(w.message) for w in caught if "pin_memory" in str(w.message)]
+    imported = subprocess.run([sys.executable, "-c", "import hf_l2"], capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0 and "kernels-community" not in imported.stderr
+
+
 @pytest.mark.parametrize("train", ["jsonl", "csv"])
 def test_generation_recipe_reads_json_and_csv(workdir, tmp_path, train):
     """The jsonl run also has no validation file: 5% of the training data is held out instead."""
