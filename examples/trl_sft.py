@@ -3,11 +3,11 @@
 Offline (the default), in a few seconds on a CPU: a tiny GPT-2 built from a config, a tokenizer trained here on the
 conversations, and a dozen conversations written below.
 
-    python examples/trl_sft.py --output_dir runs/trl_sft
+    python -m hf_l2.examples.trl_sft --output_dir runs/trl_sft
 
 With the Hub, a real chat model and dataset (any `messages` or `prompt`/`completion` dataset works):
 
-    python examples/trl_sft.py --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct \
+    python -m hf_l2.examples.trl_sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct \
         --dataset_name trl-lib/Capybara --output_dir runs/smollm2-capybara-l2sp \
         --l2_coef 0.01 --max_steps 500 --per_device_train_batch_size 4 --gradient_accumulation_steps 4
 

@@ -266,7 +266,8 @@ def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path, monke
         entry_points = archive.read(next(f for f in files if f.endswith("entry_points.txt"))).decode()
     shipped = {"hf_l2/model_cards/template.md", "hf_l2/metrics/sacrebleu.py", "hf_l2/recipes/gpt2_generation.py",
                "hf_l2/recipes/marian_translation.py", "hf_l2/recipes/configs/gpt2_generation.yaml",
-               "hf_l2/recipes/accelerate_configs/fsdp2.yaml"}
+               "hf_l2/recipes/accelerate_configs/fsdp2.yaml", "hf_l2/examples/quickstart.py",
+               "hf_l2/examples/trl_sft.py"}
     assert shipped <= set(files)
     assert not any(f.startswith("hf_l2/model_cards/example") for f in files)
     assert "hf-l2 = hf_l2.cli:main" in entry_points
