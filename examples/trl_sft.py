@@ -83,9 +83,11 @@ def main() -> None:
     trainer = L2SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     trainer.save_model()  # weights, tokenizer and the card (TRL's tags and citation + the regularization section)
-    last = next(h for h in reversed(trainer.state.log_history) if "l2/drift" in h)
-    print(f"step {last['step']}: loss {last['loss']:.4g}, l2/penalty {last['l2/penalty']:.4g}, "
-          f"l2/drift {last['l2/drift']:.4g}; card in {args.output_dir}/README.md")
+    last = next((h for h in reversed(trainer.state.log_history) if "l2/drift" in h), None)  # none: steps < logging
+    if last is not None:
+        print(f"step {last['step']}: loss {last['loss']:.4g}, l2/penalty {last['l2/penalty']:.4g}, "
+              f"l2/drift {last['l2/drift']:.4g}")
+    print(f"card in {args.output_dir}/README.md")
 
 
 if __name__ == "__main__":
