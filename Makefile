@@ -30,7 +30,7 @@ demo: install
 	$(PYTHON) -m hf_l2.cli demo --output_dir runs/demo
 
 quickstart: install
-	$(PYTHON) examples/quickstart.py --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1
+	$(PYTHON) -m hf_l2.examples.quickstart --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -1,6 +1,6 @@
 """Quick start: fine-tune a tiny GPT-2 with L2-SP on text this machine already has, offline, in about a minute.
 
-    python examples/quickstart.py --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1
+    python -m hf_l2.examples.quickstart --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1
 
 Every `L2Config` flag works here (`--help` lists them). The model is built from a config and reads bytes
 (vocabulary 256), so nothing is downloaded; the text is the docstrings of Python's standard library.

@@ -3,11 +3,11 @@
 Offline (the default), in a few seconds on a CPU: a tiny GPT-2 built from a config, a tokenizer trained here on the
 conversations, and a dozen conversations written below.
 
-    python examples/trl_sft.py --output_dir runs/trl_sft
+    python -m hf_l2.examples.trl_sft --output_dir runs/trl_sft
 
 With the Hub, a real chat model and dataset (any `messages` or `prompt`/`completion` dataset works):
 
-    python examples/trl_sft.py --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct \
+    python -m hf_l2.examples.trl_sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct \
         --dataset_name trl-lib/Capybara --output_dir runs/smollm2-capybara-l2sp \
         --l2_coef 0.01 --max_steps 500 --per_device_train_batch_size 4 --gradient_accumulation_steps 4
 
@@ -83,9 +83,11 @@ def main() -> None:
     trainer = L2SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     trainer.save_model()  # weights, tokenizer and the card (TRL's tags and citation + the regularization section)
-    last = next(h for h in reversed(trainer.state.log_history) if "l2/drift" in h)
-    print(f"step {last['step']}: loss {last['loss']:.4g}, l2/penalty {last['l2/penalty']:.4g}, "
-          f"l2/drift {last['l2/drift']:.4g}; card in {args.output_dir}/README.md")
+    last = next((h for h in reversed(trainer.state.log_history) if "l2/drift" in h), None)  # none: steps < logging
+    if last is not None:
+        print(f"step {last['step']}: loss {last['loss']:.4g}, l2/penalty {last['l2/penalty']:.4g}, "
+              f"l2/drift {last['l2/drift']:.4g}")
+    print(f"card in {args.output_dir}/README.md")
 
 
 if __name__ == "__main__":

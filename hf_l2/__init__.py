@@ -1,5 +1,6 @@
 """hf_l2: fine-tune Hugging Face models with an explicit L2 or L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)."""
 
+from . import _quiet  # noqa: F401 - first: before anything imports peft
 from ._version import __version__
 from .callbacks import DecoupledL2SPCallback, WeightNormCallback
 from .config import L2Config, L2Seq2SeqConfig

@@ -21,6 +21,7 @@ from .hub import HubPublishError, upload_run
 from .interpolate import add_interpolate_parser
 from .model_card import CARD_FILE
 from .saved_folders import saved_model_problems
+from .suggestions import unknown_arguments_message
 from .sweep import add_sweep_parser
 
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "push",
         help="publish a saved run (model, tokenizer, card, plot) to the Hugging Face Hub",
         description="Upload OUTPUT_DIR, as written by trainer.save_model(), to a Hub model repo (created if needed). "
-        "Checkpoint folders are left out.",
+        "Checkpoint folders, θ₀ files and training_args.bin (it holds any --hub_token) are left out.",
     )
     push.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output folder")
     push.add_argument("--repo-id", required=True, help="'name' (in your namespace) or 'user-or-org/name'")
@@ -54,12 +55,34 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, None)
     parser = build_parser()
+    refuse_unknown_flags(parser, head)
     args = parser.parse_args(head)
     if tail is not None:
         if not hasattr(args, "recipe_args"):
             parser.error(f"`hf-l2 {args.command}` takes no recipe arguments after `--`.")
         args.recipe_args = tail
     return args.run(args)
+
+
+def refuse_unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Exit with the nearest valid flag for a misspelled one (before argparse, which would only say that a
+    misspelled required flag is missing)."""
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    name = next((item for item in argv if item in commands.choices), None)
+    command = commands.choices[name] if name else parser
+    known = [option for action in command._actions for option in action.option_strings]
+    unknown = [item for item in argv if item.startswith("-") and not _is_number(item)
+               and not any(option.startswith(item.split("=", 1)[0]) for option in known)]  # argparse's abbreviations
+    if unknown:
+        command.error(unknown_arguments_message(unknown, known))
+
+
+def _is_number(text: str) -> bool:  # `--weight -0.5`: a value, not a flag
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ loses nothing and `hf-l2 push OUTPUT_DIR --repo-id ...` can publish the same fol
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,9 +17,9 @@ from ._version import __version__
 
 # What the Trainer leaves out of its own pushes: private files and intermediate checkpoints.
 # θ₀ (the penalty's and the KL's) and F, as large as the model each, stay local: the Hub has the base model, and
-# `hf-l2 interpolate` reads them.
+# `hf-l2 interpolate` reads them. `training_args.bin` is the pickled TrainingArguments, `hub_token` included.
 UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", "l2_anchor*.safetensors", "l2_kl_anchor*.safetensors",
-                          "l2_fisher*.safetensors"]
+                          "l2_fisher*.safetensors", "training_args.bin"]
 
 
 class HubPublishError(RuntimeError):
@@ -85,10 +86,25 @@ def hub_errors(repo_id: str, saved_in: str | None) -> Iterator[None]:
             )
         else:
             after = (
-                f"Nothing is lost: the model, tokenizer, card and plot are saved in {saved_in}. Once fixed, publish "
-                f"them with: hf-l2 push {saved_in} --repo-id {repo_id}"
+                f"Nothing is lost: {_saved_parts(saved_in)} saved in {saved_in}. Once fixed, publish them with: "
+                f"hf-l2 push {saved_in} --repo-id {repo_id}"
             )
         raise HubPublishError(f"Pushing to the Hugging Face Hub failed: {what}.\nTo fix it: {fix}.\n{after}") from err
+
+
+# What a saved run holds, by the file that shows it is there (the card's plot: model_card.PLOT_FILE).
+_SAVED_PARTS = {"model": ("config.json", "adapter_config.json"), "tokenizer": ("tokenizer_config.json",),
+                "card": ("README.md",), "plot": ("l2_training.png",)}
+
+
+def _saved_parts(folder: str) -> str:
+    """"the model, tokenizer, card and plot are" (those of them that are in ``folder``)."""
+    found = [part for part, files in _SAVED_PARTS.items() if any(os.path.isfile(os.path.join(folder, f))
+                                                                  for f in files)]
+    if not found:
+        return "the files are"
+    words = found[0] if len(found) == 1 else ", ".join(found[:-1]) + " and " + found[-1]
+    return f"the {words} {'is' if len(found) == 1 else 'are'}"
 
 
 def _diagnose(err: Exception, repo_id: str) -> tuple[str, str]:

@@ -3,10 +3,11 @@ models*, CVPR 2022), one `from_pretrained`-loadable folder per t, with the run's
 
 θ is the run's saved model; θ₀ is the run's own anchor file (`l2_anchor.safetensors` in the output folder, else in
 its last checkpoint; per-rank files of a sharded run are merged) laid over the base model's weights (`base_model`,
-else the card's `base_model`). The anchor holds only the penalized weights (biases and norms are usually left out),
-so the base model fills in the rest. A weight neither has, or has in another shape, is refused (another
-architecture), except, with `keep_missing`, one neither has (a new head): it keeps its fine-tuned value and is
-listed in the card. For a LoRA run the adapter's change is scaled instead: t·ΔW = s·(t·B)·A, written as an adapter.
+else the card's `base_model` or `base_model_path`, else the local folder the anchor file names). The anchor holds
+only the penalized weights (biases and norms are usually left out), so the base model fills in the rest. A weight
+neither has, or has in another shape, is refused (another architecture), except, with `keep_missing`, one neither
+has (a new head): it keeps its fine-tuned value and is listed in the card. For a LoRA run the adapter's change is
+scaled instead: t·ΔW = s·(t·B)·A, written as an adapter.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .anchor import ANCHOR_FILE, load_anchor, read_weights
@@ -84,8 +87,8 @@ def merge_rank_files(paths: list[str]) -> dict[str, torch.Tensor]:
     return {name: values.view(shapes[name]) for name, values in flat.items()}
 
 
-def run_anchor(run_dir: str) -> tuple[dict[str, torch.Tensor], str] | None:
-    """θ₀ saved by the run (output folder first, then its last checkpoint), and the file it came from."""
+def _anchor_files(run_dir: str) -> list[str]:
+    """The run's θ₀ file(s): the whole file or the per-rank files, in the output folder, else its last checkpoint."""
     from transformers.trainer_utils import get_last_checkpoint
 
     folders = [run_dir]
@@ -95,31 +98,56 @@ def run_anchor(run_dir: str) -> tuple[dict[str, torch.Tensor], str] | None:
     for folder in folders:
         whole = os.path.join(folder, ANCHOR_FILE)
         if os.path.isfile(whole):
-            return load_file(whole), whole
+            return [whole]
         pieces = sorted(glob.glob(os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")))
         if pieces:
-            return merge_rank_files(pieces), os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")
-    return None
+            return pieces
+    return []
+
+
+def run_anchor(run_dir: str) -> tuple[dict[str, torch.Tensor], str] | None:
+    """θ₀ saved by the run (output folder first, then its last checkpoint), and the file it came from."""
+    files = _anchor_files(run_dir)
+    if not files:
+        return None
+    if len(files) == 1 and os.path.basename(files[0]) == ANCHOR_FILE:
+        return load_file(files[0]), files[0]
+    return merge_rank_files(files), os.path.join(os.path.dirname(files[0]), "l2_anchor-rank*-of-*.safetensors")
 
 
 def _card_base_model(run_dir: str) -> str | None:
+    """The card's `base_model` (a Hub id), else its `base_model_path` (a local folder) while that exists."""
     card = os.path.join(run_dir, CARD_FILE)
     if not os.path.isfile(card):
         return None
     from huggingface_hub import ModelCard
 
-    base = ModelCard.load(card).data.to_dict().get("base_model")
-    return base[0] if isinstance(base, list) else base
+    data = ModelCard.load(card).data.to_dict()
+    base = data.get("base_model")
+    if base:
+        return base[0] if isinstance(base, list) else base
+    path = data.get("base_model_path")
+    return path if path and os.path.exists(path) else None
+
+
+def _anchor_source(run_dir: str) -> str | None:
+    """The local model the run's θ₀ file says θ₀ was taken from, while it exists."""
+    files = _anchor_files(run_dir)
+    if not files:
+        return None
+    with safe_open(files[0], "pt") as f:
+        source = (f.metadata() or {}).get("source")
+    return source if source and os.path.exists(source) else None
 
 
 def find_anchor(
     run_dir: str, base_model: str | None, theta: dict[str, torch.Tensor], keep_missing: bool = False
 ) -> Anchor:
-    """θ₀ for the floating-point weights of the run's ``theta``: the base model's weights, overlaid with the run's
-    anchor file; refused unless it has every one of them (``keep_missing``: some may lack one, a new head) in
-    the same shape."""
+    """θ₀ for the floating-point weights of the run's ``theta``: the base model's weights (``base_model``, else the
+    one the run's card or θ₀ file records), overlaid with the run's anchor file; refused unless it has every one of
+    them (``keep_missing``: some may lack one, a new head) in the same shape."""
     anchor = Anchor({})
-    base = base_model or _card_base_model(run_dir)
+    base = base_model or _card_base_model(run_dir) or _anchor_source(run_dir)
     if base:
         try:
             anchor.weights.update(read_weights(base))
@@ -134,7 +162,7 @@ def find_anchor(
     if not anchor.sources:
         raise InterpolationError(
             f"{run_dir} has no θ₀: no {ANCHOR_FILE} in it or its last checkpoint (an l2_mode=none run keeps none) and "
-            "no base_model in its card; pass --base_model with the model the run was fine-tuned from."
+            "no base model recorded in its card; pass --base_model with the model the run was fine-tuned from."
         )
     _check_anchor_fits(anchor.weights, theta, base, keep_missing)
     return anchor
@@ -256,7 +284,8 @@ def interpolate_run(
             state, kept = interpolate_state(anchor.weights, theta, t)
             save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
                       metadata={"format": "pt"})
-        _write_card(folder, run_dir, t, kind, anchor.sources, kept)
+        _write_card(folder, run_dir, t, kind, anchor.sources, kept,
+                    _command(run_dir, t, output_dir, base_model, allow_extrapolation))
         folders.append(folder)
     return folders
 
@@ -302,14 +331,22 @@ def evaluate_interpolations(
     return write_report(rows, output_dir, f"WiSE-FT of {os.path.basename(os.path.abspath(run_dir))}")
 
 
-def _write_card(folder: Path, run_dir: str, t: float, kind: str, sources: list[str], kept: list[str]) -> None:
+def _command(run_dir: str, t: float, output_dir: str, base_model: str | None, allow_extrapolation: bool) -> str:
+    """The `hf-l2 interpolate` command that writes the folder of this t again."""
+    words = ["hf-l2", "interpolate", run_dir, "--weight", f"{t:g}", "--output_dir", str(output_dir)]
+    words += ["--base_model", base_model] if base_model else []
+    words += ["--allow_extrapolation"] if allow_extrapolation else []
+    return shlex.join(words)
+
+
+def _write_card(folder: Path, run_dir: str, t: float, kind: str, sources: list[str], kept: list[str],
+                command: str) -> None:
     from huggingface_hub import ModelCard
 
     template = template_path().parent / INTERPOLATION_TEMPLATE
     card = ModelCard.from_template(
         _card_data(run_dir), template_path=str(template), t=f"{t:g}", run=os.path.abspath(run_dir),
-        lora=kind == "adapter", sources=sources, kept=kept[:10], kept_count=len(kept),
-        command=f"hf-l2 interpolate {run_dir} --weight {t:g} --output_dir {folder.parent}",
+        lora=kind == "adapter", sources=sources, kept=kept[:10], kept_count=len(kept), command=command,
     )
     card.save(str(folder / CARD_FILE))
 

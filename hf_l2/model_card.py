@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
-import shutil
-import sys
 from dataclasses import dataclass, fields, replace
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +21,7 @@ from transformers.utils import logging
 
 from ._version import __version__
 from .groups import parameter_group
+from .reproduce import card_command
 
 logger = logging.get_logger(__name__)
 
@@ -78,7 +76,7 @@ class CardInfo:
 
     `dataset_tags` are Hub dataset ids, the first one being the evaluation data; `dataset` their display names and
     `dataset_args` the first one's config name; `command` is the command line to record (default: this process's
-    own, see `reproduce_command`). None means "not given".
+    own, see `hf_l2.reproduce`). None means "not given".
     """
 
     language: str | list[str] | None = None
@@ -130,6 +128,8 @@ def write_model_card(
     card_tags = ["hf_l2", MODE_TAGS[args.l2_mode], *_as_list(info.tags), *(getattr(model, "model_tags", None) or [])]
     card_data = ModelCardData(
         base_model=base_model,
+        # A local folder is no Hub id for `base_model`; recorded here, `hf-l2 interpolate` finds θ₀ without a flag.
+        base_model_path=os.path.abspath(source) if base_model is None and source and os.path.exists(source) else None,
         datasets=datasets or None,
         language=info.language,
         license=info.license,
@@ -142,6 +142,7 @@ def write_model_card(
     os.makedirs(output_dir, exist_ok=True)
     plotted = plot_training(trainer.state.log_history, os.path.join(output_dir, PLOT_FILE))
     drift_rows = _drift_rows(measurement)
+    command, command_notes = card_command(info.command, output_dir)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -160,7 +161,8 @@ def write_model_card(
         has_anchor=bool(drift_rows) and any("drift_sq" in sums for sums in measurement.groups.values()),
         plot_file=PLOT_FILE if plotted is not None else None,
         hyperparameters=list(_hyperparameters(trainer).items()),
-        command=info.command or reproduce_command(),
+        command=command,
+        command_notes=command_notes,
         versions=_versions(_is_peft(model)),
     )
     card.save(os.path.join(output_dir, CARD_FILE))
@@ -234,37 +236,6 @@ def drift_by_group(groups: dict[str, dict[str, float]]) -> list[dict[str, float 
         rel = drift / math.sqrt(sums["anchor_sq"]) if drift is not None and sums["anchor_sq"] > 0 else None
         rows.append({"group": group, "norm": math.sqrt(sums["weight_sq"]), "drift": drift, "rel_drift": rel})
     return rows
-
-
-def reproduce_command() -> str:
-    """This process's command line as a user types it, behind `torchrun` or `accelerate launch` when one started it.
-
-    Launchers are recognized by the variables they set in each process they start; of their options only the number
-    of processes and machines (and accelerate's mixed precision) can be recovered.
-    """
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    script = sys.argv[0]
-    if spec is not None and spec.name:  # python -m package.module
-        program = ["-m", spec.name.removesuffix(".__main__")]
-    elif not script.endswith(".py") and shutil.which(os.path.basename(script)) == script:  # a console script
-        return shlex.join([os.path.basename(script), *sys.argv[1:]])
-    else:
-        program = [script]
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    per_node = int(env.get("LOCAL_WORLD_SIZE", world))
-    nodes = max(world // max(per_node, 1), 1)
-    if "ACCELERATE_MIXED_PRECISION" in env:  # set by `accelerate launch` in every process
-        launcher = ["accelerate", "launch"]
-        launcher += ["--num_processes", str(world)] if world > 1 else []
-        launcher += ["--num_machines", str(nodes)] if nodes > 1 else []
-        precision = env["ACCELERATE_MIXED_PRECISION"]
-        launcher += ["--mixed_precision", precision] if precision != "no" else []
-    elif "TORCHELASTIC_RUN_ID" in env:  # set by torchrun
-        launcher = ["torchrun"] + (["--nnodes", str(nodes)] if nodes > 1 else []) + ["--nproc_per_node", str(per_node)]
-    else:
-        launcher = ["python"]
-    return shlex.join(launcher + program + sys.argv[1:])
 
 
 def plot_training(log_history: list[dict], path: str) -> Figure | None:

@@ -34,6 +34,7 @@ class L2PublishingMixin:
         summed across them.
         """
         if self._stock_card:
+            kwargs.pop("command", None)  # hf_l2's own field, which the stock card does not take
             return super().create_model_card(*args, **kwargs)
         info = (self._card_info or CardInfo()).updated(CardInfo(*args, **kwargs))
         self._write_model_card(self.args.output_dir, info)

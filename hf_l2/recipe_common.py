@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import pkgutil
+import shlex
 import shutil
 import sys
 import types as pytypes
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import datasets
+import torch
 import transformers
 import yaml
 from datasets import Dataset, DatasetDict, load_dataset
@@ -33,6 +35,7 @@ from .config import ANCHORED_MODES
 from .hub import HubPublishError
 from .output_lock import check_free
 from .saved_folders import checkpoints_newest_first, missing_from_checkpoint
+from .suggestions import unknown_arguments_message
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +125,14 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Redo the preprocessing instead of reusing it."})
     num_samples: int = field(default=8, metadata={"help": "Held-out examples written out with the model's output."})
+    max_row_chars: int = field(
+        default=1_000_000,
+        metadata={
+            "help": "Refuse, before tokenizing, a data row (a line of a .txt file) longer than this many characters: "
+            "a row is tokenized at once, at about 200 bytes of memory per character (a 93 MB line took 18 GB). "
+            "Split long texts into lines, or raise this."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -145,34 +156,57 @@ class DataArguments:
                 )
         if not 0 < self.validation_split_percentage < 100:
             raise RecipeInputError("`--validation_split_percentage` must be between 1 and 99.")
+        if self.max_row_chars < 1:
+            raise RecipeInputError(f"`--max_row_chars` must be at least 1, got {self.max_row_chars}.")
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def parse_args(types: tuple[type, ...], defaults: dict[str, Any], argv: list[str] | None = None) -> tuple:
-    """Parse the recipe's dataclasses from the command line, or from one `.yaml`/`.json` file given alone.
+    """Parse the recipe's dataclasses from the command line, optionally after a `.yaml`/`.json` config file given
+    first: the file's values replace the defaults and the flags after it replace the file's (as TRL's `--config`).
 
-    ``defaults`` are the recipe's own defaults for training arguments (e.g. ``predict_with_generate``); the command
-    line or the file overrides them.
+    ``defaults`` are the recipe's own defaults for training arguments (e.g. ``predict_with_generate``); they are the
+    parser's defaults, so `--help` shows them. A misspelled flag or key is refused with the nearest valid one.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(types)
-    config_file = argv[0] if len(argv) == 1 and Path(argv[0]).suffix in (".yaml", ".yml", ".json") else None
+    parser.set_defaults(**defaults)
+    config_file = argv[0] if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES else None
+    flags = argv[1:] if config_file is not None else argv
     try:
         if config_file is not None:
-            with open(config_file) as f:
-                values = json.load(f) if config_file.endswith(".json") else yaml.safe_load(f)
-            if not isinstance(values, (dict, type(None))):
-                raise RecipeInputError(f"{config_file}: the file must hold a mapping of argument names to values.")
-            return parser.parse_dict(coerce_config_values(types, {**defaults, **(values or {})}, config_file))
-        flags = [item for key, value in defaults.items() for item in (f"--{key}", str(value))]
-        return parser.parse_args_into_dataclasses(flags + argv)
+            parser.set_defaults(**read_config_file(types, config_file))
+        _, unknown = parser.parse_known_args(flags)
+        if unknown:
+            known = [option for action in parser._actions for option in action.option_strings]
+            raise RecipeInputError(unknown_arguments_message(unknown, known))
+        return parser.parse_args_into_dataclasses(flags)
+    except RecipeInputError:
+        raise
+    except ValueError as err:  # the arguments' own checks (`__post_init__`)
+        raise RecipeInputError(f"{config_file} and the command line: {err}" if config_file and flags
+                               else f"{config_file}: {err}" if config_file else str(err)) from err
+
+
+def read_config_file(types: tuple[type, ...], path: str) -> dict[str, Any]:
+    """A config file's values, converted as the command line converts them; unknown keys are refused."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except FileNotFoundError as err:
         raise RecipeInputError(f"Config file not found: {err.filename}") from err
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise RecipeInputError(f"{config_file} is not valid YAML or JSON: {err}".replace("\n", " ")) from err
-    except RecipeInputError:
-        raise
-    except ValueError as err:  # the arguments' own checks (`__post_init__`), unknown keys of a config file
-        raise RecipeInputError(f"{config_file}: {err}" if config_file else str(err)) from err
+        raise RecipeInputError(f"{path} is not valid YAML or JSON: {err}".replace("\n", " ")) from err
+    if not isinstance(values, (dict, type(None))):
+        raise RecipeInputError(f"{path}: the file must hold a mapping of argument names to values.")
+    values = values or {}
+    known = {f.name for dtype in types for f in dataclasses.fields(dtype) if f.init}
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        raise RecipeInputError(f"{path}: {unknown_arguments_message(unknown, known, what='key')}")
+    return coerce_config_values(types, values, path)
 
 
 # The field types a config-file value is checked against; other annotations (enums, unions) are left to the field.
@@ -255,6 +289,12 @@ def coerce_config_values(types: tuple[type, ...], values: dict[str, Any], source
     return coerced
 
 
+def no_pinned_memory_without_accelerator(training_args) -> None:
+    """Pinned memory needs an accelerator: without one, every DataLoader the Trainer builds warns about it."""
+    if not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False
+
+
 def setup_logging(training_args) -> None:
     """Readable logs on the main process, warnings only elsewhere (the Trainer's own convention)."""
     logging.basicConfig(
@@ -320,7 +360,10 @@ def _load_file(path: str, name: str, cache_dir: str | None, check: Callable[[Dat
         dataset = load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **extra)
     except Exception as err:  # noqa: BLE001 - `datasets` wraps the cause; the file itself says what is wrong
         raise RecipeInputError(f"{where}: {describe_unreadable_file(path, err)}") from err
-    check(dataset, where)
+    try:
+        check(dataset, where)
+    except UnicodeDecodeError as err:  # the JSON reader keeps bytes that are not UTF-8; reading the rows fails
+        raise RecipeInputError(f"{where}: {describe_unreadable_file(path, err)}") from err
     return dataset
 
 
@@ -358,15 +401,19 @@ def _is_json_document(data: bytes) -> bool:
     return True
 
 
-def require_texts(values: Iterable, where: str, what: str, allow_empty: bool = True) -> None:
+def require_texts(values: Iterable, where: str, what: str, max_chars: int, allow_empty: bool = True) -> None:
     """Refuse, in one line naming ``where``, ``what`` and the rows (counted from 1), values that are missing or
-    null, not text, or (unless ``allow_empty``) empty."""
+    null, not text, longer than ``max_chars`` (`--max_row_chars`) or (unless ``allow_empty``) empty."""
     bad: dict[str, list[int]] = {}
     for row, value in enumerate(values, start=1):
         if value is None:
             bad.setdefault("missing or null", []).append(row)
         elif not isinstance(value, str):
             bad.setdefault(f"not text (e.g. {value!r})", []).append(row)
+        elif len(value) > max_chars:
+            problem = (f"longer than the `--max_row_chars` limit of {max_chars:,} characters (a row is tokenized at "
+                       "once: split long texts into lines, or raise the limit)")
+            bad.setdefault(problem, []).append(row)
         elif not allow_empty and not value.strip():
             bad.setdefault("empty", []).append(row)
     if bad:
@@ -504,8 +551,24 @@ def train_and_report(trainer: Trainer, training_args, n_train: int, n_eval: int,
     return metrics
 
 
+def called_command(module_name: str, argv: list[str] | None) -> str | None:
+    """The command line that runs the recipe ``module_name`` as `main(argv)` did, for the card of a run started
+    from Python (the sweep, the demo, a script); None when it ran from its own command line, which the card records.
+    """
+    if argv is None:
+        return None
+    shipped = module_name.startswith(f"{RECIPES_PACKAGE}.")
+    program = ["-m", module_name] if shipped else [sys.modules[module_name].__file__]
+    return shlex.join(["python", *program, *argv])
+
+
 def write_card_and_push(trainer: Trainer, training_args, card_kwargs: dict) -> None:
-    """Write the model card; with `--push_to_hub`, also push model, tokenizer and card (after the local save)."""
+    """Write the model card; with `--push_to_hub`, also push model, tokenizer and card (after the local save).
+    A run that trained nothing (`--do_train false`: an evaluation) gets neither: it has no fine-tuning to describe."""
+    if not training_args.do_train:
+        say = logger.warning if training_args.push_to_hub else logger.info
+        say("Nothing was trained (--do_train false): no model card is written and nothing is pushed.")
+        return
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
     else:

@@ -198,7 +198,8 @@ def forgetting_budget(summaries: list[Summary], budget: float = FORGETTING_BUDGE
     start, none = fixed["start"].mean(pretrain), fixed["none"].mean(pretrain)
     forgotten = sign * (start - none)
     if forgotten <= 0:
-        return (f"Fine-tuning without a penalty did not lower the pretraining-domain {label} ({start:.2f} → "
+        worsen = "lower" if higher else "raise"  # forgetting lowers BLEU and raises perplexity
+        return (f"Fine-tuning without a penalty did not {worsen} the pretraining-domain {label} ({start:.2f} → "
                 f"{none:.2f}): there is no forgetting to budget here.")
     limit = start - sign * budget * forgotten
     best: dict[str, Summary] = {}

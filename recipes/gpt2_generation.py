@@ -5,17 +5,20 @@ concatenated and cut into `--block_size` blocks; evaluation reports `eval_loss` 
 sampled continuations of held-out prompts to `samples.jsonl`. With `--pretrain_validation_file`, held-out text of
 the pretraining domain gets the same metrics as `eval_pretrain_*`.
 
-    python recipes/gpt2_generation.py --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \\
+    python -m hf_l2.recipes.gpt2_generation --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \\
         --output_dir runs/gpt2-wikitext --l2_mode l2_sp --l2_coef 0.01
-    python recipes/gpt2_generation.py recipes/configs/gpt2_generation.yaml      # every argument from a file
+    python -m hf_l2.recipes.gpt2_generation gpt2_generation.yaml --max_steps 3   # a config file; flags after it win
 
-    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/gpt2_generation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml  recipes/gpt2_generation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml      recipes/gpt2_generation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/zero2.yaml      recipes/gpt2_generation.py ... --l2_impl loss
-    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml      recipes/gpt2_generation.py ... --l2_impl loss
-    accelerate launch --config_file recipes/accelerate_configs/cpu.yaml        recipes/gpt2_generation.py ...
-    accelerate launch --multi_gpu --num_processes 2 recipes/gpt2_generation.py ... --use_cpu true   # 2 CPU processes
+    accelerate launch --config_file single_gpu.yaml -m hf_l2.recipes.gpt2_generation ...
+    accelerate launch --config_file multi_gpu.yaml  -m hf_l2.recipes.gpt2_generation ...
+    accelerate launch --config_file fsdp2.yaml      -m hf_l2.recipes.gpt2_generation ...
+    accelerate launch --config_file zero2.yaml      -m hf_l2.recipes.gpt2_generation ... --l2_impl loss
+    accelerate launch --config_file zero3.yaml      -m hf_l2.recipes.gpt2_generation ... --l2_impl loss
+    accelerate launch --config_file cpu.yaml        -m hf_l2.recipes.gpt2_generation ...
+    accelerate launch --multi_gpu --num_processes 2 -m hf_l2.recipes.gpt2_generation ... --use_cpu true   # 2 CPU processes
+
+The config files ship with hf_l2 (`hf_l2/recipes/configs/`, `hf_l2/recipes/accelerate_configs/`: copy them). From
+a checkout, `python recipes/gpt2_generation.py ...` and the paths `recipes/configs/...` work too.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from hf_l2.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,
+    called_command,
     evaluate_with_forgetting,
     fisher_dataset,
     limit,
     load_raw_datasets,
+    no_pinned_memory_without_accelerator,
     parse_args,
     require_architecture,
     require_texts,
@@ -75,7 +80,8 @@ def check_texts(dataset, where: str, data_args) -> None:
         raise RecipeInputError(
             f"`--text_column {data_args.text_column}` is not in {where}; its columns: {dataset.column_names}."
         )
-    require_texts(dataset[data_args.text_column], where, f"the text (`{data_args.text_column}`)")
+    require_texts(dataset[data_args.text_column], where, f"the text (`{data_args.text_column}`)",
+                  data_args.max_row_chars)
 
 
 def tokenize_and_block(raw, tokenizer, data_args, training_args, block_size):
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         (GenerationModelArguments, GenerationDataArguments, L2Config), DEFAULTS, argv
     )
     setup_logging(training_args)
+    no_pinned_memory_without_accelerator(training_args)
     training_args.resume_from_checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
     set_seed(training_args.seed)
 
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
     require_architecture(config, encoder_decoder=False, name=model_args.model_name_or_path,
-                         recipe="gpt2_generation.py", other="recipes/marian_translation.py")
+                         recipe="hf_l2.recipes.gpt2_generation", other=f"python -m hf_l2.recipes.marian_translation")
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
     block_size = choose_block_size(data_args.block_size, tokenizer, config)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             write_jsonl(Path(training_args.output_dir) / "samples.jsonl", samples)
 
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    card = {"command": called_command(__name__, argv), "finetuned_from": model_args.model_name_or_path,
+            "tasks": "text-generation"}
     if data_args.dataset_name is not None:
         card["dataset_tags"] = data_args.dataset_name
         card["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name or ''}".strip()

@@ -7,17 +7,20 @@ named after `--source_lang` / `--target_lang`). Evaluation generates translation
 `eval_perplexity`, and writes source / reference / hypothesis triples to `translations.jsonl`. With
 `--pretrain_validation_file`, held-out pairs of the pretraining domain get the same metrics as `eval_pretrain_*`.
 
-    python recipes/marian_translation.py --dataset_name wmt16 --dataset_config_name de-en \\
+    python -m hf_l2.recipes.marian_translation --dataset_name wmt16 --dataset_config_name de-en \\
         --source_lang en --target_lang de --output_dir runs/opus-en-de --l2_mode l2_sp --l2_coef 0.01
-    python recipes/marian_translation.py recipes/configs/marian_translation.yaml   # every argument from a file
+    python -m hf_l2.recipes.marian_translation marian_translation.yaml --max_steps 3   # a config file; flags after it win
 
-    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/marian_translation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml  recipes/marian_translation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml      recipes/marian_translation.py ...
-    accelerate launch --config_file recipes/accelerate_configs/zero2.yaml      recipes/marian_translation.py ... --l2_impl loss
-    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml      recipes/marian_translation.py ... --l2_impl loss
-    accelerate launch --config_file recipes/accelerate_configs/cpu.yaml        recipes/marian_translation.py ...
-    accelerate launch --multi_gpu --num_processes 2 recipes/marian_translation.py ... --use_cpu true   # 2 CPU processes
+    accelerate launch --config_file single_gpu.yaml -m hf_l2.recipes.marian_translation ...
+    accelerate launch --config_file multi_gpu.yaml  -m hf_l2.recipes.marian_translation ...
+    accelerate launch --config_file fsdp2.yaml      -m hf_l2.recipes.marian_translation ...
+    accelerate launch --config_file zero2.yaml      -m hf_l2.recipes.marian_translation ... --l2_impl loss
+    accelerate launch --config_file zero3.yaml      -m hf_l2.recipes.marian_translation ... --l2_impl loss
+    accelerate launch --config_file cpu.yaml        -m hf_l2.recipes.marian_translation ...
+    accelerate launch --multi_gpu --num_processes 2 -m hf_l2.recipes.marian_translation ... --use_cpu true   # 2 CPU processes
+
+The config files ship with hf_l2 (`hf_l2/recipes/configs/`, `hf_l2/recipes/accelerate_configs/`: copy them). From
+a checkout, `python recipes/marian_translation.py ...` and the paths `recipes/configs/...` work too.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from hf_l2.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,
+    called_command,
     evaluate_with_forgetting,
     fisher_dataset,
     limit,
     load_raw_datasets,
+    no_pinned_memory_without_accelerator,
     parse_args,
     require_architecture,
     require_texts,
@@ -73,7 +78,11 @@ class TranslationDataArguments(DataArguments):
         default=None, metadata={"help": "Column of target texts without a `translation` column (default: target_lang)."}
     )
     max_source_length: int = field(default=128, metadata={"help": "Source tokens kept (longer inputs are truncated)."})
-    max_target_length: int = field(default=128, metadata={"help": "Target tokens kept (longer targets are truncated)."})
+    max_target_length: int = field(
+        default=128,
+        metadata={"help": "Target tokens kept (longer targets are truncated); also how long evaluation generates, "
+                  "unless `--generation_max_length` says otherwise."},
+    )
 
 
 def pair_columns(dataset, data_args: TranslationDataArguments) -> tuple[str, str] | None:
@@ -117,7 +126,7 @@ def check_pairs(dataset, where: str, data_args: TranslationDataArguments) -> Non
             )
         texts = {f"`{c}`": dataset[c] for c in columns}
     for what, values in texts.items():
-        require_texts(values, where, f"the text of {what}", allow_empty=False)
+        require_texts(values, where, f"the text of {what}", data_args.max_row_chars, allow_empty=False)
 
 
 def tokenize_pairs(raw, tokenizer, data_args, training_args):
@@ -168,8 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
         (TranslationModelArguments, TranslationDataArguments, L2Seq2SeqConfig), DEFAULTS, argv
     )
     setup_logging(training_args)
+    no_pinned_memory_without_accelerator(training_args)
     training_args.resume_from_checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
     set_seed(training_args.seed)
+    if training_args.generation_max_length is None:  # else the model's own, often 20 tokens, in every evaluation
+        training_args.generation_max_length = data_args.max_target_length
     if training_args.do_eval and not training_args.predict_with_generate:
         logger.warning("Without `--predict_with_generate`, evaluation reports the loss only (no BLEU / chrF).")
 
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
     require_architecture(config, encoder_decoder=True, name=model_args.model_name_or_path,
-                         recipe="marian_translation.py", other="recipes/gpt2_generation.py")
+                         recipe="hf_l2.recipes.marian_translation", other=f"python -m hf_l2.recipes.gpt2_generation")
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
 
@@ -200,15 +212,14 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, pad_to_multiple_of=pad_to),
         compute_metrics=bleu_and_chrf(tokenizer) if training_args.predict_with_generate else None,
     )
-    max_length = training_args.generation_max_length or data_args.max_target_length
 
     def evaluate() -> dict:
-        return evaluate_with_forgetting(trainer, pretrain_set, max_length=max_length)
+        return evaluate_with_forgetting(trainer, pretrain_set)
 
     results = train_and_report(trainer, training_args, len(train_set), len(eval_set), evaluate)
     if data_args.num_samples > 0:
         shown = range(min(data_args.num_samples, len(eval_set)))
-        predictions = trainer.predict(eval_set.select(shown), max_length=max_length).predictions
+        predictions = trainer.predict(eval_set.select(shown)).predictions
         hyps = tokenizer.batch_decode(np.where(predictions != -100, predictions, tokenizer.pad_token_id),
                                       skip_special_tokens=True)
         if trainer.is_world_process_zero():
@@ -216,8 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
             write_jsonl(Path(training_args.output_dir) / "translations.jsonl",
                         [{"source": s, "reference": r, "hypothesis": h.strip()} for (s, r), h in zip(pairs, hyps)])
 
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "translation",
-            "language": [data_args.source_lang, data_args.target_lang]}
+    card = {"command": called_command(__name__, argv), "finetuned_from": model_args.model_name_or_path,
+            "tasks": "translation", "language": [data_args.source_lang, data_args.target_lang]}
     if data_args.dataset_name is not None:
         card["dataset_tags"] = data_args.dataset_name
         card["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name or ''}".strip()

@@ -182,7 +182,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_wheel(folder: Path) -> Path:
     """Build hf_l2's wheel from a copy of what this checkout would ship (the checkout itself stays untouched)."""
     source = folder / "src"
-    for name in ("hf_l2", "model_cards", "recipes"):
+    for name in ("hf_l2", "model_cards", "recipes", "examples"):
         shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)

@@ -349,6 +349,15 @@ def test_frontier_summary_says_when_nothing_was_forgotten_and_plot_draws_any_met
     assert sweep_report.frontier_summary(sweep_report.summarize([r for r in rows if r["mode"] != "start"])) is None
 
 
+def test_nothing_forgotten_is_worded_by_the_metrics_direction():
+    """Perplexity falls when nothing is forgotten: the sentence must not say it "did not lower" it."""
+    rows = [{"setting": setting, "mode": setting, "coef": 0.0, "seed": 0, "drift": 1.0, "eval_perplexity": target,
+             "eval_pretrain_perplexity": pretrain}
+            for setting, target, pretrain in (("start", 900.0, 908.0), ("none", 90.0, 693.77))]
+    sentence = sweep_report.frontier_summary(sweep_report.summarize(rows))
+    assert "did not raise the pretraining-domain perplexity (908.00 → 693.77)" in sentence
+
+
 def test_catalog_pairs_keep_english_messages_and_drop_keys_and_long_help(tmp_path, monkeypatch):
     """A German catalog written here with polib: what `catalog_pairs` keeps is decided by hand."""
     import polib

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -210,13 +211,56 @@ def test_config_file_numbers_arrive_as_the_command_line_gives_them(tmp_path, wor
     ("learning_rate: 1e-3x", "`learning_rate` must be a number, got '1e-3x' (str)."),
     ("do_train: maybe", "`do_train` must be true or false, got 'maybe' (str)."),
     ("l2_mode: l3", "`l2_mode`='l3' is not one of"),
-    ("l2_coeff: 0.1", "Some keys are not used by the HfArgumentParser: ['l2_coeff']"),
+    ("l2_coeff: 0.1", "unknown key: l2_coeff; did you mean `l2_coef`?"),
 ])
 def test_config_file_mistakes_get_one_line_naming_the_file_and_field(tmp_path, workdir, text, said):  # noqa: F811
     with pytest.raises(RecipeInputError) as caught:
         parse_config(tmp_path, workdir, text + "\n")
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'run.yaml'}: ") and said in message and "\n" not in message
+
+
+def test_config_file_and_command_line_flags_are_merged(tmp_path, workdir):  # noqa: F811
+    """`recipe cfg.yaml --max_steps 3`: the file's values, with the flags after it on top (as TRL's `--config`)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model_name_or_path: {workdir['gpt2']}\ntrain_file: {workdir['text']['txt']}\n"
+                    f"output_dir: {tmp_path / 'out'}\nmax_steps: 7\nl2_coef: 0.5\nblock_size: 16\n")
+    types = (generation.GenerationModelArguments, generation.GenerationDataArguments, generation.L2Config)
+    model_args, data_args, args = parse_args(types, generation.DEFAULTS, [str(path), "--max_steps", "3",
+                                                                         "--block_size=8"])
+    assert (args.max_steps, data_args.block_size) == (3, 8)  # the command line wins
+    assert args.l2_coef == 0.5 and data_args.train_file == str(workdir["text"]["txt"])  # the rest is the file's
+    assert model_args.model_name_or_path == str(workdir["gpt2"]) and args.do_train and args.do_eval
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--l2_cof", "0.1"], "unknown argument: --l2_cof 0.1; did you mean `--l2_coef`?"),
+    (["--leraning_rate=1e-3"], "unknown argument: --leraning_rate=1e-3; did you mean `--learning_rate`?"),
+])
+def test_a_misspelled_recipe_flag_names_the_nearest_valid_one(workdir, tmp_path, flags, said):  # noqa: F811
+    with pytest.raises(RecipeInputError) as caught:
+        generation.main(gpt2_args(workdir, tmp_path / "out", *flags))
+    assert str(caught.value) == said
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelled_hf_l2_flag_names_the_nearest_valid_one(tmp_path, capsys):
+    from hf_l2.cli import main
+
+    with pytest.raises(SystemExit) as caught:  # --weight is required: argparse alone would say it is missing
+        main(["interpolate", str(tmp_path), "--weigth", "0.5", "--output_dir", str(tmp_path / "w")])
+    assert caught.value.code == 2
+    assert "unknown argument: --weigth; did you mean `--weight`?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, flag", [("translation", "--predict_with_generate"), ("generation", "--do_train"),
+                                          ("generation", "--do_eval")])
+def test_help_shows_the_defaults_the_recipe_sets(recipe, flag, capsys):
+    module = {"translation": translation, "generation": generation}[recipe]
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    entry = re.search(rf"^  {flag} \[.*?(?=^  -)", capsys.readouterr().out, re.MULTILINE | re.DOTALL).group()
+    assert "(default: True)" in " ".join(entry.split()), entry
 
 
 # ---- 10. data files ----------------------------------------------------------------------------------------
@@ -272,6 +316,39 @@ def test_translation_pairs_are_checked_on_every_row(workdir, tmp_path, rows, sai
     with pytest.raises(RecipeInputError) as caught:
         translation.main(argv)
     assert str(caught.value) == f"`--validation_file` {path}: {said}; fix or remove those rows."
+
+
+def test_a_non_utf8_byte_in_translation_pairs_names_the_file_and_the_row(workdir, tmp_path):  # noqa: F811
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(lines(pair("the file", "die Datei")).encode() + '{"translation": {"en": "the window", "de": '
+                     '"f\u00fcr"}}\n'.encode("latin-1"))
+    argv = marian_args(workdir, tmp_path / "out")
+    argv[argv.index("--train_file") + 1] = str(path)
+    with pytest.raises(RecipeInputError) as caught:
+        translation.main(argv)
+    assert str(caught.value).startswith(f"`--train_file` {path}: line 2 is not UTF-8 text (byte 0xfc")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe, name, row", [("generation", "long.txt", "just a line\n" + "x" * 2001 + "\n"),
+                                               ("translation", "long.jsonl", None)])
+def test_a_row_too_long_to_tokenize_is_refused_naming_file_row_and_limit(workdir, tmp_path, recipe, name, row):  # noqa: F811
+    """One row is tokenized at once: a very long one (a whole book on one line) costs gigabytes before any training."""
+    path = tmp_path / name
+    if recipe == "generation":
+        path.write_text(row)
+        argv = gpt2_args(workdir, tmp_path / "out", "--max_row_chars", "2000")
+    else:
+        path.write_text(lines(pair("the file", "die Datei"), pair("y" * 2001, "ja")))
+        argv = marian_args(workdir, tmp_path / "out", "--max_row_chars", "2000")
+    argv[argv.index("--train_file") + 1] = str(path)
+    module = generation if recipe == "generation" else translation
+    with pytest.raises(RecipeInputError) as caught:
+        module.main(argv)
+    message = str(caught.value)
+    assert message.startswith(f"`--train_file` {path}: ") and "(row 2)" in message
+    assert "longer than the `--max_row_chars` limit of 2,000 characters" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_csv_targets_are_refused(workdir, tmp_path):  # noqa: F811

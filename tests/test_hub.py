@@ -144,7 +144,8 @@ def test_push_to_hub_sends_model_tokenizer_card_and_plot_after_saving_them(tmp_p
     on_disk = local_files(out)
     assert {"checkpoint-2/model.safetensors", "checkpoint-4/l2_anchor.safetensors"} <= on_disk
     assert {"l2_anchor.safetensors", "l2_kl_anchor.safetensors"} <= on_disk  # θ₀ stays beside the weights, off the Hub
-    assert set(sent["files"]) == {f for f in on_disk if not f.startswith(("checkpoint-", "l2_anchor", "l2_kl_anchor"))}
+    unsent = ("checkpoint-", "l2_anchor", "l2_kl_anchor", "training_args.bin")  # the last holds the token
+    assert set(sent["files"]) == {f for f in on_disk if not f.startswith(unsent)}
     assert wanted <= set(sent["files"])
     for name in ("README.md", PLOT_FILE, "model.safetensors"):
         assert sent["files"][name] == (out / name).read_bytes()
@@ -271,13 +272,32 @@ def test_recipes_push_model_tokenizer_card_and_plot(recipe_inputs, fake_hub, tmp
     assert len(fake_hub.commits) == 1  # one push, at the end, after the local save of everything
     final = fake_hub.commits[-1]
     assert final["repo_id"] == "alice/tiny"
-    assert set(final["files"]) == {f for f in local_files(out) if not f.startswith("l2_anchor")}  # θ₀ stays local
+    # θ₀ stays local, and so do the pickled training arguments (they hold the token)
+    assert set(final["files"]) == {f for f in local_files(out) if not f.startswith("l2_anchor")} - {"training_args.bin"}
     assert {"model.safetensors", "tokenizer_config.json", "README.md", PLOT_FILE, samples, "all_results.json"} <= set(
         final["files"])
     card = ModelCard(final["files"]["README.md"].decode())
     assert card.data.tags[:2] == ["hf_l2", "l2-sp"] and card.data.library_name == "transformers"
     assert f"python recipes/{recipe}.py --model_name_or_path" in card.text
     assert "| eval_loss |" in card.text and "| all |" in card.text
+
+
+def test_the_hub_token_reaches_no_uploaded_file(recipe_inputs, fake_hub, tmp_path, monkeypatch):
+    """Given on the command line and in the config file, the token is used to push but written into nothing that
+    is uploaded: not the card's command, not the copied config file, not `training_args.bin`."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text("hub_token: hf_FROM_THE_FILE\nl2_mode: l2_sp\n")
+    argv = recipe_command("gpt2_generation", recipe_inputs, out, "--hub_token", "hf_ON_THE_COMMAND_LINE")
+    run_recipe(monkeypatch, "gpt2_generation", [argv[0], str(config), *argv[1:]])
+
+    hub_calls = [auth for _, path, auth in fake_hub.requests if path.startswith("/api/")]
+    assert hub_calls and all(auth == "Bearer hf_ON_THE_COMMAND_LINE" for auth in hub_calls)
+    uploaded = fake_hub.commits[-1]["files"]
+    assert "README.md" in uploaded and "reproduce/run.yaml" in uploaded
+    for secret in (b"hf_ON_THE_COMMAND_LINE", b"hf_FROM_THE_FILE"):
+        assert [name for name, content in uploaded.items() if secret in content] == []
+    assert "training_args.bin" in local_files(out)  # the stock Trainer's; kept locally, never uploaded
 
 
 @pytest.mark.parametrize("fail, fail_on, cause, after", [
@@ -356,3 +376,14 @@ def test_cli_warns_about_a_missing_tokenizer_and_pushes_the_model(trained, fake_
     assert "hf-l2 push: warning: no tokenizer (tokenizer_config.json)" in capsys.readouterr().err
     (sent,) = fake_hub.commits
     assert {"model.safetensors", "config.json"} <= set(sent["files"]) and "tokenizer.json" not in sent["files"]
+
+
+def test_a_failed_push_names_only_what_is_saved(trained, fake_hub, tmp_path, capsys):
+    """A folder without tokenizer and plot: the message must not tell that they are saved."""
+    run = saved_run(trained, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", PLOT_FILE):
+        (run / name).unlink()
+    fake_hub.fail = 401
+    capsys.readouterr()
+    assert hf_l2_main(["push", str(run), "--repo-id", "bob/later"]) == 1
+    assert f"Nothing is lost: the model and card are saved in {run}." in capsys.readouterr().err

@@ -65,6 +65,21 @@ def test_an_anchor_holding_every_weight_needs_no_base_model(tmp_path, tokenizer)
     assert all(torch.equal(got[n], start[n]) for n in start if n in got)
 
 
+def test_the_anchors_recorded_source_fills_in_what_the_anchor_lacks(tmp_path, tokenizer):
+    """A run of a model loaded from a local folder, card gone: the anchor file names that folder, which still
+    exists, so the weights the anchor leaves out (biases, norms) come from it."""
+    start = saved_start(tmp_path / "base")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    trainer = L2Trainer(model=model, args=l2_args(tmp_path / "run", max_steps=3, learning_rate=0.05, l2_coef=0.1),
+                        train_dataset=TokenDataset())
+    trainer.train()
+    trainer.save_model()
+    (tmp_path / "run" / "README.md").unlink()
+    assert main(["interpolate", str(tmp_path / "run"), "--weight", "0", "--output_dir", str(tmp_path / "w")]) == 0
+    got = load_file(str(tmp_path / "w" / "weight-0" / "model.safetensors"))
+    assert all(torch.equal(got[n], start[n]) for n in start)
+
+
 def test_a_sharded_run_is_merged_from_its_per_rank_anchor_files(tmp_path, tokenizer):
     finished_run(tmp_path / "run", tokenizer, l2_exclude_bias_and_norm=False)
     whole = load_file(str(tmp_path / "run" / ANCHOR_FILE))

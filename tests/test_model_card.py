@@ -1,16 +1,22 @@
 """The model card of a tiny real run: Hub-valid metadata, and numbers that are the run's own."""
 
 import logging
+import os
+import shlex
+import subprocess
 import sys
+import time
 import types
 import zipfile
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
 from helpers import TokenDataset, build_wheel, l2_args, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Trainer, model_card
-from hf_l2.model_card import PLOT_FILE, final_evaluation, plot_training, reproduce_command
+from hf_l2.model_card import PLOT_FILE, final_evaluation, plot_training
+from hf_l2.reproduce import card_command, process_command
 
 
 
@@ -187,13 +193,70 @@ def test_a_local_base_model_is_named_but_kept_out_of_the_metadata(tmp_path, capl
          "accelerate launch --num_processes 2 --mixed_precision bf16 train.py --bf16 true"),
     ],
 )
-def test_reproduce_command_names_the_launcher(monkeypatch, argv, env, main_module, expected):
+def test_without_the_launchers_command_line_the_environment_tells_what_it_can(monkeypatch, argv, env, main_module,
+                                                                               expected):
+    """This process's parent (pytest's shell) is no launcher: the launcher is rebuilt from its variables, and the
+    card says that its other options are missing."""
     as_script(monkeypatch, argv)
     if main_module:
         sys.modules["__main__"].__spec__ = types.SimpleNamespace(name=main_module)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert reproduce_command() == expected
+    command = process_command()
+    assert shlex.join(command.words) == expected
+    assert bool(command.notes) == bool(env) and all("could not be read" in note for note in command.notes)
+
+
+@pytest.fixture
+def launcher_process():
+    """A process whose command line is a launcher's (`.../accelerate launch ...`), to stand as this one's parent."""
+    started = []
+
+    def start(*words):
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *words])
+        started.append(process)
+        return process.pid
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def test_the_card_records_the_launcher_as_typed_with_copies_of_its_config_files(tmp_path, monkeypatch,
+                                                                                launcher_process):
+    monkeypatch.chdir(tmp_path)
+    Path("accelerate.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
+    Path("run.yaml").write_text("# my run\nl2_coef: 0.1\nhub_token: hf_FILESECRET\nmax_steps: 10\n")
+    script_args = ["run.yaml", "--max_steps", "3", "--hub_token", "hf_SECRET1", "--wandb_api_key=SECRET2",
+                   "--max_new_tokens", "5"]
+    parent = launcher_process("/venv/bin/accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                              "--config_file", "accelerate.yaml", "recipes/gpt2_generation.py", *script_args)
+    as_script(monkeypatch, ["/abs/recipes/gpt2_generation.py", *script_args])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setattr(os, "getppid", lambda: parent)
+    for _ in range(100):  # until the child has its command line
+        if b"launch" in Path(f"/proc/{parent}/cmdline").read_bytes():
+            break
+        time.sleep(0.05)
+
+    text, notes = card_command(None, "out")
+    assert text == ("accelerate launch --multi_gpu --num_processes 2 --config_file out/reproduce/accelerate.yaml "
+                    "recipes/gpt2_generation.py out/reproduce/run.yaml --max_steps 3 --max_new_tokens 5")
+    assert Path("out/reproduce/accelerate.yaml").read_text() == Path("accelerate.yaml").read_text()
+    assert Path("out/reproduce/run.yaml").read_text() == "# my run\nl2_coef: 0.1\nmax_steps: 10\n"
+    assert notes == ["The config files it names are copies saved with the model, in `reproduce/`: "
+                     "`accelerate.yaml`, `run.yaml`."]
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("python train.py --hub_token hf_X --lr 1", "python train.py --lr 1"),
+    ("python train.py --push_to_hub --hub-token=hf_X --secret_key abc --password pw --prompt_tokens 3",
+     "python train.py --push_to_hub --prompt_tokens 3"),
+    ("python train.py --tokenizer_name t --keep_linebreaks", "python train.py --tokenizer_name t --keep_linebreaks"),
+])
+def test_a_given_command_loses_its_secrets_only(tmp_path, given, expected):
+    assert card_command(given, str(tmp_path)) == (expected, [])
 
 
 def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path, monkeypatch):
@@ -203,7 +266,8 @@ def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path, monke
         entry_points = archive.read(next(f for f in files if f.endswith("entry_points.txt"))).decode()
     shipped = {"hf_l2/model_cards/template.md", "hf_l2/metrics/sacrebleu.py", "hf_l2/recipes/gpt2_generation.py",
                "hf_l2/recipes/marian_translation.py", "hf_l2/recipes/configs/gpt2_generation.yaml",
-               "hf_l2/recipes/accelerate_configs/fsdp2.yaml"}
+               "hf_l2/recipes/accelerate_configs/fsdp2.yaml", "hf_l2/examples/quickstart.py",
+               "hf_l2/examples/trl_sft.py"}
     assert shipped <= set(files)
     assert not any(f.startswith("hf_l2/model_cards/example") for f in files)
     assert "hf-l2 = hf_l2.cli:main" in entry_points

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -94,7 +95,23 @@ def test_generation_recipe_writes_every_output(workdir, tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(s["prompt"] and "generated" in s for s in samples)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert (out / "README.md").is_file()
+    # Called from Python (as the sweep and the demo call it), the card's command is the recipe's own command line.
+    assert f"python -m hf_l2.recipes.gpt2_generation {shlex.join(argv)}\n" in (out / "README.md").read_text()
+
+
+def test_a_cpu_run_is_free_of_stock_warnings_the_recipe_can_prevent(workdir, tmp_path):
+    """No `pin_memory` warning (no accelerator to pin for) and no 4-bit kernel lookup at import."""
+    import warnings
+
+    argv = gpt2_args(workdir, tmp_path, "--num_samples", "0")
+    at = argv.index("--use_cpu")
+    del argv[at:at + 2]  # as a user on a CPU machine runs it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generation.main(argv)
+    assert not [str(w.message) for w in caught if "pin_memory" in str(w.message)]
+    imported = subprocess.run([sys.executable, "-c", "import hf_l2"], capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0 and "kernels-community" not in imported.stderr
 
 
 @pytest.mark.parametrize("train", ["jsonl", "csv"])
@@ -163,6 +180,27 @@ def test_translation_recipe_reports_bleu_chrf_and_writes_triples(workdir, tmp_pa
     assert any("l2/drift" in h for h in history) == (layout == "jsonl")
 
 
+def test_translation_evaluation_generates_up_to_max_target_length(workdir, tmp_path):
+    """The evaluations during training generate as long as `--max_target_length`, not the model's own
+    `generation_config.max_length` (here 3: at most 2 tokens after the start token)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model = tmp_path / "short-generation"
+    shutil.copytree(workdir["marian"], model)
+    config = GenerationConfig.from_pretrained(model)
+    config.max_length = 3
+    config.save_pretrained(model)
+    argv = marian_args(workdir, tmp_path / "run", "--eval_strategy", "steps", "--eval_steps", "2", "--num_samples",
+                       "0", "--max_target_length", "12")
+    argv[argv.index("--model_name_or_path") + 1] = str(model)
+    translation.main(argv)
+    history = read_json(tmp_path / "run" / "trainer_state.json")["log_history"]
+    during_training = [h["eval_gen_len"] for h in history if "eval_gen_len" in h and h["step"] < 4]
+    assert during_training and max(during_training) > 2
+
+
 def test_translation_chrf_is_perfect_on_copied_references(workdir):
     """compute_metrics decodes ids the way the recipe does: references fed back as predictions score 100."""
     from transformers import AutoTokenizer
@@ -216,9 +254,9 @@ def test_bad_inputs_get_clear_errors(workdir, tmp_path):
          r"--text_column body` is not in `--train_file` .*train\.jsonl; its columns: \['content'\]"),
         (generation, gpt2_args(workdir, tmp_path, "--block_size", "128"), r"--block_size 128.*context of 64"),
         (generation, gpt2_args(workdir, tmp_path, "--model_name_or_path", str(workdir["marian"])),
-         r"encoder-decoder.*marian_translation\.py"),
+         r"encoder-decoder.*Use python -m hf_l2\.recipes\.marian_translation instead"),
         (translation, marian_args(workdir, tmp_path, "--model_name_or_path", str(workdir["gpt2"])),
-         r"decoder-only.*gpt2_generation\.py"),
+         r"decoder-only.*Use python -m hf_l2\.recipes\.gpt2_generation instead"),
         (translation, marian_args(workdir, tmp_path, "--target_lang", "fr"), r"keys \['de', 'en'\], not \['fr'\]"),
         (translation, marian_args(workdir, tmp_path, layout="csv"), r"no column \['en', 'de'\].*--source_column"),
         (generation, mixed, r"--text_column content` is not in `--pretrain_validation_file` .*valid\.txt; its columns: \['text'\]"),
@@ -269,6 +307,11 @@ def test_generation_recipe_under_accelerate_launch_with_two_processes(workdir, t
     assert (out / "samples.jsonl").read_text().count("\n") == 1
     assert AutoConfig.from_pretrained(out).n_positions == 64
     assert torch.isfinite(torch.tensor(read_json(out / "all_results.json")["eval_loss"]))
+    # The card's command is the launch as typed: replayed, it starts 2 processes again.
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              str(ROOT / "recipes" / "gpt2_generation.py"), *argv]
+    assert f"{shlex.join(launch)}\n" in (out / "README.md").read_text()
 
 
 def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(workdir, tmp_path, capsys):
@@ -292,6 +335,11 @@ def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(w
     # The model folders hold only the model (they may be pushed); the evaluations are beside them.
     assert not {"eval", "eval.log"} & set(os.listdir(tmp_path / "wise" / "weight-0.5"))
     assert (tmp_path / "wise" / "eval" / "weight-0.5" / "eval.log").is_file()
+    # An evaluation trains nothing: no card claiming a fine-tuning, no one-point training plot.
+    assert not {"README.md", "l2_training.png"} & set(os.listdir(tmp_path / "wise" / "eval" / "weight-0.5"))
+    # The card of each t reproduces it with the base model it was given.
+    card = (tmp_path / "wise" / "weight-0.5" / "README.md").read_text()
+    assert f"--weight 0.5 --output_dir {tmp_path / 'wise'} --base_model {workdir['gpt2']}" in card
     # What cannot be evaluated is refused before anything is written.
     for extra, message in [(["--eval", "no_such_recipe"], "Recipe 'no_such_recipe' not found"),
                            (["--eval", "gpt2_generation", "--", "--model_name_or_path", "x"], "sets --model_name_or_path"),
@@ -299,3 +347,17 @@ def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(w
         assert main(["interpolate", str(tmp_path / "run"), "--weight", "0.5", "--output_dir",
                      str(tmp_path / "refused"), *extra]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_wise_ft_of_an_unpenalized_run_from_a_local_model_needs_no_base_model(workdir, tmp_path):
+    """`l2_mode none` keeps no θ₀: its card records where the run started, and interpolate reads it there."""
+    from huggingface_hub import ModelCard
+
+    from hf_l2.cli import main
+
+    generation.main(gpt2_args(workdir, tmp_path / "run", "--l2_mode", "none", "--num_samples", "0"))
+    assert ModelCard.load(tmp_path / "run" / "README.md").data.to_dict()["base_model_path"] == str(workdir["gpt2"])
+    assert main(["interpolate", str(tmp_path / "run"), "--weight", "0", "--output_dir", str(tmp_path / "wise")]) == 0
+    start = load_file(workdir["gpt2"] / "model.safetensors")
+    got = load_file(tmp_path / "wise" / "weight-0" / "model.safetensors")
+    assert all(torch.equal(got[name], start[name]) for name in start)

@@ -37,7 +37,7 @@ MAX_WORDS = 30  # longer messages (Mercurial's help pages) would not fit the sta
 KEY_LIKE = re.compile(r"[^\s]*[_-][^\s]*")
 PRETRAINING_HELD_OUT = 500
 SPLIT_SEED = 0  # fixed: the same held-out examples on every machine
-INSTALL = 'install the demo extra, `pip install -e ".[demo]"`.'
+INSTALL = 'install the demo extra, `pip install "hf_l2[demo]"` (in a checkout: `pip install -e ".[demo]"`).'
 
 
 class DemoDataError(RuntimeError):
