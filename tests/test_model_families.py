@@ -88,7 +88,7 @@ def test_mode_none_is_the_stock_trainer_bit_for_bit(tmp_path, family):
 def test_l2_sp_impls_match_hand_written_loops(tmp_path, family):
     """grad and loss: accumulation 4, clipping active; decoupled: the pull, then SGD. The tied embedding is one
     parameter and is pulled once."""
-    data, alpha, clip, lr, steps = TokenDataset(n=8), 0.7, 0.5, 0.1, 3
+    data, alpha, clip, lr, steps = TokenDataset(n=8), 5.0, 0.5, 0.1, 3
     common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=steps, optim="sgd",
                   learning_rate=lr, l2_coef=alpha)
     expected = hand_loop(family, data, alpha, clip, lr, steps)
@@ -179,10 +179,12 @@ def test_interpolation_midpoint_is_the_mean_of_start_and_run(tmp_path, family):
     trainer = L2Trainer(model=tiny_model(family), train_dataset=TokenDataset(),
                         args=l2_args(tmp_path / "run", max_steps=3, learning_rate=0.05, l2_coef=0.1))
     trainer.train()
-    trainer.save_model()  # the weights and θ₀ (an L2-SP run needs no --base_model)
-    start = tiny_model(family).state_dict()
+    trainer.save_model()
+    tiny_model(family).save_pretrained(tmp_path / "base")  # fills in the norms, which θ₀'s file leaves out
+    start = load_file(str(tmp_path / "base" / "model.safetensors"))
     tuned = load_file(str(tmp_path / "run" / "model.safetensors"))
-    assert main(["interpolate", str(tmp_path / "run"), "--weight", "0.5", "--output_dir", str(tmp_path / "wise")]) == 0
+    assert main(["interpolate", str(tmp_path / "run"), "--weight", "0.5", "--output_dir", str(tmp_path / "wise"),
+                 "--base_model", str(tmp_path / "base")]) == 0
     half = load_file(str(tmp_path / "wise" / "weight-0.5" / "model.safetensors"))
     assert any(not torch.equal(tuned[n], start[n]) for n in tuned)
     for n in tuned:
