@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints/demo.txt
 PIP = $(PYTHON) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo quickstart test test-slow bench
+.PHONY: install demo real-model quickstart test test-slow bench
 
 # A fresh Debian/Ubuntu Python may lack ensurepip (package python3-venv): then bootstrap pip with the system's pip.
 $(VENV)/bin/python:
@@ -28,6 +28,11 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 
 demo: install
 	$(PYTHON) -m hf_l2.cli demo --output_dir runs/demo
+
+# SmolLM2-135M-Instruct (Q4_1, dequantized) with every method and baseline: about 90 minutes on 2 idle cores,
+# resumable (docs/real_model.md).
+real-model: install
+	$(PYTHON) -m hf_l2.cli real-model --output_dir runs/real_model
 
 quickstart: install
 	$(PYTHON) -m hf_l2.examples.quickstart --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1

