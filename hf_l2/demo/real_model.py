@@ -366,12 +366,13 @@ def write_study_report(output_dir: Path, size: StudySize) -> Path:
         "# Real model: SmolLM2-135M-Instruct, chat SFT en→de on UI messages", "",
         f"Weights: {WEIGHTS_NOTE}. {size.steps} steps, batch {size.batch_size}, at most {size.max_length} tokens, "
         f"learning rate {size.learning_rate:g} (LoRA {size.lora_learning_rate:g}), constant, no weight decay; seeds "
-        f"{list(size.seeds)}. Target: chrF / BLEU on {len(start['probe']) and size.translation_eval} held-out Django "
+        f"{list(size.seeds)}. Target: chrF / BLEU on {size.translation_eval} held-out Django "
         f"messages (greedy). Forgetting: Δ cross-entropy on general English text (after − before, nats/token; start "
         f"{start['general_ce']:.4f}) and probe accuracy on the {start['kept']} of {len(start['probe'])} questions the "
         f"starting model answers right here. Start: chrF {start['chrf']:.1f}, BLEU {start['bleu']:.1f}. "
         f"Python {platform.python_version()}, torch {torch.__version__}.", "",
         "| method | chrF ↑ | BLEU ↑ | Δ CE general ↓ | probe % ↑ | ‖θ − θ₀‖ |", "|---|---:|---:|---:|---:|---:|",
+        f"| *start* | {start['chrf']:.1f} | {start['bleu']:.1f} | 0 | 100 | 0 |",
     ]
     for s in summary:
         n = s["seeds"]
@@ -379,14 +380,22 @@ def write_study_report(output_dir: Path, size: StudySize) -> Path:
                      f"{_cell(s['delta_ce'], 4, n)} | {_cell(s['probe'], 0, n)} | {_cell(s['drift'], 2, n)} |")
     path = output_dir / "results.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _plot(summary, output_dir / "results.png")
+    _plot(start, summary, output_dir / "results.png")
     with open(output_dir / "results.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({k: v for k, v in r.items() if k != "examples"}, ensure_ascii=False) + "\n"
                      for r in rows)
     return path
 
 
-def _plot(summary: list[dict], path: Path) -> None:
+def _point_label(point: dict) -> str:
+    """What tells a point from the others of its curve: "t=0.5", "α=0.1", "lr ÷ 10" (nothing for a lone point)."""
+    label = point["label"]
+    if label == point["curve"]:
+        return ""
+    return label.rsplit(", ", 1)[-1] if ", " in label else label.rsplit(" ", 1)[-1]
+
+
+def _plot(start: dict, summary: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,8 +410,9 @@ def _plot(summary: list[dict], path: Path) -> None:
                         xerr=[p[key][1] for p in points], yerr=[p["chrf"][1] for p in points],
                         marker="o", capsize=3, label=curve)
             for p in points:
-                ax.annotate(p["label"].split(" ", 1)[-1] if p["curve"] != p["label"] else "", (p[key][0], p["chrf"][0]),
-                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(_point_label(p), (p[key][0], p["chrf"][0]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.plot([0.0 if key == "delta_ce" else 100.0], [start["chrf"]], "k*", markersize=10, label="start")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("chrF on held-out Django messages ↑")
         ax.grid(alpha=0.3)
