@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from helpers import english_text
-from hf_l2.demo import real_model
+from hf_l2.demo import chat_eval, real_model
 from hf_l2.demo.probe import QUESTIONS, is_correct
 from hf_l2.local_tokenizers import train_chat_tokenizer
 
@@ -56,8 +56,8 @@ def test_general_cross_entropy_is_the_mean_over_predicted_tokens(tmp_path):
     tokenizer = train_chat_tokenizer(english_text()[:200], vocab_size=96, model_max_length=256)
     model = tiny_llama(len(tokenizer)).eval()
     texts = english_text()[:60]
-    got = real_model.general_cross_entropy(model, tokenizer, texts, blocks=3, batch_size=2)
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][: 3 * real_model.GENERAL_BLOCK]
+    got = chat_eval.general_cross_entropy(model, tokenizer, texts, blocks=3, batch_size=2)
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][: 3 * chat_eval.GENERAL_BLOCK]
     ids = torch.tensor(ids).view(3, -1)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1]
@@ -90,7 +90,7 @@ def tiny_start(tmp_path, monkeypatch):
         return chosen
 
     monkeypatch.setattr(real_model, "study_data", fewer_pairs)
-    monkeypatch.setattr(real_model, "QUESTIONS", QUESTIONS[:4])  # a stand-in model answers none of them anyway
+    monkeypatch.setattr(chat_eval, "QUESTIONS", QUESTIONS[:4])  # a stand-in model answers none of them anyway
     return folder
 
 

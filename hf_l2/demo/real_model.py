@@ -31,11 +31,8 @@ from pathlib import Path
 import torch
 
 from .data import DemoData, DemoDataError, prepare
-from .probe import QUESTIONS, is_correct
+from .chat_eval import GENERAL_BLOCK, PROMPT, StudyData, evaluate_model
 from .smollm2 import DEFAULT_CACHE, WEIGHTS_NOTE, smollm2_folder
-
-PROMPT = "Translate this message from English to German:\n{}"
-
 
 @dataclass(frozen=True)
 class StudySize:
@@ -59,7 +56,6 @@ GPU = StudySize(steps=200, batch_size=16, max_length=128, learning_rate=5e-5, lo
                 seeds=(0, 1, 2), translation_eval=326, general_blocks=96, fisher_samples=512, eval_batch_size=64)
 SIZES = {"cpu": CPU, "gpu": GPU}
 WISE_FT_WEIGHTS = (0.25, 0.5, 0.75)
-GENERAL_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -101,14 +97,6 @@ def methods() -> list[Method]:
 CURVES = ("none", "lower lr", "WiSE-FT", "l2_sp", "l2_sp_fisher", "KL anchor", "LoRA", "LoRA + l2_lora_delta")
 
 
-@dataclass
-class StudyData:
-    train: list[tuple[str, str]]
-    evaluation: list[tuple[str, str]]
-    general_eval: list[str]
-    general_fisher: list[str]
-
-
 def study_data(data: DemoData, size: StudySize) -> StudyData:
     def pairs(part: str) -> list[tuple[str, str]]:
         rows = [json.loads(line)["translation"] for line in data.translation(part).open(encoding="utf-8")]
@@ -122,64 +110,6 @@ def study_data(data: DemoData, size: StudySize) -> StudyData:
     train = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()]
     return StudyData(train, pairs("target_validation")[: size.translation_eval], lines("pretrain_validation"),
                      lines("pretrain_train"))
-
-
-# --- evaluation ---------------------------------------------------------------------------------------------------
-
-
-def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions]
-
-
-@torch.no_grad()
-def greedy_replies(model, tokenizer, questions: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
-    """Each question through the chat template, answered greedily (left-padded batches)."""
-    tokenizer.padding_side = "left"
-    replies = []
-    for start in range(0, len(questions), batch_size):
-        texts = chat_prompts(tokenizer, questions[start:start + batch_size])
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [r.strip() for r in replies]
-
-
-@torch.no_grad()
-def general_cross_entropy(model, tokenizer, texts: list[str], blocks: int, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats) over the first ``blocks`` 128-token blocks of the joined texts."""
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][: blocks * GENERAL_BLOCK]
-    tensor = torch.tensor(ids[: len(ids) // GENERAL_BLOCK * GENERAL_BLOCK]).view(-1, GENERAL_BLOCK)
-    total, count = 0.0, 0
-    for start in range(0, len(tensor), batch_size):
-        batch = tensor[start:start + batch_size].to(model.device)
-        loss = model(input_ids=batch, labels=batch).loss  # mean over the batch's predicted tokens
-        n = batch.numel() - batch.shape[0]
-        total, count = total + loss.item() * n, count + n
-    return total / count
-
-
-def evaluate_model(model, tokenizer, data: StudyData, size: StudySize) -> dict:
-    """chrF, BLEU, general-text cross-entropy and the probe's per-question correctness of one model."""
-    import sacrebleu
-
-    was_training = model.training
-    model.eval()
-    sources, references = zip(*data.evaluation)
-    hypotheses = greedy_replies(model, tokenizer, [PROMPT.format(s) for s in sources], size.eval_batch_size, 40)
-    answers = greedy_replies(model, tokenizer, [q for q, _ in QUESTIONS], size.eval_batch_size, 20)
-    metrics = {
-        "chrf": sacrebleu.corpus_chrf(hypotheses, [list(references)]).score,
-        "bleu": sacrebleu.corpus_bleu(hypotheses, [list(references)]).score,
-        "general_ce": general_cross_entropy(model, tokenizer, data.general_eval, size.general_blocks,
-                                            size.eval_batch_size),
-        "probe": [is_correct(a, ok) for a, (_, ok) in zip(answers, QUESTIONS)],
-        "examples": {"translations": list(zip(sources[:5], hypotheses[:5])),
-                     "capital_of_france": answers[0]},
-    }
-    model.train(was_training)
-    return metrics
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -219,9 +149,13 @@ def train_run(method: Method, seed: int, start: Path, data: StudyData, size: Stu
     result = trainer.train()
     seconds = time.perf_counter() - started
     trained = trainer.model.merge_and_unload() if method.lora else trainer.model
-    metrics = evaluate_model(trained, tokenizer, data, size)
+    metrics = evaluate(trained, tokenizer, data, size)
     return {**metrics, "train_loss": result.training_loss, "train_seconds": seconds,
             "final_weights": trained.state_dict()}
+
+
+def evaluate(model, tokenizer, data: StudyData, size: StudySize) -> dict:
+    return evaluate_model(model, tokenizer, data, size.eval_batch_size, size.general_blocks)
 
 
 def general_blocks_dataset(tokenizer, texts: list[str], count: int):
@@ -265,7 +199,7 @@ def run_study(output_dir: str | Path, cache_dir: str | Path, size: StudySize,
     start_weights = {n: w.detach().clone() for n, w in start_model.state_dict().items()}
     if not start_file.is_file():
         t0 = time.perf_counter()
-        _store(start_file, {"method": "start", "seed": None, **evaluate_model(start_model, tokenizer, data, size),
+        _store(start_file, {"method": "start", "seed": None, **evaluate(start_model, tokenizer, data, size),
                             "drift": 0.0, "eval_seconds": time.perf_counter() - t0})
         _progress(start_file)
     del start_model
@@ -298,7 +232,7 @@ def wise_ft_runs(final, start_weights, start: Path, seed: int, tokenizer, data, 
             continue
         weights = wise_ft(start_weights, final, t)
         model.load_state_dict(weights)
-        _store(path, {"method": f"wise_ft-{t:g}", "seed": seed, **evaluate_model(model, tokenizer, data, size),
+        _store(path, {"method": f"wise_ft-{t:g}", "seed": seed, **evaluate(model, tokenizer, data, size),
                       "drift": drift(weights, start_weights)})
         _progress(path)
 
@@ -371,7 +305,8 @@ def write_study_report(output_dir: Path, size: StudySize) -> Path:
         f"{start['general_ce']:.4f}) and probe accuracy on the {start['kept']} of {len(start['probe'])} questions the "
         f"starting model answers right here. Start: chrF {start['chrf']:.1f}, BLEU {start['bleu']:.1f}. "
         f"Python {platform.python_version()}, torch {torch.__version__}.", "",
-        "| method | chrF ↑ | BLEU ↑ | Δ CE general ↓ | probe % ↑ | ‖θ − θ₀‖ |", "|---|---:|---:|---:|---:|---:|",
+        "| method | chrF ↑ | BLEU ↑ | Δ CE general ↓ | probe % ↑ | ‖θ − θ₀‖ |",
+        "|---|---:|---:|---:|---:|---:|",
         f"| *start* | {start['chrf']:.1f} | {start['bleu']:.1f} | 0 | 100 | 0 |",
     ]
     for s in summary:
