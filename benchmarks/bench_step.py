@@ -177,7 +177,7 @@ def main() -> None:
     if args.json:
         numbers = {v: {"tokens_per_s": speed[v], "peak_bytes": peak[v]} for v in names}
         args.json.write_text(json.dumps(numbers, indent=1))
-    key = f"{device.type}:{re.sub(r'\W+', '_', Path(args.model).name)}" if args.model else device.type
+    key = device.type + (":" + re.sub(r"\W+", "_", Path(args.model).name) if args.model else "")
     body = "\n\n".join(
         [
             f"## Whole optimizer steps (`bench_step.py`, {key})",

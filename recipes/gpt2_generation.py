@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
     require_architecture(config, encoder_decoder=False, name=model_args.model_name_or_path,
-                         recipe="hf_l2.recipes.gpt2_generation", other=f"python -m hf_l2.recipes.marian_translation")
+                         recipe="hf_l2.recipes.gpt2_generation", other="python -m hf_l2.recipes.marian_translation")
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
     block_size = choose_block_size(data_args.block_size, tokenizer, config)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)

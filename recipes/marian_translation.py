@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
     require_architecture(config, encoder_decoder=True, name=model_args.model_name_or_path,
-                         recipe="hf_l2.recipes.marian_translation", other=f"python -m hf_l2.recipes.gpt2_generation")
+                         recipe="hf_l2.recipes.marian_translation", other="python -m hf_l2.recipes.gpt2_generation")
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
 

@@ -15,7 +15,7 @@ from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, p
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
 from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES
 from hf_l2.output_anchor import OutputAnchor
-from test_trainer import PairDataset, tiny_marian
+from test_trainer import MaskedPairDataset, tiny_generating_marian
 
 LAMBDA, TAU = 3.0, 2.0
 
@@ -196,17 +196,17 @@ def test_seq2seq_matches_the_reference_and_generate_eval_is_unaffected(tmp_path,
                                l2_impl=impl, optim="sgd", learning_rate=0.5, max_grad_norm=0.5, logging_steps=1,
                                predict_with_generate=True, generation_max_length=8, disable_tqdm=True, **kw)
 
-    model, reference_model = tiny_marian(), tiny_marian()
+    model, reference_model = tiny_generating_marian(), tiny_generating_marian()
     ours = L2Seq2SeqTrainer(model=model, args=args(l2_kl_coef=LAMBDA, l2_kl_temperature=TAU),
-                            train_dataset=PairDataset(), eval_dataset=PairDataset(4))
+                            train_dataset=MaskedPairDataset(), eval_dataset=MaskedPairDataset(4))
     ours.train()
-    MarianReference(model=reference_model, args=args(), train_dataset=PairDataset()).train()
+    MarianReference(model=reference_model, args=args(), train_dataset=MaskedPairDataset()).train()
     assert max_rel_diff(params_of(model), params_of(reference_model)) < 1e-6
     got = ours.evaluate()
     stock = Seq2SeqTrainer(model=model, args=L2Seq2SeqConfig(output_dir=str(tmp_path), report_to="none",
                                                              use_cpu=True, predict_with_generate=True,
                                                              generation_max_length=8),
-                           eval_dataset=PairDataset(4)).evaluate()
+                           eval_dataset=MaskedPairDataset(4)).evaluate()
     assert got["eval_loss"] == pytest.approx(stock["eval_loss"], rel=1e-6)
 
 

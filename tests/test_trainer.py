@@ -181,7 +181,8 @@ def test_eval_loss_never_includes_the_penalty(tmp_path):
     assert trainer.evaluate()["eval_loss"] == pytest.approx(stock.evaluate()["eval_loss"], rel=1e-6)
 
 
-def tiny_marian():
+def tiny_generating_marian():
+    """A Marian whose generation stops at 8 tokens (pad 39), for the predict_with_generate tests."""
     torch.manual_seed(0)
     config = MarianConfig(
         vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
@@ -191,7 +192,7 @@ def tiny_marian():
     return MarianMTModel(config)
 
 
-class PairDataset(torch.utils.data.Dataset):
+class MaskedPairDataset(torch.utils.data.Dataset):
     def __init__(self, n=8):
         g = torch.Generator().manual_seed(0)
         self.src = torch.randint(1, 39, (n, 6), generator=g)
@@ -206,17 +207,17 @@ class PairDataset(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("impl", ["grad", "loss"])
 def test_seq2seq_trains_with_penalty_and_generate_eval_excludes_it(tmp_path, impl):
-    model = tiny_marian()
+    model = tiny_generating_marian()
     args = L2Seq2SeqConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none",
                            use_cpu=True, l2_coef=50.0, l2_impl=impl, predict_with_generate=True,
                            generation_max_length=8, logging_steps=1, learning_rate=1e-2, disable_tqdm=True)
-    trainer = L2Seq2SeqTrainer(model=model, args=args, train_dataset=PairDataset(), eval_dataset=PairDataset(4))
+    trainer = L2Seq2SeqTrainer(model=model, args=args, train_dataset=MaskedPairDataset(), eval_dataset=MaskedPairDataset(4))
     trainer.train()
     assert trainer.state.log_history[-2]["l2/drift"] > 0
     got = trainer.evaluate()["eval_loss"]
     stock_args = L2Seq2SeqConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, l2_mode="none",
                                  predict_with_generate=True, generation_max_length=8)
-    stock = Seq2SeqTrainer(model=model, args=stock_args, eval_dataset=PairDataset(4))
+    stock = Seq2SeqTrainer(model=model, args=stock_args, eval_dataset=MaskedPairDataset(4))
     assert got == pytest.approx(stock.evaluate()["eval_loss"], rel=1e-6)
 
 
