@@ -370,6 +370,7 @@ def add_real_model_parser(subparsers) -> argparse.ArgumentParser:
                         help="cpu: 1 seed, 100 steps of 8 × 64 tokens (about 90 min on 2 idle cores); gpu: 3 seeds, "
                         "200 steps of 16 × 128 tokens.")
     parser.add_argument("--steps", type=int, default=None, help="Override the size's steps.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the size's seeds.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--methods", nargs="+", default=None, choices=[m.name for m in methods()],
                         help="Run only these methods (the report still shows every stored run).")
@@ -380,7 +381,11 @@ def add_real_model_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    size = SIZES[args.size] if args.steps is None else replace(SIZES[args.size], steps=args.steps)
+    size = SIZES[args.size]
+    if args.steps is not None:
+        size = replace(size, steps=args.steps)
+    if args.seeds is not None:
+        size = replace(size, seeds=tuple(args.seeds))
     try:
         path = run_study(args.output_dir, args.cache_dir, size, args.methods)
     except DemoDataError as err:
