@@ -27,17 +27,18 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	$(PIP) -e ".[test]"
 
 demo: install
-	$(PYTHON) -m hf_l2.cli demo --output_dir runs/demo
+	$(PYTHON) -m hf_l2.tools.cli demo --output_dir runs/demo
 
 # SmolLM2-135M-Instruct (Q4_1, dequantized) with every method and baseline: about 90 minutes on 2 idle cores,
 # resumable (docs/real_model.md).
 real-model: install
-	$(PYTHON) -m hf_l2.cli real-model --output_dir runs/real_model
+	$(PYTHON) -m hf_l2.tools.cli real-model --output_dir runs/real_model
 
 quickstart: install
 	$(PYTHON) -m hf_l2.examples.quickstart --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1
 
 test: install
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q tests
 
 # The wheel installed into a fresh venv, then the CLI, a recipe and a reduced demo run from it (minutes; CI runs it).

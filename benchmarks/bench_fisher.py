@@ -22,12 +22,19 @@ import tempfile
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from bench_penalty import COEF, DRIFT, LR
 from common import (
-    PeakMemory, add_run_arguments, call_times, default_device, environment, mib, synchronize, write_section
+    PeakMemory,
+    add_run_arguments,
+    call_times,
+    default_device,
+    environment,
+    mib,
+    synchronize,
+    write_section,
 )
+from transformers import GPT2Config, GPT2LMHeadModel
+
 from hf_l2 import L2Config, L2Trainer
 from hf_l2.penalty import L2Penalty, snapshot
 
@@ -81,8 +88,8 @@ def penalty_step(device: torch.device, warmup: int, repeats: int) -> str:
     lines = [
         f"### Penalty step, GPT-2 small shapes ({sum(p.numel() for p in params.values()) / 1e6:.1f}M values)",
         "",
-        f"| impl | l2_sp median ms ({clock}) | l2_sp_fisher median ms ({clock}) | ratio ({clock}; target ≤ 1.3×) "
-        "| peak Δ MiB l2_sp / l2_sp_fisher |",
+        (f"| impl | l2_sp median ms ({clock}) | l2_sp_fisher median ms ({clock}) | ratio ({clock}; target ≤ 1.3×) "
+        "| peak Δ MiB l2_sp / l2_sp_fisher |"),
         "|---|---:|---:|---:|---:|",
     ]
     for impl in ("grad", "loss", "decoupled"):
@@ -125,8 +132,8 @@ def fisher_vs_epoch(device: torch.device, model_name: str, examples: int, length
     fisher, epoch = min(rounds["fisher"]), min(rounds["epoch"])
     params = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
     lines = [
-        f"### Computing F vs one epoch: GPT-2 `{model_name}` ({params / 1e6:.1f}M parameters), {examples} sequences "
-        f"of {length} tokens",
+        (f"### Computing F vs one epoch: GPT-2 `{model_name}` ({params / 1e6:.1f}M parameters), {examples} sequences "
+        f"of {length} tokens"),
         "",
         "| | seconds (best of 2) | per example ms |",
         "|---|---:|---:|",

@@ -20,9 +20,9 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from common import PeakMemory, RandomTokens, add_run_arguments, default_device, environment, mib, write_section
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from common import PeakMemory, RandomTokens, add_run_arguments, default_device, environment, mib, write_section
 from hf_l2 import L2Config, L2Trainer
 
 LAMBDA = 1.0

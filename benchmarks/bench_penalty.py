@@ -5,7 +5,8 @@
     python benchmarks/bench_penalty.py --models tiny --repeats 3 --json out.json   # seconds: a dry run of the code
 
 Shapes: GPT-2 small (124M) and Marian base (opus-mt-en-de), random weights built from their configs (nothing is
-downloaded); `tiny` (a 2-layer GPT-2) only checks that the script runs. Regularized: every trainable tensor with ≥ 2 dimensions (about the L2Trainer's bias/norm exclusion).
+downloaded); `tiny` (a 2-layer GPT-2) only checks that the script runs. Regularized: every trainable tensor with
+≥ 2 dimensions (about the L2Trainer's bias/norm exclusion).
 Variants, all adding to gradients that already hold a backward's result:
 
 - none: a no-op (timer floor); copy: ``dst.copy_(src)`` moving the same bytes as the ideal op (bandwidth ceiling);
@@ -30,9 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import PeakMemory, add_run_arguments, call_times, default_device, environment, mib, write_section
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from common import PeakMemory, add_run_arguments, call_times, default_device, environment, mib, write_section
 from hf_l2.penalty import L2Penalty, snapshot
 
 COEF = 0.01  # L2Config's default α
@@ -121,8 +122,8 @@ def bench_model(name: str, device: torch.device, warmup: int, repeats: int) -> t
     copy_gbs = cases["copy"][1] / median["copy"] / 1e9
     numel = sum(p.numel() for p in params.values())
     lines = [
-        f"### {name}: {len(params)} tensors, {numel / 1e6:.1f}M regularized values "
-        f"(model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)",
+        (f"### {name}: {len(params)} tensors, {numel / 1e6:.1f}M regularized values "
+        f"(model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)"),
         "",
         "| variant | median ms | min ms | GB/s | % of copy GB/s | speedup vs naive | peak memory Δ MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -25,11 +25,18 @@ import time
 from pathlib import Path
 
 import torch
+from common import (
+    PeakMemory,
+    RandomTokens,
+    add_run_arguments,
+    default_device,
+    environment,
+    mib,
+    synchronize,
+    write_section,
+)
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from common import (
-    PeakMemory, RandomTokens, add_run_arguments, default_device, environment, mib, synchronize, write_section,
-)
 from hf_l2 import L2Config, L2Trainer
 
 WARMUP = 2  # untimed steps: the optimizer state and the anchor's first use are allocated there

@@ -144,8 +144,8 @@ def environment(device: torch.device, *notes: str) -> str:
     """Markdown list: device, versions, date, the exact command line, then ``notes``."""
     items = [
         f"device: {device_name(device)}",
-        f"torch {torch.__version__}, transformers {transformers.__version__}, hf_l2 {hf_l2.__version__}, "
-        f"python {platform.python_version()}",
+        (f"torch {torch.__version__}, transformers {transformers.__version__}, hf_l2 {hf_l2.__version__}, "
+        f"python {platform.python_version()}"),
         f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"command: `{shlex.join(['python', *sys.argv])}`",
         *notes,

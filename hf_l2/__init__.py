@@ -1,16 +1,18 @@
 """hf_l2: fine-tune Hugging Face models with an explicit L2 or L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018)."""
 
-from . import _quiet  # noqa: F401 - first: before anything imports peft
-from ._version import __version__
-from .callbacks import DecoupledL2SPCallback, WeightNormCallback
-from .config import L2Config, L2Seq2SeqConfig
-from .hub import HubPublishError
-from .penalty import L2Penalty
-from .publishing import L2PublishingMixin
-from .schedule import CoefSchedule
-from .trainer import L2OutputAnchorMixin, L2PenaltyMixin, L2Seq2SeqTrainer, L2Trainer, L2TrainerMixin
+from hf_l2 import _quiet  # noqa: F401 - first: before anything imports peft
+from hf_l2._version import __version__
+from hf_l2.callbacks import DecoupledL2SPCallback, WeightNormCallback
+from hf_l2.config import L2Config, L2Seq2SeqConfig
+from hf_l2.penalty import L2Penalty
+from hf_l2.publishing.hub import HubPublishError
+from hf_l2.publishing.mixin import L2PublishingMixin
+from hf_l2.schedule import CoefSchedule
+from hf_l2.trainer import L2OutputAnchorMixin, L2PenaltyMixin
+from hf_l2.trainers import L2Seq2SeqTrainer, L2Trainer, L2TrainerMixin
 
 __all__ = [
+    "__version__",
     "L2Config",
     "L2Seq2SeqConfig",
     "L2Trainer",

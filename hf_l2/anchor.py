@@ -12,10 +12,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .anchor_checks import ANCHOR_FIX, ExpectedAnchor, checksum_metadata, verify_anchor_file
-from .lora import adapter_parameter_names, modules_to_save_originals
-from .penalty import L2Penalty, Selection, snapshot
-from .sharding import local_pieces
+from hf_l2.anchor_checks import ANCHOR_FIX, ExpectedAnchor, checksum_metadata, verify_anchor_file
+from hf_l2.lora import adapter_parameter_names, modules_to_save_originals
+from hf_l2.penalty import L2Penalty, Selection, snapshot
+from hf_l2.sharding import local_pieces
 
 # Saved next to optimizer.pt in every checkpoint, so that resume restores θ₀ instead of re-snapshotting it.
 ANCHOR_FILE = "l2_anchor.safetensors"

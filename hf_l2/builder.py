@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .anchor import l2_sp_penalty
-from .lora import LoraDeltaPenalty, find_lora_layers
-from .penalty import L2Penalty, select_parameters, snapshot
-from .validation import compile_patterns
+from hf_l2.anchor import l2_sp_penalty
+from hf_l2.argument_checks import compile_patterns
+from hf_l2.lora import LoraDeltaPenalty, find_lora_layers
+from hf_l2.penalty import L2Penalty, select_parameters, snapshot
 
 logger = logging.get_logger(__name__)
 

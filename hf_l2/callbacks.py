@@ -11,14 +11,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .builder import build_penalty
-from .decoupled import DecoupledPull
-from .groups import GROUPINGS, parameter_group
-from .optimizers import in_backward_optimizer
-from .penalty import L2Penalty, snapshot
-from .schedule import CoefSchedule
-from .sharding import local_pieces
-from .validation import check_number
+from hf_l2.argument_checks import check_number
+from hf_l2.builder import build_penalty
+from hf_l2.decoupled import DecoupledPull
+from hf_l2.layer_groups import GROUPINGS, parameter_group
+from hf_l2.optimizers import in_backward_optimizer
+from hf_l2.penalty import L2Penalty, snapshot
+from hf_l2.schedule import CoefSchedule
+from hf_l2.sharding import local_pieces
 
 logger = logging.get_logger(__name__)
 
@@ -63,7 +63,7 @@ class WeightNormCallback(TrainerCallback):
             state = reference.state_dict() if isinstance(reference, nn.Module) else reference
             self._snapshot = snapshot(state, list(state), snapshot_dtype, snapshot_device)
 
-    def attach(self, trainer) -> "WeightNormCallback":
+    def attach(self, trainer) -> WeightNormCallback:
         """Register on a trainer ahead of its reporting callbacks, so TensorBoard and W&B get the norms."""
         trainer.callback_handler.callbacks.insert(0, self)
         return self

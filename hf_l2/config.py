@@ -10,8 +10,8 @@ import torch
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
-from .validation import check_number, compile_patterns
-from .schedule import SCHEDULES, CoefSchedule
+from hf_l2.argument_checks import check_number, compile_patterns
+from hf_l2.schedule import SCHEDULES, CoefSchedule
 
 logger = logging.get_logger(__name__)
 
@@ -172,7 +172,8 @@ class L2Config(TrainingArguments):
         """This class built from `args` (every field kept, `hub_token` included) plus `l2_fields`, e.g.
         `L2Config.from_training_args(args, l2_coef=0.01)`. `L2Config.from_training_args` of a
         `Seq2SeqTrainingArguments` gives an `L2Seq2SeqConfig`; for a TRL config call it on the matching L2 class
-        (`hf_l2.trl.L2SFTConfig.from_training_args(sft_config, ...)`, `L2<X>Config` for any TRL `<X>Config`).
+        (`hf_l2.integrations.trl.L2SFTConfig.from_training_args(sft_config, ...)`, `L2<X>Config` for any TRL
+        `<X>Config`).
 
         Not `L2Config(**args.to_dict(), ...)`: `to_dict()` replaces the tokens by placeholders such as
         `"<HUB_TOKEN>"`, which the new config would then push with.
@@ -182,7 +183,7 @@ class L2Config(TrainingArguments):
         foreign = [f.name for f in fields(args) if f.init and f.name not in known]
         if foreign:
             name = type(args).__name__
-            extended = (f"`from hf_l2.trl import L2{name}`" if type(args).__module__.startswith("trl.")
+            extended = (f"`from hf_l2.integrations.trl import L2{name}`" if type(args).__module__.startswith("trl.")
                         else f"`@dataclasses.dataclass class L2{name}({name}, L2Config)`")
             raise TypeError(
                 f"`{name}` has fields `{target.__name__}` lacks, e.g. {foreign[:3]}: call `from_training_args` on an "

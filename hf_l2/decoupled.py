@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.hooks import RemovableHandle
 
-from .penalty import L2Penalty
+from hf_l2.penalty import L2Penalty
 
 
 def check_pull_rate(lr: float, coef: float, factor: float, symbol: str, where: str, peak_weight: float = 1.0) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .anchor import load_anchor, save_anchor
-from .anchor_checks import ANCHOR_FIX, ExpectedAnchor
+from hf_l2.anchor import load_anchor, save_anchor
+from hf_l2.anchor_checks import ANCHOR_FIX, ExpectedAnchor
 
 FISHER_FILE = "l2_fisher.safetensors"
 RANK_FISHER_FILE = "l2_fisher-rank{rank:05d}-of-{world:05d}.safetensors"

@@ -18,13 +18,13 @@ For any such factorization the gradient is ∇_{B_a}Ω = α·s_a·B̂·(Â·A_a�
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .validation import matches
+from hf_l2.argument_checks import matches
 
 
 @dataclass

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .chunks import BLOCK_NUMEL, NORM_BLOCK, chunk_slices
-from .sharding import Piece, world_size
+from hf_l2.chunks import BLOCK_NUMEL, NORM_BLOCK, chunk_slices
+from hf_l2.sharding import Piece, world_size
+
 
 @dataclass
 class Selection:
@@ -512,7 +513,7 @@ class L2Penalty:
         Under ZeRO-3 the gradient has to go through DeepSpeed's reduction instead: see ``zero3.py``.
         """
         if self._zero3:
-            from .zero3 import zero3_loss_term
+            from hf_l2.zero3 import zero3_loss_term
 
             return zero3_loss_term(self)
         anchored, new = self.tensors()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .validation import check_number
+from hf_l2.argument_checks import check_number
 
 SCHEDULES = ("constant", "linear", "cosine", "sigmoid")
 

@@ -1,5 +1,5 @@
-"""`L2PenaltyMixin` (the penalty in the step, its logging, θ₀ in checkpoints), `L2TrainerMixin` (that plus the card
-and Hub publishing of `hf_l2.publishing`), and `L2Trainer` / `L2Seq2SeqTrainer` built from them."""
+"""The Trainer layer: `L2PenaltyMixin` (the penalty in the step, its logging, θ₀ in checkpoints) and
+`L2OutputAnchorMixin` (that plus the KL anchor). `hf_l2.trainers` adds publishing and builds `L2Trainer`."""
 
 from __future__ import annotations
 
@@ -10,29 +10,32 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, unwrap_peft_model
 from transformers.utils import logging
 
-from .anchor import (
-    ANCHOR_FILE, KL_ANCHOR_FILES, anchor_source, expected_anchors, load_anchor, read_weights, save_anchor,
+from hf_l2.anchor import (
+    ANCHOR_FILE,
+    KL_ANCHOR_FILES,
+    anchor_source,
+    expected_anchors,
+    load_anchor,
+    read_weights,
+    save_anchor,
 )
-from .anchor_checks import ExpectedAnchor, differing_anchors
-from .builder import build_lora_penalty, build_penalty
-from .callbacks import WeightNormCallback
-from .config import ANCHOR_DTYPES, ANCHORED_MODES, L2Config, L2Seq2SeqConfig, validate_l2_fields
-from .decoupled import DecoupledPull, check_pull_rate
-from .fisher import FISHER_FILE, load_fisher, normalize_fisher, save_fisher, trainer_fisher
-from .lora import LoraDeltaPenalty
-from .loss_kwargs import loss_reads_num_items
-from .model_card import mixed_precision_turned_off
-from .optimizers import in_backward_optimizer
-from .output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
-from .output_lock import holding_output_dir
-from .penalty import L2Penalty
-from .publishing import L2PublishingMixin
-from .saved_folders import naming_a_full_disk
-from .sharding import local_pieces, world_size
+from hf_l2.anchor_checks import ExpectedAnchor, differing_anchors
+from hf_l2.builder import build_lora_penalty, build_penalty
+from hf_l2.callbacks import WeightNormCallback
+from hf_l2.config import ANCHOR_DTYPES, ANCHORED_MODES, L2Config, validate_l2_fields
+from hf_l2.decoupled import DecoupledPull, check_pull_rate
+from hf_l2.disk_full import naming_a_full_disk
+from hf_l2.fisher import FISHER_FILE, load_fisher, normalize_fisher, save_fisher, trainer_fisher
+from hf_l2.lora import LoraDeltaPenalty
+from hf_l2.loss_kwargs import loss_reads_num_items
+from hf_l2.optimizers import in_backward_optimizer
+from hf_l2.output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
+from hf_l2.output_lock import holding_output_dir
+from hf_l2.penalty import L2Penalty
+from hf_l2.sharding import local_pieces, world_size
 
 logger = logging.get_logger(__name__)
 
@@ -577,6 +580,16 @@ class L2PenaltyMixin:
         _warn_saved_anchor_in_force(checkpoint, differ)
 
 
+def mixed_precision_turned_off(trainer) -> str | None:
+    """Why the mixed precision asked for does not run, or None. `fp16=True` without a GPU is no error: accelerate
+    silently turns AMP off (while the stock card still says "Native AMP")."""
+    accelerator = trainer.accelerator
+    if trainer.is_deepspeed_enabled or accelerator.native_amp or accelerator.mixed_precision == "no":
+        return None
+    return (f"{accelerator.mixed_precision} was asked for, but accelerate runs it only on a GPU; this run trains in "
+            f"fp32 on {accelerator.device.type}")
+
+
 def _warn_saved_anchor_in_force(checkpoint: str, differ: list[str]) -> None:
     logger.warning(
         f"θ₀ in force: the one saved in {checkpoint} (this run's own), not the weights the trainer was built "
@@ -750,7 +763,7 @@ def _with_l2_config(args: tuple, kwargs: dict, trainer: L2PenaltyMixin) -> tuple
     if config is None:
         config = trainer._l2_default_args(args[0] if args else kwargs.get("model"))
     elif not isinstance(config, L2Config):
-        wanted = trainer.l2_config_class()  # named as imported: `hf_l2.L2Config`, `hf_l2.trl.L2SFTConfig`
+        wanted = trainer.l2_config_class()  # named as imported: `hf_l2.L2Config`, `hf_l2.integrations.trl.L2SFTConfig`
         raise TypeError(
             f"`args` must be an `{wanted.__module__.removesuffix('.config')}.{wanted.__name__}`, got "
             f"{type(config).__name__}: build it from yours plus the penalty you want, e.g. "
@@ -759,20 +772,3 @@ def _with_l2_config(args: tuple, kwargs: dict, trainer: L2PenaltyMixin) -> tuple
     if positional:
         return (args[0], config, *args[2:]), kwargs
     return args, {**kwargs, "args": config}
-
-
-class L2TrainerMixin(L2OutputAnchorMixin, L2PublishingMixin):
-    """The penalty and the card / Hub publishing for any `Trainer` subclass: `class X(L2TrainerMixin, SomeTrainer)`.
-
-    `args` must be an [`L2Config`] (or a config that extends it).
-    """
-
-
-class L2Trainer(L2TrainerMixin, Trainer):
-    """[`~transformers.Trainer`] that fine-tunes with an explicit L2 or L2-SP penalty; see [`L2Config`]."""
-
-
-class L2Seq2SeqTrainer(L2TrainerMixin, Seq2SeqTrainer):
-    """[`~transformers.Seq2SeqTrainer`] with the penalty of [`L2Trainer`]; takes an [`L2Seq2SeqConfig`]."""
-
-    default_config = L2Seq2SeqConfig

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .chunks import chunk_slices
-from .sharding import world_size
+from hf_l2.chunks import chunk_slices
+from hf_l2.sharding import world_size
 
 
 def zero3_loss_term(penalty) -> torch.Tensor:

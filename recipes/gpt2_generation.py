@@ -15,7 +15,7 @@ the pretraining domain gets the same metrics as `eval_pretrain_*`.
     accelerate launch --config_file zero2.yaml      -m hf_l2.recipes.gpt2_generation ... --l2_impl loss
     accelerate launch --config_file zero3.yaml      -m hf_l2.recipes.gpt2_generation ... --l2_impl loss
     accelerate launch --config_file cpu.yaml        -m hf_l2.recipes.gpt2_generation ...
-    accelerate launch --multi_gpu --num_processes 2 -m hf_l2.recipes.gpt2_generation ... --use_cpu true   # 2 CPU processes
+    accelerate launch --multi_gpu --num_processes 2 -m hf_l2.recipes.gpt2_generation ... --use_cpu true  # 2 CPU procs
 
 The config files ship with hf_l2 (`hf_l2/recipes/configs/`, `hf_l2/recipes/accelerate_configs/`: copy them). From
 a checkout, `python recipes/gpt2_generation.py ...` and the paths `recipes/configs/...` work too.
@@ -33,7 +33,7 @@ from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from hf_l2 import L2Config, L2Trainer
-from hf_l2.recipe_common import (
+from hf_l2.tools.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,

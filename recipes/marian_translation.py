@@ -9,7 +9,7 @@ named after `--source_lang` / `--target_lang`). Evaluation generates translation
 
     python -m hf_l2.recipes.marian_translation --dataset_name wmt16 --dataset_config_name de-en \\
         --source_lang en --target_lang de --output_dir runs/opus-en-de --l2_mode l2_sp --l2_coef 0.01
-    python -m hf_l2.recipes.marian_translation marian_translation.yaml --max_steps 3   # a config file; flags after it win
+    python -m hf_l2.recipes.marian_translation marian_translation.yaml --max_steps 3  # a config; flags after it win
 
     accelerate launch --config_file single_gpu.yaml -m hf_l2.recipes.marian_translation ...
     accelerate launch --config_file multi_gpu.yaml  -m hf_l2.recipes.marian_translation ...
@@ -17,7 +17,7 @@ named after `--source_lang` / `--target_lang`). Evaluation generates translation
     accelerate launch --config_file zero2.yaml      -m hf_l2.recipes.marian_translation ... --l2_impl loss
     accelerate launch --config_file zero3.yaml      -m hf_l2.recipes.marian_translation ... --l2_impl loss
     accelerate launch --config_file cpu.yaml        -m hf_l2.recipes.marian_translation ...
-    accelerate launch --multi_gpu --num_processes 2 -m hf_l2.recipes.marian_translation ... --use_cpu true   # 2 CPU processes
+    accelerate launch --multi_gpu --num_processes 2 -m hf_l2.recipes.marian_translation ... --use_cpu true  # 2 CPU
 
 The config files ship with hf_l2 (`hf_l2/recipes/configs/`, `hf_l2/recipes/accelerate_configs/`: copy them). From
 a checkout, `python recipes/marian_translation.py ...` and the paths `recipes/configs/...` work too.
@@ -34,7 +34,7 @@ from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, metrics
-from hf_l2.recipe_common import (
+from hf_l2.tools.recipe_common import (
     DataArguments,
     ModelArguments,
     RecipeInputError,

@@ -1,8 +1,7 @@
 """Fixtures; the shared helpers are in `helpers.py` (importing it here sets the offline environment for the run)."""
 
-import pytest
-
 import helpers
+import pytest
 
 
 @pytest.fixture

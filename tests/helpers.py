@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from hf_l2.local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
+from hf_l2.tools.local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -199,7 +199,10 @@ ADJECTIVES = [("red", "rot"), ("open", "offen"), ("empty", "leer"), ("new", "neu
 
 def english_text() -> list[str]:
     """Paragraphs of standard-library docstrings: real English that every Python has."""
-    import argparse, collections, json as json_module, pathlib  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import json as json_module
+    import pathlib
 
     docs = [inspect.getdoc(obj) or "" for m in (argparse, collections, json_module, pathlib)
             for _, obj in inspect.getmembers(m)]

@@ -19,7 +19,7 @@ from helpers import TokenDataset, max_rel_diff, params_of, tiny_gpt2  # noqa: E4
 
 from hf_l2 import WeightNormCallback  # noqa: E402
 from hf_l2.anchor import load_anchor, save_anchor  # noqa: E402
-from hf_l2.groups import parameter_group  # noqa: E402
+from hf_l2.layer_groups import parameter_group  # noqa: E402
 from hf_l2.penalty import L2Penalty, snapshot  # noqa: E402
 from hf_l2.sharding import clean_name, local_pieces  # noqa: E402
 

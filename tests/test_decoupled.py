@@ -4,9 +4,6 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-from transformers import Trainer, get_linear_schedule_with_warmup
-
 from helpers import (
     Regression,
     RegressionData,
@@ -17,6 +14,9 @@ from helpers import (
     params_of,
     tiny_gpt2,
 )
+from torch import nn
+from transformers import Trainer, get_linear_schedule_with_warmup
+
 from hf_l2 import CoefSchedule, DecoupledL2SPCallback, L2Trainer
 from hf_l2.decoupled import DecoupledPull
 from hf_l2.penalty import L2Penalty

@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_l2 import sweep_report
-from hf_l2.demo import FineTuning, Sizes, run_demo
-from hf_l2.demo.data import prepare
-from hf_l2.demo.starting_models import Pretraining, starting_model
-from hf_l2.recipe_common import RecipeInputError
-from hf_l2.sweep import Setting, grid, run_sweep, starting_point, with_model
+from hf_l2.tools.demo import FineTuning, Sizes, run_demo
+from hf_l2.tools.demo.data import prepare
+from hf_l2.tools.demo.starting_models import Pretraining, starting_model
+from hf_l2.tools.recipe_common import RecipeInputError
+from hf_l2.tools.sweep import Setting, grid, run_sweep, starting_point, with_model
 
 # A demo small enough for the test suite: the same code path as `hf-l2 demo`, seconds instead of minutes.
 TINY = Sizes(
@@ -170,7 +170,8 @@ def test_report_refuses_missing_or_non_finite_numbers(tmp_path, second, message)
             for s, p in ((0, 10.0), (1, second))]
     if second is None:
         del rows[1]["eval_perplexity"]
-    with pytest.raises(sweep_report.SweepResultError, match=f"'none' seed 1: `eval_perplexity` {message}, not a number"):
+    with pytest.raises(sweep_report.SweepResultError,
+                       match=f"'none' seed 1: `eval_perplexity` {message}, not a number"):
         sweep_report.write_report(rows, tmp_path, "t")
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -186,7 +187,7 @@ def generation_arguments(demo) -> list[str]:
 
 
 def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, capsys):
-    from hf_l2.cli import main
+    from hf_l2.tools.cli import main
     recipe_args = generation_arguments(demo)
     assert main(["sweep", "--recipe", "gpt2_generation", "--l2_mode", "l2_sp", "--l2_coef", "0", "1",
                  "--l2_kl_coef", "1", "--seeds", "3", "--output_dir", str(tmp_path), "--", *recipe_args]) == 0
@@ -232,8 +233,9 @@ def test_sweep_in_worker_processes_gives_the_rows_of_one_process(method_sweep, t
 
 def test_sweep_computes_the_fisher_once_and_the_reuse_changes_nothing(method_sweep, tmp_path):
     """The seed-1 run loaded seed 0's F; a standalone seed-1 run computes its own: the same final weights."""
-    from hf_l2.fisher import load_fisher
     from hf_l2.recipes import gpt2_generation
+
+    from hf_l2.fisher import load_fisher
 
     runs = method_sweep["out"] / "runs"
     assert load_fisher(str(runs / "l2_sp_fisher-1-seed1"))[2]["path"] == str(runs / "l2_sp_fisher-1-seed0" /
@@ -278,7 +280,7 @@ def test_grid_adds_wise_ft_after_every_other_method_and_needs_the_none_runs():
 
 
 def test_missing_catalogs_say_what_to_install(monkeypatch):
-    from hf_l2.demo import data
+    from hf_l2.tools.demo import data
 
     monkeypatch.setitem(data.CATALOGS, "django", ("not_an_installed_module", "de"))
     with pytest.raises(data.DemoDataError, match=r"`not_an_installed_module`.*pip install -e \"\.\[demo\]\""):
@@ -314,8 +316,9 @@ def test_frontier_summary_names_the_best_method_within_the_forgetting_budget():
     assert "l2 α=1 (14.00 ± 1.00): beyond the seeds' spread (2.00" in sentence
     assert "no penalty reaches 20.00 ± 0.00" in sentence
     # A tighter budget (10% of the forgetting: ≥ 28) leaves l2_sp α=1 alone; an impossible one, nothing.
-    assert "only l2_sp qualifies: l2_sp α=1 (12.00 ± 0.00)" in sweep_report.frontier_summary(sweep_report.summarize(rows), 0.1)
-    assert sweep_report.frontier_summary(sweep_report.summarize(rows), 0.0).endswith("no setting qualifies.")
+    summaries = sweep_report.summarize(rows)
+    assert "only l2_sp qualifies: l2_sp α=1 (12.00 ± 0.00)" in sweep_report.frontier_summary(summaries, 0.1)
+    assert sweep_report.frontier_summary(summaries, 0.0).endswith("no setting qualifies.")
 
 
 def test_budget_table_lists_each_methods_best_setting_within_the_budget(tmp_path):
@@ -362,7 +365,7 @@ def test_catalog_pairs_keep_english_messages_and_drop_keys_and_long_help(tmp_pat
     """A German catalog written here with polib: what `catalog_pairs` keeps is decided by hand."""
     import polib
 
-    from hf_l2.demo import data
+    from hf_l2.tools.demo import data
 
     folder = tmp_path / "fake_catalogs" / "locales" / "de" / "LC_MESSAGES"
     folder.mkdir(parents=True)

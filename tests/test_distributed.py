@@ -2,13 +2,20 @@
 
 import pytest
 import torch
-
 from helpers import (
-    PairDataset, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2,
+    PairDataset,
+    TokenDataset,
+    gpt2_from_checkpoint,
+    l2_args,
+    max_rel_diff,
+    params_of,
+    run_two_processes,
+    tiny_gpt2,
     tiny_marian,
 )
-from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
 from marian_ddp_worker import MARIAN_RUN
+
+from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
 from hf_l2.anchor import KL_ANCHOR_FILES
 
 pytestmark = pytest.mark.distributed  # 2 processes under torchrun

@@ -4,8 +4,6 @@ import re
 
 import pytest
 import torch
-from transformers import Trainer
-
 from helpers import (
     Regression,
     RegressionData,
@@ -15,6 +13,8 @@ from helpers import (
     params_of,
     tiny_gpt2,
 )
+from transformers import Trainer
+
 from hf_l2 import L2Trainer
 
 

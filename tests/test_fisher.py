@@ -5,11 +5,11 @@ import re
 
 import pytest
 import torch
+from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
 from safetensors.torch import load_file
 
 import hf_l2.penalty
 import hf_l2.trainer
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
 from hf_l2 import L2Trainer
 from hf_l2.chunks import chunk_slices
 from hf_l2.fisher import FISHER_FILE, normalize_fisher, save_fisher

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import TokenDataset, l2_args, max_rel_diff, params_of, run_distributed, tiny_gpt2
+
 from hf_l2 import L2Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,13 +14,13 @@ import sys
 import datasets
 import pytest
 import torch
-
 from helpers import ROOT, TokenDataset, l2_args, tiny_gpt2
+from test_recipes import generation, gpt2_args, marian_args, translation, workdir  # noqa: F401 - a fixture
+
 from hf_l2 import L2Trainer
 from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES, RANK_ANCHOR_FILE, load_anchor, save_anchor
-from hf_l2.recipe_common import RecipeInputError, parse_args
-from hf_l2.saved_folders import missing_from_checkpoint
-from test_recipes import generation, gpt2_args, marian_args, translation, workdir  # noqa: F401 - a fixture
+from hf_l2.tools.recipe_common import RecipeInputError, parse_args
+from hf_l2.tools.saved_folders import missing_from_checkpoint
 
 SAVING = ["--save_strategy", "steps", "--save_steps", "2", "--l2_mode", "l2_sp", "--l2_coef", "0.1",
           "--num_samples", "0", "--do_eval", "false"]
@@ -245,7 +245,7 @@ def test_a_misspelled_recipe_flag_names_the_nearest_valid_one(workdir, tmp_path,
 
 
 def test_a_misspelled_hf_l2_flag_names_the_nearest_valid_one(tmp_path, capsys):
-    from hf_l2.cli import main
+    from hf_l2.tools.cli import main
 
     with pytest.raises(SystemExit) as caught:  # --weight is required: argparse alone would say it is missing
         main(["interpolate", str(tmp_path), "--weigth", "0.5", "--output_dir", str(tmp_path / "w")])
@@ -301,7 +301,8 @@ def pair(en, de=...):
 
 @pytest.mark.parametrize("rows, said", [
     # Row 1 lacks the target: the data still has `de` keys, and the message points at the row, not at the keys.
-    ([pair("a"), pair("b", "B"), pair("c", "C")], "the text of `translation.de` is missing or null in 1 row(s) (row 1)"),
+    ([pair("a"), pair("b", "B"), pair("c", "C")],
+     "the text of `translation.de` is missing or null in 1 row(s) (row 1)"),
     ([pair("a", "A"), pair("b", None), pair("c", "C"), pair("d", "")],
      "the text of `translation.de` is missing or null in 1 row(s) (row 2)"),
     ([pair("a", "A"), pair("b", " "), pair("c", "C"), pair("d", "")],
@@ -464,7 +465,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(workdir, tm
     import transformers.modeling_utils
     from safetensors import SafetensorError
 
-    from hf_l2.recipe_common import run
+    from hf_l2.tools.recipe_common import run
 
     real, full = transformers.modeling_utils.safe_save_file, [True]
 

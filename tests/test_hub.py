@@ -9,12 +9,6 @@ import types
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
-from huggingface_hub.utils import _http, set_client_factory
-from huggingface_hub.utils._http import default_client_factory
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
-
 from helpers import (
     TokenDataset,
     l2_args,
@@ -25,10 +19,16 @@ from helpers import (
     write_text_files,
     write_translation_files,
 )
+from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import _http, set_client_factory
+from huggingface_hub.utils._http import default_client_factory
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
 from hf_l2 import HubPublishError, L2Trainer
-from hf_l2.cli import main as hf_l2_main
-from hf_l2.model_card import PLOT_FILE
-from hf_l2.recipe_common import load_recipe
+from hf_l2.publishing.card import PLOT_FILE
+from hf_l2.tools.cli import main as hf_l2_main
+from hf_l2.tools.recipe_common import load_recipe
 
 TOKEN = "hf_test_token"
 # The HTTP library huggingface_hub talks through: httpx in 1.x, httpx2 (the same API) in 2.x.

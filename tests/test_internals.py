@@ -13,9 +13,9 @@ import re
 
 import pytest
 import torch
+from helpers import TokenDataset, l2_args, tiny_gpt2
 from transformers import GPT2LMHeadModel, MarianMTModel, Trainer, TrainingArguments
 
-from helpers import TokenDataset, l2_args, tiny_gpt2
 from hf_l2 import L2Trainer
 from hf_l2.loss_kwargs import loss_reads_num_items
 
@@ -87,8 +87,7 @@ def test_grad_scaler_gives_its_scale_without_a_host_sync():
 
 def test_fsdp1_flat_parameters_keep_their_shard_bookkeeping():
     """`hf_l2.sharding._fsdp1_offsets` reads these to find each parameter's piece on this rank."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp import _flat_param
+    from torch.distributed.fsdp import FullyShardedDataParallel, _flat_param
 
     assert {"in_shard", "intra_param_start_idx"} <= set(_flat_param._ShardParamInfo._fields)
     source = inspect.getsource(_flat_param)
@@ -109,7 +108,7 @@ def test_the_private_helpers_hf_l2_imports_exist():
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper  # hf_l2.lora: which modules are LoRA layers
     from peft.tuners.lora.tp_layer import LoraParallelLinear
     from peft.utils.other import ModulesToSaveWrapper
-    from transformers.trainer_utils import _is_peft_model  # hf_l2.model_card
+    from transformers.trainer_utils import _is_peft_model  # hf_l2.publishing.card
 
     assert all(isinstance(c, type) for c in (LoraLayer, ParamWrapper, LoraParallelLinear, ModulesToSaveWrapper))
     assert parameters(_is_peft_model) == ["model"]

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from helpers import TokenDataset, english_text, l2_args, tiny_gpt2
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from helpers import TokenDataset, english_text, l2_args, tiny_gpt2
 from hf_l2 import L2Trainer
 from hf_l2.anchor import ANCHOR_FILE, save_anchor
-from hf_l2.cli import main
-from hf_l2.local_tokenizers import train_bpe_tokenizer
+from hf_l2.tools.cli import main
+from hf_l2.tools.local_tokenizers import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,8 @@ def test_a_base_model_that_does_not_fit_the_run_is_refused_before_writing(tmp_pa
         name = "transformer.h.0.attn.c_attn.weight"
         torch.testing.assert_close(got[name], (tuned[name] + theta0[name]) / 2, rtol=0, atol=1e-6)
     else:
-        assert f"θ₀ has another shape for {len(other)} of the run's {len(tuned)} weights, e.g. {other[0]}: run" in err[0]
+        said = f"θ₀ has another shape for {len(other)} of the run's {len(tuned)} weights, e.g. {other[0]}: run"
+        assert said in err[0]
 
 
 @pytest.mark.parametrize("weights", [["inf"], ["nan"], ["1e39"], ["0.5", "1e37"]])

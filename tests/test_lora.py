@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from helpers import TokenDataset, l2_args, max_rel_diff, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from helpers import TokenDataset, l2_args, max_rel_diff, tiny_gpt2
 from hf_l2 import L2Config, L2Trainer
 from hf_l2.anchor import ANCHOR_FILE, take_anchors
 from hf_l2.lora import LoraDeltaPenalty, find_lora_layers

@@ -11,13 +11,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import TokenDataset, build_wheel, l2_args, params_of, penalized, tiny_gpt2
 from huggingface_hub import ModelCard, ModelCardData
 
-from helpers import TokenDataset, build_wheel, l2_args, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Trainer, model_card
-from hf_l2.model_card import PLOT_FILE, final_evaluation, plot_training
-from hf_l2.reproduce import card_command, process_command
-
+from hf_l2.publishing.card import PLOT_FILE, final_evaluation, plot_training
+from hf_l2.publishing.reproduce import card_command, process_command
 
 
 def table_row(card_text: str, first_cell: str) -> list[str]:
@@ -245,8 +244,8 @@ def test_the_card_records_the_launcher_as_typed_with_copies_of_its_config_files(
                     "recipes/gpt2_generation.py out/reproduce/run.yaml --max_steps 3 --max_new_tokens 5")
     assert Path("out/reproduce/accelerate.yaml").read_text() == Path("accelerate.yaml").read_text()
     assert Path("out/reproduce/run.yaml").read_text() == "# my run\nl2_coef: 0.1\nmax_steps: 10\n"
-    assert notes == ["The config files it names are copies saved with the model, in `reproduce/`: "
-                     "`accelerate.yaml`, `run.yaml`."]
+    assert notes == [("The config files it names are copies saved with the model, in `reproduce/`: "
+                     "`accelerate.yaml`, `run.yaml`.")]
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -264,13 +263,13 @@ def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path, monke
     with zipfile.ZipFile(wheel) as archive:
         files = archive.namelist()
         entry_points = archive.read(next(f for f in files if f.endswith("entry_points.txt"))).decode()
-    shipped = {"hf_l2/model_cards/template.md", "hf_l2/metrics/sacrebleu.py", "hf_l2/recipes/gpt2_generation.py",
+    shipped = {"hf_l2/model_cards/template.md", "hf_l2/tools/metrics/sacrebleu.py", "hf_l2/recipes/gpt2_generation.py",
                "hf_l2/recipes/marian_translation.py", "hf_l2/recipes/configs/gpt2_generation.yaml",
                "hf_l2/recipes/accelerate_configs/fsdp2.yaml", "hf_l2/examples/quickstart.py",
                "hf_l2/examples/trl_sft.py"}
     assert shipped <= set(files)
     assert not any(f.startswith("hf_l2/model_cards/example") for f in files)
-    assert "hf-l2 = hf_l2.cli:main" in entry_points
+    assert "hf-l2 = hf_l2.tools.cli:main" in entry_points
 
     # Unpacked as pip installs it, the package finds the template beside itself, not in this checkout.
     with zipfile.ZipFile(wheel) as archive:

@@ -7,14 +7,14 @@ import re
 
 import pytest
 import torch
+from helpers import TokenDataset, l2_args, max_rel_diff, params_of
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from test_output_anchor import LAMBDA, TAU, GPT2Reference, sgd_args
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Trainer
 
-from helpers import TokenDataset, l2_args, max_rel_diff, params_of
 from hf_l2 import L2Trainer
-from hf_l2.cli import main
-from test_output_anchor import LAMBDA, TAU, GPT2Reference, sgd_args
+from hf_l2.tools.cli import main
 
 FAMILIES = ("llama", "qwen2")
 CONFIGS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}

@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
+from helpers import ROOT, english_text
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from helpers import ROOT, english_text
-from hf_l2.local_tokenizers import train_bpe_tokenizer, train_chat_tokenizer
+from hf_l2.tools.local_tokenizers import train_bpe_tokenizer, train_chat_tokenizer
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -6,16 +6,16 @@ import os
 
 import pytest
 import torch
+from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_trainer import MaskedPairDataset, tiny_generating_marian
 from transformers import Seq2SeqTrainer, Trainer
 
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
 from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES
 from hf_l2.output_anchor import OutputAnchor
-from test_trainer import MaskedPairDataset, tiny_generating_marian
 
 LAMBDA, TAU = 3.0, 2.0
 

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from helpers import TokenDataset, l2_args, params_of, run_two_processes, tiny_gpt2
 from transformers import TrainerCallback
 
-from helpers import TokenDataset, l2_args, params_of, run_two_processes, tiny_gpt2
 from hf_l2 import L2Trainer
 from hf_l2.output_lock import LOCK_FILE, OutputDirInUseError
-from hf_l2.recipe_common import resolve_checkpoint
+from hf_l2.tools.recipe_common import resolve_checkpoint
 
 HOLD = ("import sys, time\nfrom hf_l2.output_lock import holding_output_dir\n"
         "with holding_output_dir(sys.argv[1], True):\n    print('held', flush=True)\n    time.sleep(120)\n")

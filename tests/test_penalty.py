@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from hf_l2.argument_checks import compile_patterns
 from hf_l2.chunks import CHUNK_NUMEL, chunk_slices
 from hf_l2.penalty import L2Penalty, select_parameters, snapshot
-from hf_l2.validation import compile_patterns
 
 
 class Two(nn.Module):

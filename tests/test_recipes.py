@@ -11,9 +11,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoConfig
-
 from helpers import (
     ROOT,
     run_distributed,
@@ -23,7 +20,10 @@ from helpers import (
     write_text_files,
     write_translation_files,
 )
-from hf_l2.recipe_common import RecipeInputError, load_recipe, parse_args
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from hf_l2.tools.recipe_common import RecipeInputError, load_recipe, parse_args
 
 generation = load_recipe("gpt2_generation")
 translation = load_recipe("marian_translation")
@@ -149,8 +149,8 @@ def test_generation_recipe_fisher_from_a_fisher_file(workdir, tmp_path):
 
 
 def test_sweep_takes_the_fisher_mode():
-    from hf_l2.sweep import grid
-    from hf_l2.sweep_report import COLORS
+    from hf_l2.tools.sweep import grid
+    from hf_l2.tools.sweep_report import COLORS
 
     settings = grid(["none", "l2_sp", "l2_sp_fisher"], [0.1, 1.0])
     assert [s.label for s in settings] == ["none", "l2_sp α=0.1", "l2_sp α=1", "l2_sp_fisher α=0.1",
@@ -259,7 +259,8 @@ def test_bad_inputs_get_clear_errors(workdir, tmp_path):
          r"decoder-only.*Use python -m hf_l2\.recipes\.gpt2_generation instead"),
         (translation, marian_args(workdir, tmp_path, "--target_lang", "fr"), r"keys \['de', 'en'\], not \['fr'\]"),
         (translation, marian_args(workdir, tmp_path, layout="csv"), r"no column \['en', 'de'\].*--source_column"),
-        (generation, mixed, r"--text_column content` is not in `--pretrain_validation_file` .*valid\.txt; its columns: \['text'\]"),
+        (generation, mixed,
+         r"--text_column content` is not in `--pretrain_validation_file` .*valid\.txt; its columns: \['text'\]"),
         (translation, marian_args(workdir, tmp_path, "--pretrain_validation_file",
                                   str(workdir["pairs"]["validation_csv"])),
          r"`--pretrain_validation_file` .*validation\.csv has no column \['en', 'de'\]"),
@@ -316,7 +317,7 @@ def test_generation_recipe_under_accelerate_launch_with_two_processes(workdir, t
 
 def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(workdir, tmp_path, capsys):
     """t = 1 is the run itself and t = 0 its start: their rows equal the recipe's own evaluations of those models."""
-    from hf_l2.cli import main
+    from hf_l2.tools.cli import main
 
     data = ["--train_file", str(workdir["text"]["txt"]), "--validation_file", str(workdir["text"]["validation"]),
             "--cache_dir", str(workdir["cache"]), "--block_size", "32", "--num_samples", "0", *RUN]
@@ -342,7 +343,8 @@ def test_interpolate_eval_scores_each_weight_as_the_recipe_scores_the_two_ends(w
     assert f"--weight 0.5 --output_dir {tmp_path / 'wise'} --base_model {workdir['gpt2']}" in card
     # What cannot be evaluated is refused before anything is written.
     for extra, message in [(["--eval", "no_such_recipe"], "Recipe 'no_such_recipe' not found"),
-                           (["--eval", "gpt2_generation", "--", "--model_name_or_path", "x"], "sets --model_name_or_path"),
+                           (["--eval", "gpt2_generation", "--", "--model_name_or_path", "x"],
+                            "sets --model_name_or_path"),
                            (["--", "--train_file", "x"], "only for --eval")]:
         assert main(["interpolate", str(tmp_path / "run"), "--weight", "0.5", "--output_dir",
                      str(tmp_path / "refused"), *extra]) == 2
@@ -353,7 +355,7 @@ def test_wise_ft_of_an_unpenalized_run_from_a_local_model_needs_no_base_model(wo
     """`l2_mode none` keeps no θ₀: its card records where the run started, and interpolate reads it there."""
     from huggingface_hub import ModelCard
 
-    from hf_l2.cli import main
+    from hf_l2.tools.cli import main
 
     generation.main(gpt2_args(workdir, tmp_path / "run", "--l2_mode", "none", "--num_samples", "0"))
     assert ModelCard.load(tmp_path / "run" / "README.md").data.to_dict()["base_model_path"] == str(workdir["gpt2"])

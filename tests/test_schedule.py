@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from helpers import (
     Regression,
     RegressionData,
@@ -15,6 +14,7 @@ from helpers import (
     params_of,
     tiny_gpt2,
 )
+
 from hf_l2 import CoefSchedule, L2Config, L2Trainer
 
 

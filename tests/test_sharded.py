@@ -8,8 +8,8 @@ unsharded model trained on the whole batch in the same processes.
 
 import pytest
 import torch
-
 from helpers import run_two_processes
+
 from hf_l2.anchor import load_anchor, save_anchor
 
 CASES = [f"{how}-{impl}" for how in ("fsdp2", "fsdp1") for impl in ("grad", "loss")]

@@ -6,15 +6,29 @@ import os
 
 import pytest
 import torch
+from helpers import (
+    PairDataset,
+    RegressionData,
+    TokenDataset,
+    gpt2_from_checkpoint,
+    l2_args,
+    max_rel_diff,
+    params_of,
+    penalized,
+    tiny_gpt2,
+    tiny_marian,
+)
 from safetensors.torch import load_file
 from transformers import (
-    GPT2Model, MarianConfig, MarianMTModel, PretrainedConfig, PreTrainedModel, Seq2SeqTrainer, Trainer,
+    GPT2Model,
+    MarianConfig,
+    MarianMTModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Seq2SeqTrainer,
+    Trainer,
 )
 
-from helpers import (
-    PairDataset, RegressionData, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized,
-    tiny_gpt2, tiny_marian,
-)
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
 from hf_l2.anchor import ANCHOR_FILE
 
@@ -211,7 +225,8 @@ def test_seq2seq_trains_with_penalty_and_generate_eval_excludes_it(tmp_path, imp
     args = L2Seq2SeqConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none",
                            use_cpu=True, l2_coef=50.0, l2_impl=impl, predict_with_generate=True,
                            generation_max_length=8, logging_steps=1, learning_rate=1e-2, disable_tqdm=True)
-    trainer = L2Seq2SeqTrainer(model=model, args=args, train_dataset=MaskedPairDataset(), eval_dataset=MaskedPairDataset(4))
+    trainer = L2Seq2SeqTrainer(model=model, args=args, train_dataset=MaskedPairDataset(),
+                               eval_dataset=MaskedPairDataset(4))
     trainer.train()
     assert trainer.state.log_history[-2]["l2/drift"] > 0
     got = trainer.evaluate()["eval_loss"]

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, tiny_gpt2
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, tiny_gpt2
 from hf_l2 import L2Trainer
 from hf_l2.anchor import ANCHOR_FILE, save_anchor
 

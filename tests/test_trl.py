@@ -1,4 +1,4 @@
-"""`hf_l2.trl`: TRL's SFT and DPO trainers with the penalty, checked against hand-written training loops.
+"""`hf_l2.integrations.trl`: TRL's SFT and DPO trainers with the penalty, checked against hand-written training loops.
 
 The reference loops see the very micro-batches the trainer trained on (recorded at its collator), compute the task
 loss from the plain model's logits as TRL defines it, Ω by a loop over named parameters, then clip and take an SGD
@@ -23,16 +23,16 @@ import torch.nn.functional as F
 pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
+from helpers import max_rel_diff, params_of, tiny_gpt2  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
-from helpers import max_rel_diff, params_of, tiny_gpt2  # noqa: E402
 from hf_l2 import L2Config  # noqa: E402
 from hf_l2.anchor import ANCHOR_FILE  # noqa: E402
-from hf_l2.local_tokenizers import train_chat_tokenizer  # noqa: E402
-from hf_l2.trl import L2DPOConfig, L2DPOTrainer, L2SFTConfig, L2SFTTrainer, L2TRLMixin  # noqa: E402
+from hf_l2.integrations.trl import L2DPOConfig, L2DPOTrainer, L2SFTConfig, L2SFTTrainer, L2TRLMixin  # noqa: E402
+from hf_l2.tools.local_tokenizers import train_chat_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -467,7 +467,8 @@ def test_trl_configs_convert_with_every_field_and_the_token(tokenizer, tmp_path)
     assert type(converted) is L2SFTConfig and converted.l2_coef == 0.5
     assert {f.name: getattr(converted, f.name) for f in dataclasses.fields(SFTConfig) if f.init} == {
         f.name: getattr(sft, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
-    with pytest.raises(TypeError, match=r"`SFTConfig` has fields `L2Config` lacks.*from hf_l2.trl import L2SFTConfig"):
+    said = r"`SFTConfig` has fields `L2Config` lacks.*from hf_l2.integrations.trl import L2SFTConfig"
+    with pytest.raises(TypeError, match=said):
         L2Config.from_training_args(sft)
     with pytest.raises(TypeError, match=r"L2SFTConfig.from_training_args\(args, l2_coef="):
         L2SFTTrainer(model=model_for(tokenizer), args=sft, train_dataset=conversations("messages"),
@@ -492,9 +493,9 @@ def test_importing_hf_l2_does_not_need_trl(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now fails as if TRL were not installed
     import hf_l2  # noqa: F401
 
-    assert "hf_l2.trl" not in sys.modules
+    assert "hf_l2.integrations.trl" not in sys.modules
     with pytest.raises(ImportError, match=r"pip install 'hf_l2\[trl\]'"):
-        import hf_l2.trl  # noqa: F401
+        import hf_l2.integrations.trl  # noqa: F401
 
 
 def test_example_script_runs_offline(tmp_path, monkeypatch, capsys):

@@ -11,9 +11,8 @@ import subprocess
 import venv
 
 import pytest
-from huggingface_hub import ModelCard
-
 from helpers import ROOT, build_wheel, save_tiny_gpt2, write_text_files
+from huggingface_hub import ModelCard
 from test_demo import TINY
 
 pytestmark = pytest.mark.slow
@@ -83,9 +82,10 @@ def test_sweep_and_a_recipe_run_from_the_wheel_and_write_their_cards(installed):
 
 def test_a_reduced_demo_runs_from_the_wheel(installed):
     _, work, _ = installed
-    code = ("from hf_l2.demo import FineTuning, Sizes, run_demo\n"
-            "from hf_l2.demo.starting_models import Pretraining\n"
-            f"print(run_demo('demo', 'demo/cache', modes=('none', 'l2_sp'), coefs=(1.0,), seeds=(0,), sizes={TINY!r}, kl_coefs=(), wise_ft_weights=(), jobs=2))")
+    code = ("from hf_l2.tools.demo import FineTuning, Sizes, run_demo\n"
+            "from hf_l2.tools.demo.starting_models import Pretraining\n"
+            f"print(run_demo('demo', 'demo/cache', modes=('none', 'l2_sp'), coefs=(1.0,), seeds=(0,), sizes={TINY!r}, "
+            "kl_coefs=(), wise_ft_weights=(), jobs=2))")
     report = work / run(installed, "-c", code).strip().splitlines()[-1]
     assert report == work / "demo" / "demo.md"
     for task in ("generation", "translation"):

@@ -9,11 +9,11 @@ import logging
 
 import pytest
 import torch
+from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, tiny_gpt2
 from torch import nn
 from transformers import Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, tiny_gpt2
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
 
 

@@ -8,7 +8,6 @@ installed (it is an optional extra; see docs/distributed.md for how these tests 
 
 import pytest
 import torch
-
 from helpers import run_two_processes
 
 pytest.importorskip("deepspeed")

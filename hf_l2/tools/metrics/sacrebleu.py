@@ -1,7 +1,7 @@
 """Corpus BLEU with sacreBLEU, as an `evaluate` module that loads without the Hub.
 
 `evaluate.load("sacrebleu")` fetches its script from the Hub; this file is loaded by path instead
-(`hf_l2.metrics.load("sacrebleu")`). Scores match `sacrebleu.corpus_bleu` with its default 13a tokenization.
+(`hf_l2.tools.metrics.load("sacrebleu")`). Scores match `sacrebleu.corpus_bleu` with its default 13a tokenization.
 """
 
 import datasets

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def unknown_arguments_message(unknown: list[str], known: Iterable[str], what: str = "argument") -> str:

@@ -1,6 +1,6 @@
 """chrF (and chrF++) with sacreBLEU, as an `evaluate` module that loads without the Hub.
 
-Loaded by path (`hf_l2.metrics.load("chrf")`); scores match `sacrebleu.corpus_chrf` with the same settings.
+Loaded by path (`hf_l2.tools.metrics.load("chrf")`); scores match `sacrebleu.corpus_chrf` with the same settings.
 """
 
 import datasets

@@ -19,9 +19,10 @@ import sys
 import types as pytypes
 import typing
 from argparse import ArgumentTypeError
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import datasets
 import torch
@@ -31,11 +32,11 @@ from datasets import Dataset, DatasetDict, load_dataset
 from transformers import HfArgumentParser, PretrainedConfig, Trainer
 from transformers.hf_argparser import string_to_bool
 
-from .config import ANCHORED_MODES
-from .hub import HubPublishError
-from .output_lock import check_free
-from .saved_folders import checkpoints_newest_first, missing_from_checkpoint
-from .suggestions import unknown_arguments_message
+from hf_l2.config import ANCHORED_MODES
+from hf_l2.output_lock import check_free
+from hf_l2.publishing.hub import HubPublishError
+from hf_l2.tools.saved_folders import checkpoints_newest_first, missing_from_checkpoint
+from hf_l2.tools.suggestions import unknown_arguments_message
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import sys
 import yaml
 from huggingface_hub import ModelCard
 
-from .demo import add_demo_parser
-from .demo.real_model import add_real_model_parser
-from .demo.smollm2 import add_smollm2_parser
-from .hub import HubPublishError, upload_run
-from .interpolate import add_interpolate_parser
-from .model_card import CARD_FILE
-from .saved_folders import saved_model_problems
-from .suggestions import unknown_arguments_message
-from .sweep import add_sweep_parser
+from hf_l2.publishing.card import CARD_FILE
+from hf_l2.publishing.hub import HubPublishError, upload_run
+from hf_l2.tools.demo import add_demo_parser
+from hf_l2.tools.demo.real_model import add_real_model_parser
+from hf_l2.tools.demo.smollm2 import add_smollm2_parser
+from hf_l2.tools.interpolate import add_interpolate_parser
+from hf_l2.tools.saved_folders import saved_model_problems
+from hf_l2.tools.suggestions import unknown_arguments_message
+from hf_l2.tools.sweep import add_sweep_parser
 
 
 def build_parser() -> argparse.ArgumentParser:

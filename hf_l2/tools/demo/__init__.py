@@ -5,6 +5,6 @@ translation.
 over every method (`l2_mode`, the KL anchor, WiSE-FT) × strength × seeds; see `docs/demo.md`.
 """
 
-from .run import FULL, FineTuning, Sizes, add_demo_parser, run_demo
+from hf_l2.tools.demo.run import FULL, FineTuning, Sizes, add_demo_parser, run_demo
 
 __all__ = ["run_demo", "add_demo_parser", "Sizes", "FineTuning", "FULL"]

@@ -4,10 +4,10 @@ Any other TRL trainer composes the same way, in one line::
 
     class L2KTOTrainer(L2TRLMixin, KTOTrainer): ...     # the mixin first, so its hooks wrap the trainer's
 
-    from hf_l2.trl import L2KTOConfig   # = @dataclasses.dataclass class L2KTOConfig(KTOConfig, L2Config)
+    from hf_l2.integrations.trl import L2KTOConfig   # = @dataclasses.dataclass class L2KTOConfig(KTOConfig, L2Config)
 
-`hf_l2.trl.L2<X>Config` is made on first use for any TRL config `<X>Config` (this base order keeps its defaults);
-a trainer built without `args` gets its own, as TRL's trainers do. A config declared by hand works the same.
+`hf_l2.integrations.trl.L2<X>Config` is made on first use for any TRL config `<X>Config` (this base order keeps its
+defaults); a trainer built without `args` gets its own, as TRL's trainers do. A config declared by hand works the same.
 
 The penalty is the one of `hf_l2.L2Trainer` (same `l2_*` fields, same hooks), applied to the trainer's own loss:
 TRL's losses, batching, packing, PEFT wrapping and `_metrics` logging are untouched. Needs TRL (`hf_l2[trl]`).
@@ -24,14 +24,15 @@ try:
     import trl
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 except ImportError as error:  # importing `hf_l2` itself never needs TRL
-    raise ImportError("`hf_l2.trl` needs TRL: install it with `pip install 'hf_l2[trl]'`.") from error
+    raise ImportError("`hf_l2.integrations.trl` needs TRL: install it with `pip install 'hf_l2[trl]'`.") from error
 
 from huggingface_hub import ModelCard
 from transformers import TrainingArguments
 
-from .config import L2Config
-from .model_card import CARD_FILE, CardInfo
-from .trainer import L2PenaltyMixin, L2TrainerMixin
+from hf_l2.config import L2Config
+from hf_l2.publishing.card import CARD_FILE, CardInfo
+from hf_l2.trainer import L2PenaltyMixin
+from hf_l2.trainers import L2TrainerMixin
 
 __all__ = ["L2TRLMixin", "L2SFTConfig", "L2SFTTrainer", "L2DPOConfig", "L2DPOTrainer"]
 
@@ -46,10 +47,10 @@ TRL_CITATION = """@software{vonwerra2020trl,
 }"""
 
 
-class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.trl names hf_l2's trainer mixin
+class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.integrations.trl names hf_l2's trainer mixin
     """hf_l2's penalty for a TRL trainer: `class L2XTrainer(L2TRLMixin, XTrainer)`, with `args` an `L2XConfig`
-    (`hf_l2.trl.L2XConfig`, or one declared as `@dataclasses.dataclass class L2XConfig(XConfig, L2Config)`);
-    without `args`, `L2XConfig` with TRL's defaults.
+    (`hf_l2.integrations.trl.L2XConfig`, or one declared as
+    `@dataclasses.dataclass class L2XConfig(XConfig, L2Config)`); without `args`, `L2XConfig` with TRL's defaults.
 
     On top of [`L2TrainerMixin`] it refuses, before the trainer is built, a config class whose base order silently
     replaced the TRL config's defaults by the stock Trainer's; and the model card (hf_l2's, which replaces TRL's)
@@ -140,8 +141,8 @@ def l2_config_for(trl_config: type[TrainingArguments]) -> type[L2Config]:
 
 
 def __getattr__(name: str):
-    """`from hf_l2.trl import L2KTOConfig`, and unpickling a `training_args.bin` that holds one: `L2<X>Config` for
-    any TRL config `<X>Config`, made by `l2_config_for`."""
+    """`from hf_l2.integrations.trl import L2KTOConfig`, and unpickling a `training_args.bin` that holds one:
+    `L2<X>Config` for any TRL config `<X>Config`, made by `l2_config_for`."""
     trl_config = getattr(trl, name[2:], None) if name.startswith("L2") and name.endswith("Config") else None
     if isinstance(trl_config, type) and issubclass(trl_config, TrainingArguments):
         return l2_config_for(trl_config)
@@ -195,8 +196,8 @@ def add_trl_section(card_path: str, trainer) -> None:
     lines = [
         "## Trained with TRL",
         "",
-        f"The training loop was [TRL](https://github.com/huggingface/trl)'s {name} trainer (TRL {trl.__version__})"
-        f"{method}, with hf_l2's penalty (see Regularization) added to its loss.",
+        (f"The training loop was [TRL](https://github.com/huggingface/trl)'s {name} trainer (TRL {trl.__version__})"
+        f"{method}, with hf_l2's penalty (see Regularization) added to its loss."),
         "",
     ]
     if paper.get("citation"):

@@ -19,17 +19,18 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.modelcard import TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING, extract_hyperparameters_from_trainer
 from transformers.utils import logging
 
-from ._version import __version__
-from .groups import parameter_group
-from .reproduce import card_command
+from hf_l2._version import __version__
+from hf_l2.layer_groups import parameter_group
+from hf_l2.publishing.reproduce import card_command
+from hf_l2.trainer import mixed_precision_turned_off
 
 logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .lora import LoraDeltaPenalty
-    from .penalty import L2Penalty
+    from hf_l2.lora import LoraDeltaPenalty
+    from hf_l2.penalty import L2Penalty
 
 TEMPLATE_NAME = "template.md"
 CARD_FILE = "README.md"
@@ -76,7 +77,7 @@ class CardInfo:
 
     `dataset_tags` are Hub dataset ids, the first one being the evaluation data; `dataset` their display names and
     `dataset_args` the first one's config name; `command` is the command line to record (default: this process's
-    own, see `hf_l2.reproduce`). None means "not given".
+    own, see `hf_l2.publishing.reproduce`). None means "not given".
     """
 
     language: str | list[str] | None = None
@@ -203,16 +204,6 @@ def mixed_precision_in_effect(trainer) -> str | None:
         return f"Native AMP ({accelerator.mixed_precision}{' with loss scaling' if accelerator.scaler else ''})"
     off = mixed_precision_turned_off(trainer)
     return None if off is None else f"none: {off}"
-
-
-def mixed_precision_turned_off(trainer) -> str | None:
-    """Why the mixed precision asked for does not run, or None. `fp16=True` without a GPU is no error: accelerate
-    silently turns AMP off (while the stock card still says "Native AMP")."""
-    accelerator = trainer.accelerator
-    if trainer.is_deepspeed_enabled or accelerator.native_amp or accelerator.mixed_precision == "no":
-        return None
-    return (f"{accelerator.mixed_precision} was asked for, but accelerate runs it only on a GPU; this run trains in "
-            f"fp32 on {accelerator.device.type}")
 
 
 def _hyperparameters(trainer) -> dict:

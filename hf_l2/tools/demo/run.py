@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import MODES
-from ..recipe_common import RecipeInputError
-from ..recipe_runs import quiet_process, worker_pool
-from ..sweep import WISE_FT, grid, run_sweep
-from ..sweep_report import write_report
-from .data import DemoData, DemoDataError, prepare
-from .starting_models import GENERATION, RECIPES, TRANSLATION, Pretraining, starting_model
+from hf_l2.config import MODES
+from hf_l2.tools.demo.data import DemoData, DemoDataError, prepare
+from hf_l2.tools.demo.starting_models import GENERATION, RECIPES, TRANSLATION, Pretraining, starting_model
+from hf_l2.tools.recipe_common import RecipeInputError
+from hf_l2.tools.recipe_runs import quiet_process, worker_pool
+from hf_l2.tools.sweep import WISE_FT, grid, run_sweep
+from hf_l2.tools.sweep_report import write_report
 
 TASKS = tuple(RECIPES)
 DEMO_MODES = ("none", "l2", "l2_sp", "l2_sp_fisher")

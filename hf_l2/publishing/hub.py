@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-from ._version import __version__
+from hf_l2._version import __version__
 
 # What the Trainer leaves out of its own pushes: private files and intermediate checkpoints.
 # θ₀ (the penalty's and the KL's) and F, as large as the model each, stay local: the Hub has the base model, and

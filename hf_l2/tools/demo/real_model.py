@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .data import DemoData, DemoDataError, prepare
-from .chat_eval import GENERAL_BLOCK, PROMPT, StudyData, evaluate_model
-from .smollm2 import DEFAULT_CACHE, WEIGHTS_NOTE, smollm2_folder
+from hf_l2.tools.demo.chat_eval import GENERAL_BLOCK, PROMPT, StudyData, evaluate_model
+from hf_l2.tools.demo.data import DemoData, DemoDataError, prepare
+from hf_l2.tools.demo.smollm2 import DEFAULT_CACHE, WEIGHTS_NOTE, smollm2_folder
+
 
 @dataclass(frozen=True)
 class StudySize:
@@ -120,7 +121,7 @@ def train_run(method: Method, seed: int, start: Path, data: StudyData, size: Stu
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..trl import L2SFTConfig, L2SFTTrainer
+    from hf_l2.integrations.trl import L2SFTConfig, L2SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(start)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
@@ -298,13 +299,13 @@ def write_study_report(output_dir: Path, size: StudySize) -> Path:
     start, summary = summarize(rows)
     lines = [
         "# Real model: SmolLM2-135M-Instruct, chat SFT en→de on UI messages", "",
-        f"Weights: {WEIGHTS_NOTE}. {size.steps} steps, batch {size.batch_size}, at most {size.max_length} tokens, "
+        (f"Weights: {WEIGHTS_NOTE}. {size.steps} steps, batch {size.batch_size}, at most {size.max_length} tokens, "
         f"learning rate {size.learning_rate:g} (LoRA {size.lora_learning_rate:g}), constant, no weight decay; seeds "
         f"{list(size.seeds)}. Target: chrF / BLEU on {size.translation_eval} held-out Django "
         f"messages (greedy). Forgetting: Δ cross-entropy on general English text (after − before, nats/token; start "
         f"{start['general_ce']:.4f}) and probe accuracy on the {start['kept']} of {len(start['probe'])} questions the "
         f"starting model answers right here. Start: chrF {start['chrf']:.1f}, BLEU {start['bleu']:.1f}. "
-        f"Python {platform.python_version()}, torch {torch.__version__}.", "",
+        f"Python {platform.python_version()}, torch {torch.__version__}."), "",
         "| method | chrF ↑ | BLEU ↑ | Δ CE general ↓ | probe % ↑ | ‖θ − θ₀‖ |",
         "|---|---:|---:|---:|---:|---:|",
         f"| *start* | {start['chrf']:.1f} | {start['bleu']:.1f} | 0 | 100 | 0 |",

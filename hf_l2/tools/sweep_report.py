@@ -1,6 +1,6 @@
 """Tables and plots of a sweep: per setting, mean ± standard deviation over seeds, from the runs' own numbers.
 
-Rows come from `hf_l2.sweep.run_sweep`: one per run, with `setting`, `mode`, `coef`, `seed`, `drift` and the
+Rows come from `hf_l2.tools.sweep.run_sweep`: one per run, with `setting`, `mode`, `coef`, `seed`, `drift` and the
 recipe's `eval_*` metrics. A missing or non-finite number is an error, never a blank or a made-up cell.
 """
 
@@ -69,7 +69,8 @@ def summarize(rows: list[dict]) -> list[Summary]:
         for column in wanted:
             value = row.get(column)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise SweepResultError(f"Run {row['setting']!r} seed {row['seed']}: `{column}` is {value!r}, not a number.")
+                raise SweepResultError(
+                    f"Run {row['setting']!r} seed {row['seed']}: `{column}` is {value!r}, not a number.")
             group.values.setdefault(column, []).append(float(value))
     return list(groups.values())
 
@@ -143,7 +144,7 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
         x_column = target.replace("eval_", "eval_pretrain_", 1)
         x_column = x_column if x_column in wanted else "drift"
 
-        def point(s: Summary) -> tuple[float, float, float, float]:
+        def point(s: Summary, x_column=x_column, target=target) -> tuple[float, float, float, float]:
             return s.mean(x_column), s.mean(target), s.std(x_column), s.std(target)
 
         for mode, s in fixed.items():
@@ -251,8 +252,8 @@ def budget_table(summaries: list[Summary], budget: float = FORGETTING_BUDGET) ->
         return None
     target, pretrain = f"eval_{found.metric}", f"eval_pretrain_{found.metric}"
     arrow = "↑" if found.higher else "↓"
-    lines = [f"| method | best setting within the budget | target {found.label} {arrow} | "
-             f"pretraining {found.label} {arrow} |", "|---|---|---:|---:|"]
+    lines = [(f"| method | best setting within the budget | target {found.label} {arrow} | "
+             f"pretraining {found.label} {arrow} |"), "|---|---|---:|---:|"]
     for s in found.best:
         lines.append(f"| {s.mode} | {s.setting} | {_format(s.mean(target), s.std(target), s.runs)} | "
                      f"{_format(s.mean(pretrain), s.std(pretrain), s.runs)} |")

@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .anchor import ANCHOR_FILE, load_anchor, read_weights
-from .model_card import CARD_FILE, template_path
+from hf_l2.anchor import ANCHOR_FILE, load_anchor, read_weights
+from hf_l2.publishing.card import CARD_FILE, template_path
 
 INTERPOLATION_TEMPLATE = "interpolation.md"
 # What a run folder holds besides its weights that a model folder needs: config, tokenizer, adapter config.
@@ -292,7 +292,7 @@ def interpolate_run(
 
 def check_evaluation(run_dir: str, recipe: str, recipe_args: list[str]) -> None:
     """Refuse an `--eval` that cannot run, before anything is written."""
-    from .recipe_common import load_recipe
+    from hf_l2.tools.recipe_common import load_recipe
 
     load_recipe(recipe)
     if os.path.isdir(run_dir) and _model_file(run_dir) == "adapter":
@@ -312,8 +312,8 @@ def evaluate_interpolations(
     """Evaluate each θ(t) folder with the recipe (its `--do_eval` on the recipe arguments' data, the model set to
     the folder) and write `results.md`, `results.png` and `results.jsonl` under ``output_dir``: one row per t with
     the recipe's `eval_*` metrics and the drift ‖θ(t) − θ₀‖, so that t can be picked on validation data."""
-    from .recipe_runs import RUN_DEFAULTS, drift, run_recipe, write_rows
-    from .sweep_report import write_report
+    from hf_l2.tools.recipe_runs import RUN_DEFAULTS, drift, run_recipe, write_rows
+    from hf_l2.tools.sweep_report import write_report
 
     check_evaluation(run_dir, recipe, recipe_args)
     theta = read_weights(run_dir)
@@ -385,14 +385,14 @@ def add_interpolate_parser(subparsers):
                         help="evaluate each t with this recipe (gpt2_generation, marian_translation or a script) and "
                         "write results.md / .png / .jsonl; its arguments (the run's data flags, e.g. "
                         "--train_file, --validation_file, --pretrain_validation_file) follow `--`")
-    parser.set_defaults(run=_main, recipe_args=[])  # hf_l2.cli puts what follows `--` in recipe_args
+    parser.set_defaults(run=_main, recipe_args=[])  # hf_l2.tools.cli puts what follows `--` in recipe_args
     return parser
 
 
 def _main(args) -> int:
     import sys
 
-    from .recipe_common import RecipeInputError
+    from hf_l2.tools.recipe_common import RecipeInputError
 
     recipe_args = args.recipe_args
     if recipe_args and not args.eval:

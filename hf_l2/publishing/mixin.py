@@ -3,7 +3,7 @@
 The stock `Trainer` pushes from inside `save_model` before any card exists, and creates the repo only when pushing.
 Here the card and its plot are written beside the weights first and the upload starts only once all is on disk;
 the repo is created when the trainer is built, so a bad token fails before any training. Hub failures become one
-`HubPublishError` (see `hf_l2.hub`). With `l2_mode="none"` the stock Trainer's methods run instead (that mode
+`HubPublishError` (see `hf_l2.publishing.hub`). With `l2_mode="none"` the stock Trainer's methods run instead (that mode
 promises the stock Trainer's files): hf_l2's card is written only when the user calls `create_model_card`.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .hub import ensure_repo, upload_run
-from .model_card import CardInfo, measure_penalty, write_model_card
+from hf_l2.publishing.card import CardInfo, measure_penalty, write_model_card
+from hf_l2.publishing.hub import ensure_repo, upload_run
 
 
 class L2PublishingMixin:
@@ -27,7 +27,7 @@ class L2PublishingMixin:
     def create_model_card(self, *args, **kwargs) -> None:
         """Write the L2 model card (`README.md`) and its plot (`l2_training.png`) into `output_dir`.
 
-        Replaces the stock card; takes the fields of `hf_l2.model_card.CardInfo` (positionally in the stock
+        Replaces the stock card; takes the fields of `hf_l2.publishing.card.CardInfo` (positionally in the stock
         method's order, or by name): the stock ones plus `command`, the command line to record (default: this
         process's). Values given here are kept for the cards that `save_model()` and `push_to_hub()` write later.
         Call it on every process (as the Trainer's own calls are): under FSDP / ZeRO-3 the drift statistics are

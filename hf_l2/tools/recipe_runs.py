@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .anchor import read_weights
-from .recipe_common import load_recipe
+from hf_l2.anchor import read_weights
+from hf_l2.tools.recipe_common import load_recipe
 
 # Quiet in-process runs without checkpoints; placed before the user's recipe arguments, so that those win.
 RUN_DEFAULTS = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "warning",

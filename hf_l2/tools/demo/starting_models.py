@@ -21,11 +21,10 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from ..local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
-from ..recipe_common import load_recipe
-from ..recipe_runs import RUN_DEFAULTS
-from .data import DemoData, move_into_cache
-
+from hf_l2.tools.demo.data import DemoData, move_into_cache
+from hf_l2.tools.local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
+from hf_l2.tools.recipe_common import load_recipe
+from hf_l2.tools.recipe_runs import RUN_DEFAULTS
 
 RECIPES = {"generation": "gpt2_generation", "translation": "marian_translation"}
 
