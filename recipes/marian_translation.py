@@ -33,7 +33,8 @@ import numpy as np
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
-from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, metrics
+from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer
+from hf_l2.tools import metrics
 from hf_l2.tools.recipe_common import (
     DataArguments,
     ModelArguments,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_l2 import sweep_report
+from hf_l2.tools import sweep_report
 from hf_l2.tools.demo import FineTuning, Sizes, run_demo
 from hf_l2.tools.demo.data import prepare
 from hf_l2.tools.demo.starting_models import Pretraining, starting_model

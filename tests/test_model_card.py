@@ -14,7 +14,8 @@ import pytest
 from helpers import TokenDataset, build_wheel, l2_args, params_of, penalized, tiny_gpt2
 from huggingface_hub import ModelCard, ModelCardData
 
-from hf_l2 import L2Trainer, model_card
+from hf_l2 import L2Trainer
+from hf_l2.publishing import card as model_card
 from hf_l2.publishing.card import PLOT_FILE, final_evaluation, plot_training
 from hf_l2.publishing.reproduce import card_command, process_command
 
@@ -269,11 +270,11 @@ def test_a_built_wheel_ships_the_template_and_the_console_script(tmp_path, monke
                "hf_l2/examples/trl_sft.py"}
     assert shipped <= set(files)
     assert not any(f.startswith("hf_l2/model_cards/example") for f in files)
-    assert "hf-l2 = hf_l2.tools.cli:main" in entry_points
+    assert "hf-l2 = hf_l2.tools:main" in entry_points
 
     # Unpacked as pip installs it, the package finds the template beside itself, not in this checkout.
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
     installed = tmp_path / "site" / "hf_l2"
-    monkeypatch.setattr(model_card, "__file__", str(installed / "model_card.py"))
+    monkeypatch.setattr(model_card, "__file__", str(installed / "publishing" / "card.py"))
     assert model_card.template_path() == installed / "model_cards" / "template.md"

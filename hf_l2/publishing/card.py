@@ -42,7 +42,7 @@ _NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "model_prep
 
 def template_path() -> Path:
     """The card template: `hf_l2/model_cards/` in an installed package, `model_cards/` at the root of a checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # hf_l2/, above publishing/
     for folder in (package / "model_cards", package.parent / "model_cards"):
         if (folder / TEMPLATE_NAME).is_file():
             return folder / TEMPLATE_NAME
