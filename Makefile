@@ -26,13 +26,18 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	$(PIP) $(TORCH)
 	$(PIP) -e ".[test]"
 
+# The floating-point path of the demo's numbers: torch's AVX2 kernels, oneDNN's and MKL's AVX2 code paths, the ones
+# any x86-64 CPU with AVX2 runs (by default each library picks the widest the CPU has, e.g. AVX-512 here, and the
+# numbers change with the CPU). Measured in docs/demo.md ("Reproducible").
+FLOAT_PATH = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
+
 demo: install
-	$(PYTHON) -m hf_l2.tools.cli demo --output_dir runs/demo
+	$(FLOAT_PATH) $(PYTHON) -m hf_l2.tools.cli demo --output_dir runs/demo
 
 # SmolLM2-135M-Instruct (Q4_1, dequantized) with every method and baseline: about 90 minutes on 2 idle cores,
 # resumable (docs/real_model.md).
 real-model: install
-	$(PYTHON) -m hf_l2.tools.cli real-model --output_dir runs/real_model
+	$(FLOAT_PATH) $(PYTHON) -m hf_l2.tools.cli real-model --output_dir runs/real_model
 
 quickstart: install
 	$(PYTHON) -m hf_l2.examples.quickstart --output_dir runs/quickstart --l2_mode l2_sp --l2_coef 0.1

