@@ -166,12 +166,12 @@ def run_distributed(command: list[str], env: dict[str, str]) -> subprocess.Compl
 
 
 def run_two_processes(worker: str, *args: str, **env: str) -> None:
-    """Run `tests/<worker>` under torchrun as 2 CPU processes (gloo).
+    """Run `tests/distributed/<worker>` under torchrun as 2 CPU processes (gloo).
 
     `--standalone` lets the rendezvous pick its own free port, so runs side by side cannot collide.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(os.path.dirname(__file__), worker), *args]
+               os.path.join(os.path.dirname(__file__), "distributed", worker), *args]
     run_distributed(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env})
 
 
