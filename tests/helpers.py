@@ -180,7 +180,7 @@ def run_two_processes(worker: str, *args: str, **env: str) -> None:
 
 
 # ---- runs and references that tests in several files build ------------------------------------------------------
-QKV = "transformer.h.0.attn.c_attn.weight"  # (16, 48)
+QKV = "transformer.h.0.attn.c_attn.weight"  # tiny_gpt2's first attention weight, (16, 48)
 
 
 def fisher_trainer(tmp_path, model=None, data=None, **overrides) -> L2Trainer:
