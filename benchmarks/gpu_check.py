@@ -9,7 +9,7 @@ Checks, each in its own process (one that fails, crashes or hangs leaves the oth
 
 - exactness: `l2_impl` grad = loss = a hand-written loop (SGD, accumulation 2, clipping active), final parameters
   of a tiny GPT-2, in fp32, bf16 autocast and fp16 with a GradScaler whose first step overflows (skipped);
-- fsdp2_1proc / fsdp2_2proc (2 GPUs) / zero3 (if deepspeed imports): `tests/launch_worker.py` under
+- fsdp2_1proc / fsdp2_2proc (2 GPUs) / zero3 (if deepspeed imports): `tests/distributed/launch_worker.py` under
   `accelerate launch` with the shipped `fsdp2.yaml` / `zero3.yaml`: penalty logged, θ₀ sharded, a checkpoint
   resumed to the uninterrupted parameters;
 - bench_penalty / bench_step: the two benchmarks at GPT-2-small shapes (8 × 1024 tokens, bf16 steps), stock Trainer
@@ -296,7 +296,7 @@ def launch(ctx: Context, config: str, processes: int, impl: str, extra: list[str
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS / f"{config}.yaml",
                "--num_processes", str(processes), "--main_process_port", "0", *extra,
-               ROOT / "tests" / "launch_worker.py", out, impl]
+               ROOT / "tests" / "distributed" / "launch_worker.py", out, impl]
     env = {**ctx.env, "OMP_NUM_THREADS": "1"}
     with open(ctx.scratch / f"{config}-{processes}.log", "w") as log:
         code, text = run_bounded(command, ctx.left(), env, log)

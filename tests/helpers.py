@@ -1,9 +1,12 @@
-"""What the tests share, imported as a module (`from helpers import ...`) by the tests and the torchrun workers:
-tiny models and data built locally (nothing here touches the network), comparisons, the multi-process launcher,
-and the pretrained-looking models and data files of the recipe tests. Importing it sets the offline environment."""
+"""What the tests share, imported as a module (`from helpers import ...`) by the tests in every folder under tests/
+and by the torchrun workers in tests/distributed/: tiny models and data built locally (nothing here touches the
+network), comparisons, the multi-process launcher, the runs and references that tests in several files build (the
+KL's deep-copy reference, LoRA models, Fisher trainers, a tiny demo's sizes), and the pretrained-looking models,
+data files and command lines of the recipe tests. Importing it sets the offline environment."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import inspect
 import itertools
@@ -17,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
+from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel, TrainerCallback
 
+from hf_l2 import L2Trainer
 from hf_l2.tools.local_tokenizers import train_bpe_tokenizer, train_marian_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,13 +170,152 @@ def run_distributed(command: list[str], env: dict[str, str]) -> subprocess.Compl
 
 
 def run_two_processes(worker: str, *args: str, **env: str) -> None:
-    """Run `tests/<worker>` under torchrun as 2 CPU processes (gloo).
+    """Run `tests/distributed/<worker>` under torchrun as 2 CPU processes (gloo).
 
     `--standalone` lets the rendezvous pick its own free port, so runs side by side cannot collide.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(os.path.dirname(__file__), worker), *args]
+               os.path.join(os.path.dirname(__file__), "distributed", worker), *args]
     run_distributed(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env})
+
+
+# ---- runs and references that tests in several files build ------------------------------------------------------
+QKV = "transformer.h.0.attn.c_attn.weight"  # tiny_gpt2's first attention weight, (16, 48)
+
+
+def fisher_trainer(tmp_path, model=None, data=None, **overrides) -> L2Trainer:
+    args = l2_args(tmp_path, **{"l2_mode": "l2_sp_fisher", **overrides})
+    return L2Trainer(model=model or tiny_gpt2(), args=args, train_dataset=data or TokenDataset())
+
+
+def tiny_generating_marian():
+    """A Marian whose generation stops at 8 tokens (pad 39), for the predict_with_generate tests."""
+    torch.manual_seed(0)
+    config = MarianConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        pad_token_id=39, eos_token_id=0, decoder_start_token_id=39, dropout=0.0, max_length=8,
+    )
+    return MarianMTModel(config)
+
+
+class MaskedPairDataset(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(0)
+        self.src = torch.randint(1, 39, (n, 6), generator=g)
+        self.tgt = torch.randint(1, 39, (n, 5), generator=g)
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.src[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": self.tgt[i]}
+
+
+class FinalParameters(TrainerCallback):
+    """Records the parameters each `train()` ends with (a search runs several on one trainer)."""
+
+    def __init__(self):
+        self.runs = []
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.runs.append(params_of(model))
+
+
+# The output anchor (`l2_kl_coef`) against a frozen deep copy of the starting model.
+LAMBDA, TAU = 3.0, 2.0
+
+
+def kl_by_hand(logits, ref_logits, labels, shifts, tau):
+    """τ²·Σ over label positions of Σ_v q·(log q − log p), q = softmax(z₀/τ), p = softmax(z/τ), in fp64."""
+    if shifts:  # position t predicts token t + 1
+        logits, ref_logits, labels = logits[:, :-1], ref_logits[:, :-1], labels[:, 1:]
+    q = torch.softmax(ref_logits.double() / tau, -1)
+    log_p = torch.log_softmax(logits.double() / tau, -1)
+    per_token = (q * (q.log() - log_p)).sum(-1)
+    return (per_token * (labels != -100)).sum().float() * tau**2
+
+
+class DeepCopyReference:
+    """Adds λ·KL to the loss from a frozen deep copy of the starting model, over the tokens the task loss counts
+    (`num_items_in_batch`, which GPT-2's and Marian's losses divide by), with its own second forward."""
+
+    def __init__(self, *args, coef=LAMBDA, tau=TAU, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.coef, self.tau = coef, tau
+        self.shifts = not self.model.config.is_encoder_decoder
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not model.training:
+            return loss
+        logits = model(**inputs).logits
+        with torch.no_grad():
+            ref = self.frozen(**inputs).logits
+        kl = kl_by_hand(logits, ref, inputs["labels"], self.shifts, self.tau)
+        if num_items_in_batch is None:  # a per-micro-batch mean, as the model's loss is then
+            labels = inputs["labels"][:, 1:] if self.shifts else inputs["labels"]
+            num_items_in_batch = (labels != -100).sum()
+        return loss + self.coef * kl / num_items_in_batch
+
+
+class GPT2Reference(DeepCopyReference, L2Trainer):
+    pass
+
+
+def sgd_args(tmp_path, **overrides):
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, optim="sgd",
+                    learning_rate=0.3, max_grad_norm=0.5, l2_coef=2.0)
+    return l2_args(tmp_path, **{**settings, **overrides})
+
+
+# LoRA models.
+def gpt2_lora(**config):
+    from peft import LoraConfig, get_peft_model
+
+    config = {"r": 2, "lora_alpha": 3, "target_modules": ["c_attn", "wte"], "fan_in_fan_out": True, **config}
+    return get_peft_model(tiny_gpt2(), LoraConfig(**config))
+
+
+def perturb_lora(model, seed=1):
+    """Move every LoRA factor, as training would (B starts at zero, so ΔW would be zero otherwise)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def trainable_of(model):
+    """The parameters training changes: comparing whole models would drown them in the frozen base weights."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_with_saved_module():
+    """GPT-2 + LoRA on c_attn and wte, and a trainable copy of the position embedding (`modules_to_save`)."""
+    return gpt2_lora(modules_to_save=["wpe"])
+
+
+def tiny_demo_sizes():
+    """A demo small enough for the test suite: the same code path as `hf-l2 demo`, seconds instead of minutes."""
+    from hf_l2.tools.demo import FineTuning, Sizes
+    from hf_l2.tools.demo.starting_models import Pretraining
+
+    return Sizes(
+        pretraining={
+            "generation": Pretraining(vocab_size=300, width=16, layers=1, heads=2, context=32, steps=4,
+                                      batch_size=4, learning_rate=1e-2),
+            "translation": Pretraining(vocab_size=150, width=16, layers=1, heads=2, context=32, steps=4,
+                                       batch_size=4, learning_rate=1e-2),
+        },
+        fine_tuning={
+            "generation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4,
+                                     fisher_samples=4),
+            "translation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4,
+                                      fisher_samples=4),
+        },
+    )
 
 
 # ---- the recipe tests: tiny pretrained-looking models, tokenizers and data files -------------------------------
@@ -279,3 +422,28 @@ def write_translation_files(folder: Path) -> dict[str, Path]:
             writer.writerow(["english", "german"])
             writer.writerows(rows)
     return files
+
+
+# The recipes' command lines (the `workdir` fixture, in conftest.py, holds the models and files they name).
+RUN = ["--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+       "--disable_tqdm", "true", "--seed", "0", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3"]
+
+
+def gpt2_args(workdir, out, *extra, train="txt"):
+    return [
+        "--model_name_or_path", str(workdir["gpt2"]), "--train_file", str(workdir["text"][train]),
+        "--validation_file", str(workdir["text"]["validation"]), "--output_dir", str(out),
+        "--cache_dir", str(workdir["cache"]), "--block_size", "32", "--max_steps", "4",
+        "--num_samples", "2", "--max_new_tokens", "5", *RUN, *extra,
+    ]
+
+
+def marian_args(workdir, out, *extra, layout="jsonl"):
+    files = workdir["pairs"]
+    train, valid = (files["train"], files["validation"]) if layout == "jsonl" else (
+        files["train_csv"], files["validation_csv"])
+    return [
+        "--model_name_or_path", str(workdir["marian"]), "--train_file", str(train), "--validation_file", str(valid),
+        "--output_dir", str(out), "--cache_dir", str(workdir["cache"]), "--max_steps", "4", "--num_samples", "3",
+        "--max_source_length", "16", "--max_target_length", "16", *RUN, *extra,
+    ]

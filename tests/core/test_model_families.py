@@ -7,10 +7,9 @@ import re
 
 import pytest
 import torch
-from helpers import TokenDataset, l2_args, max_rel_diff, params_of
+from helpers import LAMBDA, TAU, GPT2Reference, TokenDataset, l2_args, max_rel_diff, params_of, sgd_args
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_output_anchor import LAMBDA, TAU, GPT2Reference, sgd_args
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Trainer
 
 from hf_l2 import L2Trainer

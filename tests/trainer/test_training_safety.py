@@ -1,157 +1,17 @@
-"""Runs that must stop instead of training garbage: damaged θ₀ files, a conflicting anchor on resume, a decoupled
-pull that overshoots, non-finite statistics, mixed precision that did not run, parameters unfrozen too late."""
+"""Runs that must stop instead of training garbage: a decoupled pull that overshoots, non-finite statistics, mixed
+precision that did not run, parameters unfrozen too late. Damaged θ₀ files and a conflicting anchor on resume (items
+1 and 3) are in test_resume.py."""
 
-import json
 import logging
 import math
-import shutil
 
 import pytest
 import torch
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, tiny_gpt2
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from helpers import QKV, TokenDataset, gpt2_from_checkpoint, l2_args, tiny_gpt2
 from transformers import TrainerCallback
 
 from hf_l2 import L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, save_anchor
-
-COMMON = dict(max_steps=4, save_strategy="steps", save_steps=2, l2_coef=1.0)
-QKV = "transformer.h.0.attn.c_attn.weight"  # (16, 48)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A 4-step L2-SP run saved at steps 2 and 4, trained once for the module."""
-    folder = tmp_path_factory.mktemp("run")
-    L2Trainer(model=tiny_gpt2(), args=l2_args(folder, **COMMON), train_dataset=TokenDataset()).train()
-    return folder
-
-
-@pytest.fixture
-def checkpoint(trained_run, tmp_path):
-    """A fresh copy of the run's checkpoint-2 (with its anchor file), for a test to damage."""
-    copy = tmp_path / "run" / "checkpoint-2"
-    shutil.copytree(trained_run / "checkpoint-2", copy)
-    return copy
-
-
-def resume(checkpoint, **overrides):
-    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=l2_args(checkpoint.parent, **COMMON | overrides),
-                        train_dataset=TokenDataset())
-    trainer.train(resume_from_checkpoint=str(checkpoint))
-    return trainer
-
-
-def rewrite_anchor(checkpoint, edit, keep_checksums=True):
-    """Replace the anchor file's tensors by `edit(tensors)`, keeping its metadata (or only its layout)."""
-    path = str(checkpoint / ANCHOR_FILE)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path, metadata=metadata if keep_checksums else {"layout": metadata["layout"]})
-
-
-def set_item(name, fn):
-    def edit(tensors):
-        tensors[name] = fn(tensors[name])
-    return edit
-
-
-def flip_exponent_bits(t):
-    bits = t.clone().view(torch.int32)
-    bits[0, :4] ^= 1 << 30  # the exponent's top bit: values near 0.02 become ~1e37, still finite
-    return bits.view(torch.float32)
-
-
-def with_nan(t):
-    t = t.clone()
-    t[1, 2] = float("nan")
-    t[0, 0] = float("inf")
-    return t
-
-
-# ---- item 1: a damaged anchor file is refused, naming the file, the tensor and what is wrong ----------------------
-@pytest.mark.parametrize(
-    "name, damage, message",
-    [
-        (QKV, with_nan, rf"{QKV}: 1 NaN and 1 infinite value\(s\) of 768"),
-        (QKV, flip_exponent_bits, rf"{QKV}: its bytes differ from the checksum"),
-        ("transformer.wte.weight", torch.zeros_like, r"transformer\.wte\.weight: its bytes differ from the checksum"),
-        (QKV, lambda t: t.T.contiguous(), rf"{QKV}: shape \(48, 16\), expected \(16, 48\)"),
-        (QKV, lambda t: t[:8].contiguous(), rf"{QKV}: shape \(8, 48\), expected \(16, 48\)"),
-        (QKV, lambda t: torch.cat([t, t]), rf"{QKV}: shape \(32, 48\), expected \(16, 48\)"),
-        (QKV, lambda t: t.to(torch.int8), rf"{QKV}: dtype torch.int8, not a floating-point type"),
-    ],
-    ids=["nan-inf", "flipped-exponent", "zeros", "transposed", "smaller", "bigger", "int8"],
-)
-def test_damaged_anchor_file_is_refused_on_resume(checkpoint, name, damage, message):
-    rewrite_anchor(checkpoint, set_item(name, damage))
-    with pytest.raises(ValueError, match=rf"{ANCHOR_FILE} is damaged .*{message}"):
-        resume(checkpoint)
-
-
-def test_torn_write_is_caught_by_the_checksum(checkpoint):
-    path = checkpoint / ANCHOR_FILE
-    size = path.stat().st_size
-    with open(path, "r+b") as f:  # the tail of the data never reached the disk: zeros, the size unchanged
-        f.seek(size - 256)
-        f.write(bytes(256))
-    with pytest.raises(ValueError, match="its bytes differ from the checksum written with it"):
-        resume(checkpoint)
-
-
-def test_anchor_file_carries_a_checksum_per_tensor(checkpoint):
-    import hashlib
-
-    path = str(checkpoint / ANCHOR_FILE)
-    with safe_open(path, "pt") as f:
-        recorded = json.loads(f.metadata()["sha256"])
-    tensors = load_file(path)
-    assert set(recorded) == set(tensors)
-    t = tensors[QKV]  # written independently of hf_l2's helper: dtype, shape, then the raw bytes
-    by_hand = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.numpy().tobytes()).hexdigest()
-    assert recorded[QKV] == by_hand
-
-
-def test_anchor_file_without_checksums_still_loads_and_warns_about_zeros(checkpoint, caplog):
-    rewrite_anchor(checkpoint, set_item(QKV, torch.zeros_like), keep_checksums=False)
-    with caplog.at_level(logging.WARNING):
-        trainer = resume(checkpoint)
-    assert "has no checksums" in caplog.text
-    assert f"θ₀ is all zeros for 1 tensor(s), e.g. ['{QKV}']" in caplog.text
-    assert trainer.state.global_step == 4
-    # A legitimately zero tensor with a valid checksum is trusted: no warning.
-    caplog.clear()
-    save_anchor(load_file(str(checkpoint / ANCHOR_FILE)), {}, str(checkpoint))  # the same zeros, with checksums
-    with caplog.at_level(logging.WARNING):
-        resume(checkpoint)
-    assert "all zeros" not in caplog.text and "has no checksums" not in caplog.text
-
-
-# ---- item 3: another anchor on resume -----------------------------------------------------------------------------
-def test_a_different_anchor_path_on_resume_is_refused(tmp_path):
-    tiny_gpt2(seed=0).save_pretrained(tmp_path / "pretrained")
-    tiny_gpt2(seed=7).save_pretrained(tmp_path / "other")
-    first = dict(l2_anchor_path=str(tmp_path / "pretrained"))
-    L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path / "run", **COMMON, **first),
-              train_dataset=TokenDataset()).train()
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    with pytest.raises(ValueError, match=r"`l2_anchor_path`=.*other' differs from the θ₀ that .*checkpoint-2 was"):
-        resume(checkpoint, l2_anchor_path=str(tmp_path / "other"))
-    assert resume(checkpoint, **first).state.global_step == 4  # the same anchor resumes
-
-
-def test_resume_says_which_anchor_is_in_force(checkpoint, caplog):
-    with caplog.at_level(logging.WARNING):
-        resume(checkpoint)  # built from the checkpoint's weights: the θ₀ it would take is not the run's
-    assert "θ₀ in force: the one saved in" in caplog.text
-    caplog.clear()
-    trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(checkpoint.parent, **COMMON), train_dataset=TokenDataset())
-    with caplog.at_level(logging.WARNING):
-        trainer.train(resume_from_checkpoint=str(checkpoint))  # built from the pretrained model: nothing to say
-    assert "θ₀ in force" not in caplog.text
+from hf_l2.anchor import save_anchor
 
 
 # ---- item 2: a decoupled pull that overshoots; non-finite statistics ----------------------------------------------

@@ -34,7 +34,7 @@ from hf_l2.anchor import ANCHOR_FILE  # noqa: E402
 from hf_l2.integrations.trl import L2DPOConfig, L2DPOTrainer, L2SFTConfig, L2SFTTrainer, L2TRLMixin  # noqa: E402
 from hf_l2.tools.local_tokenizers import train_chat_tokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = [
     ("hello how are you", "i am fine thank you"),
     ("where is the cat", "the cat sat on the mat"),

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import PairDataset, l2_args, params_of, tiny_marian  # noqa: E402
 
 from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer  # noqa: E402

@@ -1,14 +1,11 @@
 """The decoupled pull θ ← θ − lr·α·(θ − θ₀): by hand, inside the Trainer, and as a stock-Trainer callback."""
 
-import logging
-
 import pytest
 import torch
 from helpers import (
     Regression,
     RegressionData,
     TokenDataset,
-    gpt2_from_checkpoint,
     l2_args,
     max_rel_diff,
     params_of,
@@ -127,27 +124,6 @@ def test_callback_equals_l2_trainer_decoupled(tmp_path):
     free = tiny_gpt2()
     Trainer(model=free, args=l2_args(tmp_path, l2_mode="none", **common), train_dataset=TokenDataset()).train()
     assert max_rel_diff(params_of(free), params_of(mine)) > 1e-4
-
-
-def test_callback_resume_needs_the_pretrained_anchor(tmp_path, caplog):
-    common = dict(l2_mode="none", max_steps=6, save_strategy="steps", save_steps=3)
-    full = tiny_gpt2()
-    Trainer(model=full, args=l2_args(tmp_path, **common), train_dataset=TokenDataset(),
-            callbacks=[DecoupledL2SPCallback(full, coef=5.0)]).train()
-    checkpoint = tmp_path / "checkpoint-3"
-    # Built from the checkpoint's weights, with the pretrained weights as reference: the uninterrupted result.
-    resumed = gpt2_from_checkpoint(checkpoint)
-    callback = DecoupledL2SPCallback(resumed, coef=5.0, reference=tiny_gpt2())
-    Trainer(model=resumed, args=l2_args(tmp_path, **common), train_dataset=TokenDataset(),
-            callbacks=[callback]).train(resume_from_checkpoint=str(checkpoint))
-    assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
-
-    # Without a reference its θ₀ is the checkpoint: that is almost surely a mistake, and it says so.
-    wrong = gpt2_from_checkpoint(checkpoint)
-    with caplog.at_level(logging.WARNING):
-        Trainer(model=wrong, args=l2_args(tmp_path, **{**common, "max_steps": 4}), train_dataset=TokenDataset(),
-                callbacks=[DecoupledL2SPCallback(wrong, coef=5.0)]).train(resume_from_checkpoint=str(checkpoint))
-    assert "θ₀ equals the resumed weights" in caplog.text
 
 
 def test_callback_bad_input():

@@ -1,109 +1,36 @@
-"""L2Trainer around the training loop: resume, logging, evaluation, anchors from disk, bad input."""
+"""L2Trainer around the training loop: a loss that ignores `num_items_in_batch`, logging, evaluation, anchors from
+disk, bad input. Resume is in test_resume.py."""
 
 import glob
 import logging
-import os
 
 import pytest
 import torch
 from helpers import (
+    MaskedPairDataset,
     PairDataset,
-    RegressionData,
     TokenDataset,
-    gpt2_from_checkpoint,
     l2_args,
     max_rel_diff,
     params_of,
     penalized,
+    tiny_generating_marian,
     tiny_gpt2,
     tiny_marian,
 )
-from safetensors.torch import load_file
 from transformers import (
     GPT2Model,
-    MarianConfig,
-    MarianMTModel,
-    PretrainedConfig,
-    PreTrainedModel,
     Seq2SeqTrainer,
     Trainer,
 )
 
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
-from hf_l2.anchor import ANCHOR_FILE
 
 
 def omega_by_hand(model, anchor, alpha):
     return sum(
         0.5 * alpha * (p.detach() - anchor[n]).pow(2).sum().item() for n, p in model.named_parameters() if penalized(n)
     )
-
-
-# ---- resume ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["grad", "loss"])
-def test_resume_restores_the_anchor_and_matches_an_uninterrupted_run(tmp_path, impl):
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_coef=2.0, l2_impl=impl,
-                  gradient_accumulation_steps=2, per_device_train_batch_size=2)
-    full = tiny_gpt2()
-    L2Trainer(model=full, args=l2_args(tmp_path / "full", **common), train_dataset=TokenDataset()).train()
-
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert (checkpoint / ANCHOR_FILE).is_file()
-    saved = load_file(str(checkpoint / ANCHOR_FILE))
-    start = params_of(tiny_gpt2())
-    assert torch.equal(saved["transformer.wte.weight"], start["transformer.wte.weight"])
-
-    # The natural mistake: rebuild the trainer from the checkpoint's weights. Its anchor must come from the file.
-    resumed = gpt2_from_checkpoint(checkpoint)
-    trainer = L2Trainer(model=resumed, args=l2_args(tmp_path / "full", **common), train_dataset=TokenDataset())
-    trainer.train(resume_from_checkpoint=str(checkpoint))
-    assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
-
-    # Without the anchor file the same resume anchors to the step-3 weights and ends elsewhere.
-    os.remove(checkpoint / ANCHOR_FILE)
-    wrong = gpt2_from_checkpoint(checkpoint)
-    L2Trainer(model=wrong, args=l2_args(tmp_path / "full", **common),
-              train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
-    assert max_rel_diff(params_of(wrong), params_of(full)) > 1e-4
-
-
-class TinyRegressor(PreTrainedModel):
-    """A `PreTrainedModel` with no input embeddings (as a regression head or many vision / audio models): its
-    `get_input_embeddings` raises `NotImplementedError` in transformers 5 instead of returning None."""
-
-    config_class = PretrainedConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.body = torch.nn.Linear(4, 8)
-        self.head = torch.nn.Linear(8, 1)
-        self.post_init()
-
-    def forward(self, x, y):
-        pred = self.head(torch.tanh(self.body(x))).squeeze(-1)
-        return {"loss": 0.5 * ((pred - y) ** 2).mean()}
-
-
-def tiny_regressor() -> TinyRegressor:
-    torch.manual_seed(0)
-    return TinyRegressor(PretrainedConfig())
-
-
-def test_resume_of_a_model_without_input_embeddings_matches_an_uninterrupted_run(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 4, generator=g)
-    data = RegressionData(x, x.sum(1))
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_coef=2.0, per_device_train_batch_size=4)
-    with pytest.raises(NotImplementedError):
-        tiny_regressor().get_input_embeddings()
-    full = tiny_regressor()
-    L2Trainer(model=full, args=l2_args(tmp_path / "full", **common), train_dataset=data).train()
-
-    resumed = tiny_regressor()
-    L2Trainer(model=resumed, args=l2_args(tmp_path / "resumed", **common),
-              train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
-    assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
-    assert max_rel_diff(params_of(full), params_of(tiny_regressor())) > 1e-3  # it trained
 
 
 # ---- a model whose loss ignores `num_items_in_batch` ----------------------------------------------------------------
@@ -193,30 +120,6 @@ def test_eval_loss_never_includes_the_penalty(tmp_path):
     assert trainer.state.log_history[-2]["l2/penalty"] > 1.0
     stock = Trainer(model=model, args=l2_args(tmp_path, l2_mode="none"), eval_dataset=TokenDataset(n=4, seed=3))
     assert trainer.evaluate()["eval_loss"] == pytest.approx(stock.evaluate()["eval_loss"], rel=1e-6)
-
-
-def tiny_generating_marian():
-    """A Marian whose generation stops at 8 tokens (pad 39), for the predict_with_generate tests."""
-    torch.manual_seed(0)
-    config = MarianConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-        pad_token_id=39, eos_token_id=0, decoder_start_token_id=39, dropout=0.0, max_length=8,
-    )
-    return MarianMTModel(config)
-
-
-class MaskedPairDataset(torch.utils.data.Dataset):
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.src = torch.randint(1, 39, (n, 6), generator=g)
-        self.tgt = torch.randint(1, 39, (n, 5), generator=g)
-
-    def __len__(self):
-        return len(self.src)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.src[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": self.tgt[i]}
 
 
 @pytest.mark.parametrize("impl", ["grad", "loss"])

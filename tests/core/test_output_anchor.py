@@ -1,71 +1,36 @@
-"""`l2_kl_coef`: the KL to θ₀'s predictions, against references that keep a frozen deep copy of the starting model."""
+"""`l2_kl_coef`: the KL to θ₀'s predictions, against references that keep a frozen deep copy of the starting model
+(`DeepCopyReference` in helpers.py). Resume and the saved reference's checks are in trainer/test_resume.py."""
 
 import copy
-import logging
-import os
 
 import pytest
 import torch
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, penalized, tiny_gpt2
+from helpers import (
+    LAMBDA,
+    TAU,
+    DeepCopyReference,
+    FinalParameters,
+    GPT2Reference,
+    MaskedPairDataset,
+    TokenDataset,
+    gpt2_from_checkpoint,
+    l2_args,
+    max_rel_diff,
+    params_of,
+    penalized,
+    sgd_args,
+    tiny_generating_marian,
+    tiny_gpt2,
+)
 from peft import LoraConfig, get_peft_model
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from test_trainer import MaskedPairDataset, tiny_generating_marian
 from transformers import Seq2SeqTrainer, Trainer
 
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES
 from hf_l2.output_anchor import OutputAnchor
-
-LAMBDA, TAU = 3.0, 2.0
-
-
-def kl_by_hand(logits, ref_logits, labels, shifts, tau):
-    """τ²·Σ over label positions of Σ_v q·(log q − log p), q = softmax(z₀/τ), p = softmax(z/τ), in fp64."""
-    if shifts:  # position t predicts token t + 1
-        logits, ref_logits, labels = logits[:, :-1], ref_logits[:, :-1], labels[:, 1:]
-    q = torch.softmax(ref_logits.double() / tau, -1)
-    log_p = torch.log_softmax(logits.double() / tau, -1)
-    per_token = (q * (q.log() - log_p)).sum(-1)
-    return (per_token * (labels != -100)).sum().float() * tau**2
-
-
-class DeepCopyReference:
-    """Adds λ·KL to the loss from a frozen deep copy of the starting model, over the tokens the task loss counts
-    (`num_items_in_batch`, which GPT-2's and Marian's losses divide by), with its own second forward."""
-
-    def __init__(self, *args, coef=LAMBDA, tau=TAU, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.coef, self.tau = coef, tau
-        self.shifts = not self.model.config.is_encoder_decoder
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not model.training:
-            return loss
-        logits = model(**inputs).logits
-        with torch.no_grad():
-            ref = self.frozen(**inputs).logits
-        kl = kl_by_hand(logits, ref, inputs["labels"], self.shifts, self.tau)
-        if num_items_in_batch is None:  # a per-micro-batch mean, as the model's loss is then
-            labels = inputs["labels"][:, 1:] if self.shifts else inputs["labels"]
-            num_items_in_batch = (labels != -100).sum()
-        return loss + self.coef * kl / num_items_in_batch
-
-
-class GPT2Reference(DeepCopyReference, L2Trainer):
-    pass
 
 
 class MarianReference(DeepCopyReference, L2Seq2SeqTrainer):
     pass
-
-
-def sgd_args(tmp_path, **overrides):
-    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, optim="sgd",
-                    learning_rate=0.3, max_grad_norm=0.5, l2_coef=2.0)
-    return l2_args(tmp_path, **{**settings, **overrides})
 
 
 def grad_norms(trainer):
@@ -219,76 +184,6 @@ def test_bad_values_name_the_field(tmp_path, field, value, message):
         L2Config(output_dir=str(tmp_path), **{field: value})
 
 
-KL_FILE = KL_ANCHOR_FILES[0]
-
-
-@pytest.mark.parametrize("mode", ["none", "l2_sp"])
-def test_resume_on_the_checkpoints_weights_keeps_the_runs_reference(tmp_path, caplog, mode):
-    """A trainer built from a checkpoint's weights snapshots them as θ₀; resumed, it must use the run's θ₀ (saved
-    in the checkpoint) and end where the uninterrupted run ends. `none`: every trainable parameter is the KL's own;
-    `l2_sp`: biases and LayerNorms are, the rest is the penalty's θ₀ (restored by the penalty)."""
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_mode=mode, l2_coef=1.0, l2_kl_coef=LAMBDA,
-                  gradient_accumulation_steps=2, per_device_train_batch_size=2)
-    full = tiny_gpt2()
-    trainer = L2Trainer(model=full, args=l2_args(tmp_path / "full", **common), train_dataset=TokenDataset())
-    own, shared = set(trainer._l2_kl.own), set(trainer._l2_kl.shared)
-    trainer.train()
-    trainer.save_model(str(tmp_path / "final"))
-    start = params_of(tiny_gpt2())
-    assert own == ({n for n in start if not penalized(n)} if mode == "l2_sp" else set(start))
-    assert own.isdisjoint(shared) and own | shared == set(start) and (mode == "none") == (not shared)
-
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    saved = load_file(str(checkpoint / KL_FILE))
-    assert saved.keys() == own and all(torch.equal(saved[n], start[n]) for n in own)
-    # Beside the final weights only with the penalty's θ₀ (then θ₀ of every trainable parameter is there).
-    assert (tmp_path / "final" / KL_FILE).is_file() == (tmp_path / "final" / ANCHOR_FILE).is_file() == bool(shared)
-
-    def resume():
-        model = gpt2_from_checkpoint(checkpoint)
-        L2Trainer(model=model, args=l2_args(tmp_path / "full", **common),
-                  train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
-        return params_of(model)
-
-    with caplog.at_level(logging.WARNING):
-        resumed = resume()
-    # Before the snapshot was saved, this resume ended 2.7e-2 (`none`) and 7.9e-3 (`l2_sp`) away.
-    assert max_rel_diff(resumed, params_of(full)) < 1e-6
-    assert f"θ₀ in force: the one saved in {checkpoint}" in caplog.text
-
-    # Without the file the same resume takes the step-3 weights as the reference, ends elsewhere, and says so.
-    os.remove(checkpoint / KL_FILE)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        wrong = resume()
-    assert f"{checkpoint} has no {KL_FILE}" in caplog.text
-    assert max_rel_diff(wrong, params_of(full)) > 1e-4
-
-
-def test_a_damaged_or_partial_reference_snapshot_is_refused_on_resume(tmp_path):
-    """The KL's file is checked as the penalty's θ₀ file is (checksums, shapes, finite values), and must hold θ₀ of
-    every parameter the resumed trainer's reference needs."""
-    def args(mode):
-        return l2_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, l2_mode=mode, l2_kl_coef=1.0)
-
-    L2Trainer(model=tiny_gpt2(), args=args("l2_sp"), train_dataset=TokenDataset()).train()
-    checkpoint = tmp_path / "checkpoint-1"
-    # `l2_mode="none"` leaves the weights to the KL's own snapshot; the L2-SP run saved only biases and norms.
-    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args("none"), train_dataset=TokenDataset())
-    weights = sum(penalized(n) for n in params_of(tiny_gpt2()))
-    with pytest.raises(ValueError, match=rf"{KL_FILE} lacks θ₀ for {weights} parameter\(s\) of the KL's reference"):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
-    path = str(checkpoint / KL_FILE)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(path)
-    tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"] + 1.0
-    save_file(tensors, path, metadata=metadata)
-    trainer = L2Trainer(model=gpt2_from_checkpoint(checkpoint), args=args("l2_sp"), train_dataset=TokenDataset())
-    with pytest.raises(ValueError, match=rf"{KL_FILE} is damaged .*transformer\.ln_f\.bias: its bytes differ from"):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
-
-
 def test_sharded_and_deepspeed_runs_are_refused(tmp_path):
     trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_kl_coef=1.0), train_dataset=TokenDataset())
     for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
@@ -301,8 +196,6 @@ def test_sharded_and_deepspeed_runs_are_refused(tmp_path):
 def test_hyperparameter_search_takes_each_trials_coef_and_start(tmp_path):
     """Per trial, `model_init` builds another starting model: the KL's θ₀ and λ are that trial's."""
     pytest.importorskip("optuna")
-    from test_workflows import FinalParameters
-
     for name, seed in (("a", 0), ("b", 1)):
         tiny_gpt2(seed).save_pretrained(tmp_path / name)
     trials = [("a", 2.0), ("b", 5.0)]

@@ -1,12 +1,12 @@
 """Run under `accelerate launch --config_file recipes/accelerate_configs/{fsdp2,zero3}.yaml`: the whole L2Trainer.
 
-    accelerate launch --config_file CONFIG --num_processes N tests/launch_worker.py OUT.pt IMPL[,IMPL...]
+    accelerate launch --config_file CONFIG --num_processes N tests/distributed/launch_worker.py OUT.pt IMPL[,IMPL...]
 
 For each impl, trains a tiny GPT-2 for 4 optimizer steps (accumulation 2, clipping at 0.5, active), saving a
 checkpoint at step 2, then a fresh trainer resumed from that checkpoint to step 4. Every rank takes 8 / (2·N)
 sequences per micro-batch, so each step sees the same 8 sequences whatever N: one process with batch 4 ×
 accumulation 2 is the same run. Rank 0 saves, per impl, the full final parameters of both runs, their logs and
-how θ₀ was split, for tests/test_fsdp_trainer.py (CPU, gloo) and benchmarks/gpu_check.py (GPU) to check.
+how θ₀ was split, for tests/distributed/test_fsdp_trainer.py (CPU, gloo) and benchmarks/gpu_check.py (GPU) to check.
 
 Without an accelerator, accelerate 1.15 keeps the FSDP plugin only for accelerator process groups
 (`AcceleratorState.__init__`, the `elif self.distributed_type in [DistributedType.MULTI_GPU, ...]` branch, which
@@ -26,7 +26,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import TokenDataset, l2_args, tiny_gpt2  # noqa: E402
 
 from hf_l2 import L2Trainer  # noqa: E402

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import TokenDataset, l2_args, params_of, penalized, tiny_gpt2  # noqa: E402
 from transformers import Trainer  # noqa: E402
 

@@ -11,11 +11,11 @@ import subprocess
 import venv
 
 import pytest
-from helpers import ROOT, build_wheel, save_tiny_gpt2, write_text_files
+from helpers import ROOT, build_wheel, save_tiny_gpt2, tiny_demo_sizes, write_text_files
 from huggingface_hub import ModelCard
-from test_demo import TINY
 
 pytestmark = pytest.mark.slow
+TINY = tiny_demo_sizes()  # the test suite's demo sizes
 
 # The environment `make` pins, so that pip installs from its cache what this test environment already has.
 CONSTRAINTS = ROOT / "constraints" / "demo.txt"

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import TokenDataset, l2_args, tiny_gpt2  # noqa: E402
 
 from hf_l2 import L2Trainer  # noqa: E402

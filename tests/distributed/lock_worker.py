@@ -1,4 +1,4 @@
-"""Run by test_output_lock.py under torchrun: 2 CPU (gloo) processes train into a folder whose lock another
+"""Run by trainer/test_output_lock.py under torchrun: 2 CPU (gloo) processes train into a folder whose lock another
 process holds; each rank writes what `train()` raised (or "trained") to `<out>.rank<R>`."""
 
 import os
@@ -6,7 +6,7 @@ import sys
 
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import TokenDataset, l2_args, tiny_gpt2  # noqa: E402
 
 from hf_l2 import L2Trainer  # noqa: E402

@@ -1,4 +1,5 @@
-"""`l2_coef_schedule`: the factor at chosen steps, its effect on every update, its log, and resume."""
+"""`l2_coef_schedule`: the factor at chosen steps, its effect on every update, its log (resume:
+trainer/test_resume.py)."""
 
 import math
 
@@ -7,12 +8,7 @@ import torch
 from helpers import (
     Regression,
     RegressionData,
-    TokenDataset,
-    gpt2_from_checkpoint,
     l2_args,
-    max_rel_diff,
-    params_of,
-    tiny_gpt2,
 )
 
 from hf_l2 import CoefSchedule, L2Config, L2Trainer
@@ -82,23 +78,6 @@ def test_every_update_uses_the_scheduled_coefficient(tmp_path, impl, optim, name
     torch.testing.assert_close(model.w.detach(), expected, rtol=1e-6, atol=1e-7)
     logged = [h["l2/coef"] for h in trainer.state.log_history if "l2/coef" in h]
     assert logged == pytest.approx([alpha * f for f in factors], rel=1e-12)  # step s logs the α of update s
-
-
-def test_resume_continues_the_schedule(tmp_path):
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_coef=2.0, l2_coef_schedule="linear",
-                  l2_coef_end_factor=0.25)
-    full = tiny_gpt2()
-    trainer = L2Trainer(model=full, args=l2_args(tmp_path, **common), train_dataset=TokenDataset())
-    trainer.train()
-    full_logs = [h["l2/coef"] for h in trainer.state.log_history if "l2/coef" in h]
-    assert full_logs == pytest.approx([2.0 * (1 - 0.75 * t / 6) for t in range(6)], rel=1e-12)
-
-    resumed = gpt2_from_checkpoint(tmp_path / "checkpoint-3")
-    trainer = L2Trainer(model=resumed, args=l2_args(tmp_path, **common), train_dataset=TokenDataset())
-    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
-    resumed_logs = [h["l2/coef"] for h in trainer.state.log_history if "l2/coef" in h]
-    assert resumed_logs == pytest.approx(full_logs, rel=1e-12)  # steps 1–3 come from trainer_state.json
-    assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
 
 
 def test_new_flags_through_hf_argument_parser(tmp_path):

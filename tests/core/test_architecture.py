@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "hf_l2"
+PACKAGE = Path(__file__).resolve().parents[2] / "hf_l2"
 # What each layer may not import; the core is every top-level module but `trainers.py`, which assembles the core's
 # Trainer layer with publishing into the classes users import.
 FORBIDDEN = {

@@ -9,24 +9,12 @@ import logging
 
 import pytest
 import torch
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, tiny_gpt2
+from helpers import FinalParameters, TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, tiny_gpt2
 from torch import nn
-from transformers import Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainingArguments, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
-
-
-# ---- hyperparameter search ------------------------------------------------------------------------------------
-class FinalParameters(TrainerCallback):
-    """Records the parameters each `train()` ends with (a search runs several on one trainer)."""
-
-    def __init__(self):
-        self.runs = []
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.runs.append(params_of(model))
-
 
 TRIALS = [  # per trial: the checkpoint `model_init` starts from, and the searched fields besides `l2_coef`
     ("a", {"l2_mode": "l2_sp", "l2_coef_schedule": "constant"}),
@@ -258,25 +246,6 @@ def test_mode_none_saves_what_the_stock_trainer_saves(tmp_path):
 
     trainer.create_model_card()  # asked for: now hf_l2's card, saying no penalty was added
     assert "No penalty was added" in (tmp_path / "mine" / "README.md").read_text()
-
-
-# ---- the card of a resumed run ---------------------------------------------------------------------------------
-def test_the_card_of_a_resumed_run_names_the_pretrained_model_not_the_checkpoint(tmp_path):
-    pretrained = tmp_path / "pretrained"
-    tiny_gpt2().save_pretrained(pretrained)
-    from transformers import GPT2LMHeadModel
-
-    common = dict(max_steps=4, save_strategy="steps", save_steps=2, l2_coef=1.0)
-    L2Trainer(model=GPT2LMHeadModel.from_pretrained(pretrained), args=l2_args(tmp_path / "run", **common),
-              train_dataset=TokenDataset()).train()
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    resumed = L2Trainer(model=GPT2LMHeadModel.from_pretrained(checkpoint), args=l2_args(tmp_path / "run", **common),
-                        train_dataset=TokenDataset())
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    resumed.create_model_card()
-    text = (tmp_path / "run" / "README.md").read_text()
-    assert f"the weights of `{pretrained}` when fine-tuning started" in text
-    assert "checkpoint-2" not in text
 
 
 # ---- stock TrainingArguments -----------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ import pytest
 import torch
 from helpers import (
     ROOT,
+    RUN,
+    gpt2_args,
+    marian_args,
     run_distributed,
-    save_tiny_gpt2,
-    save_tiny_marian,
     translation_pairs,
-    write_text_files,
-    write_translation_files,
 )
 from safetensors.torch import load_file
 from transformers import AutoConfig
@@ -27,41 +26,6 @@ from hf_l2.tools.recipe_common import RecipeInputError, load_recipe, parse_args
 
 generation = load_recipe("gpt2_generation")
 translation = load_recipe("marian_translation")
-
-RUN = ["--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
-       "--disable_tqdm", "true", "--seed", "0", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3"]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipes")
-    return {
-        "gpt2": save_tiny_gpt2(root / "gpt2"),
-        "marian": save_tiny_marian(root / "marian"),
-        "text": write_text_files(root / "text"),
-        "pairs": write_translation_files(root / "pairs"),
-        "cache": root / "cache",
-    }
-
-
-def gpt2_args(workdir, out, *extra, train="txt"):
-    return [
-        "--model_name_or_path", str(workdir["gpt2"]), "--train_file", str(workdir["text"][train]),
-        "--validation_file", str(workdir["text"]["validation"]), "--output_dir", str(out),
-        "--cache_dir", str(workdir["cache"]), "--block_size", "32", "--max_steps", "4",
-        "--num_samples", "2", "--max_new_tokens", "5", *RUN, *extra,
-    ]
-
-
-def marian_args(workdir, out, *extra, layout="jsonl"):
-    files = workdir["pairs"]
-    train, valid = (files["train"], files["validation"]) if layout == "jsonl" else (
-        files["train_csv"], files["validation_csv"])
-    return [
-        "--model_name_or_path", str(workdir["marian"]), "--train_file", str(train), "--validation_file", str(valid),
-        "--output_dir", str(out), "--cache_dir", str(workdir["cache"]), "--max_steps", "4", "--num_samples", "3",
-        "--max_source_length", "16", "--max_target_length", "16", *RUN, *extra,
-    ]
 
 
 def read_json(path):

@@ -5,8 +5,16 @@ import re
 
 import pytest
 import torch
-from helpers import TokenDataset, gpt2_from_checkpoint, l2_args, max_rel_diff, params_of, run_two_processes, tiny_gpt2
-from safetensors.torch import load_file
+from helpers import (
+    QKV,
+    TokenDataset,
+    fisher_trainer,
+    l2_args,
+    max_rel_diff,
+    params_of,
+    run_two_processes,
+    tiny_gpt2,
+)
 
 import hf_l2.penalty
 import hf_l2.trainer
@@ -36,11 +44,6 @@ def reference_fisher(model, data) -> tuple[dict[str, torch.Tensor], dict[str, to
             squares[n] += params[n].grad.double() ** 2
             means[n] += params[n].grad.double()
     return {n: s / len(data) for n, s in squares.items()}, {n: (m / len(data)) ** 2 for n, m in means.items()}
-
-
-def fisher_trainer(tmp_path, model=None, data=None, **overrides) -> L2Trainer:
-    args = l2_args(tmp_path, **{"l2_mode": "l2_sp_fisher", **overrides})
-    return L2Trainer(model=model or tiny_gpt2(), args=args, train_dataset=data or TokenDataset())
 
 
 def test_fisher_is_the_mean_of_squared_per_example_gradients(tmp_path):
@@ -173,33 +176,6 @@ def test_penalty_is_not_stuck_at_zero(tmp_path):
     final = params_of(model)
     omega = sum(0.5 * (fisher[n].double() * (final[n] - start[n]).double() ** 2).sum() for n in fisher)
     assert penalties[-1] == pytest.approx(float(omega), rel=1e-5)
-
-
-def test_resume_restores_the_fisher_instead_of_recomputing_it(tmp_path, monkeypatch):
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_coef=2.0, gradient_accumulation_steps=2,
-                  per_device_train_batch_size=2)
-    full = tiny_gpt2()
-    first = fisher_trainer(tmp_path / "full", full, **common)
-    first.train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    saved = load_file(str(checkpoint / FISHER_FILE))
-    for n, f in first.l2_terms.penalty.fisher.items():
-        assert torch.equal(saved[n], f)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("resume must restore F from the checkpoint, not compute it again")
-
-    monkeypatch.setattr(hf_l2.trainer, "trainer_fisher", refuse)
-    # Built from the checkpoint's weights and with other training data: an F computed now would differ.
-    resumed = gpt2_from_checkpoint(checkpoint)
-    trainer = fisher_trainer(tmp_path / "full", resumed, TokenDataset(seed=5), **common)
-    trainer.fisher_dataset = TokenDataset(seed=7)
-    trainer.train_dataset = TokenDataset()
-    trainer.train(resume_from_checkpoint=str(checkpoint))
-    for n, f in trainer.l2_terms.penalty.fisher.items():
-        assert torch.equal(f, saved[n])
-    assert trainer.l2_fisher_source == first.l2_fisher_source
-    assert max_rel_diff(params_of(resumed), params_of(full)) < 1e-6
 
 
 def test_fisher_and_anchor_in_the_output_folder(tmp_path):
@@ -361,9 +337,6 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 
 # ---- F files are checked like θ₀ (issue 24, item 6) ---------------------------------------------------------------
-QKV = "transformer.h.0.attn.c_attn.weight"  # (16, 48)
-
-
 def saved_fisher(folder, edit) -> str:
     """An F file of ones for the tiny GPT-2, with `edit` applied to QKV's F, written with valid checksums."""
     fisher = {n: torch.ones_like(p) for n, p in tiny_gpt2().named_parameters() if n in penalized_names(tiny_gpt2())}
@@ -407,20 +380,6 @@ def test_a_bad_fisher_path_is_refused_naming_the_file_the_tensor_and_the_problem
         trainer.train()
     assert "is zero" not in str(caught.value) and "\n" not in str(caught.value)
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # refused before any step
-
-
-def test_a_negative_fisher_in_a_checkpoint_is_refused_on_resume(tmp_path):
-    """A checkpoint's F with valid checksums but negative values (written so, not damaged in transit)."""
-    common = dict(max_steps=4, save_strategy="steps", save_steps=2, l2_coef=1.0)
-    fisher_trainer(tmp_path, **common).train()
-    checkpoint = tmp_path / "checkpoint-2"
-    saved = load_file(str(checkpoint / FISHER_FILE))
-    saved[QKV] = -saved[QKV]
-    save_fisher(saved, {}, str(checkpoint), {"data": "the training set", "examples": 16})
-    trainer = fisher_trainer(tmp_path, gpt2_from_checkpoint(checkpoint), **common)
-    expected = int((saved[QKV] < 0).sum())
-    with pytest.raises(ValueError, match=rf"{FISHER_FILE} is damaged .*{QKV}: {expected} negative value\(s\) of 768"):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_a_non_finite_computed_fisher_is_named_as_such_not_as_zero():

@@ -1,8 +1,9 @@
 """The whole L2Trainer under FSDP2, launched with the shipped `fsdp2.yaml` on 2 CPU processes (gloo).
 
-accelerate 1.15 drops the FSDP plugin on CPU process groups; `tests/launch_worker.py` puts it back exactly as
-accelerate's GPU branch does (see its docstring and docs/distributed.md), so everything from `accelerator.prepare`
-on is the GPU code path: DTensor parameters, θ₀ cut to each rank's shard, sharded (DCP) checkpoints.
+accelerate 1.15 drops the FSDP plugin on CPU process groups; `tests/distributed/launch_worker.py` puts it back
+exactly as accelerate's GPU branch does (see its docstring and docs/distributed.md), so everything from
+`accelerator.prepare` on is the GPU code path: DTensor parameters, θ₀ cut to each rank's shard, sharded (DCP)
+checkpoints.
 """
 
 import os
@@ -14,7 +15,7 @@ from helpers import TokenDataset, l2_args, max_rel_diff, params_of, run_distribu
 
 from hf_l2 import L2Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def fsdp2_runs(tmp_path_factory):
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", os.path.join(ROOT, "recipes", "accelerate_configs", "fsdp2.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-        os.path.join(ROOT, "tests", "launch_worker.py"), str(out), "grad,loss",
+        os.path.join(ROOT, "tests", "distributed", "launch_worker.py"), str(out), "grad,loss",
     ]
     run_distributed(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     return torch.load(out, weights_only=False)

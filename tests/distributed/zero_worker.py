@@ -11,7 +11,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import TokenDataset, max_rel_diff, params_of, tiny_gpt2  # noqa: E402
 from shard_worker import ALPHA, MAX_NORM, STEPS, build_penalty, step  # noqa: E402
 

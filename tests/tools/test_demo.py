@@ -8,29 +8,17 @@ import statistics
 
 import pytest
 import torch
+from helpers import tiny_demo_sizes
 from transformers import AutoModelForCausalLM
 
 from hf_l2.tools import sweep_report
-from hf_l2.tools.demo import FineTuning, Sizes, run_demo
+from hf_l2.tools.demo import run_demo
 from hf_l2.tools.demo.data import prepare
-from hf_l2.tools.demo.starting_models import Pretraining, starting_model
+from hf_l2.tools.demo.starting_models import starting_model
 from hf_l2.tools.recipe_common import RecipeInputError
 from hf_l2.tools.sweep import Setting, grid, run_sweep, starting_point, with_model
 
-# A demo small enough for the test suite: the same code path as `hf-l2 demo`, seconds instead of minutes.
-TINY = Sizes(
-    pretraining={
-        "generation": Pretraining(vocab_size=300, width=16, layers=1, heads=2, context=32, steps=4, batch_size=4,
-                                  learning_rate=1e-2),
-        "translation": Pretraining(vocab_size=150, width=16, layers=1, heads=2, context=32, steps=4, batch_size=4,
-                                   learning_rate=1e-2),
-    },
-    fine_tuning={
-        "generation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4, fisher_samples=4),
-        "translation": FineTuning(steps=3, batch_size=4, learning_rate=1e-2, max_eval_samples=4,
-                                  fisher_samples=4),
-    },
-)
+TINY = tiny_demo_sizes()  # the same code path as `hf-l2 demo`, seconds instead of minutes
 
 
 @pytest.fixture(scope="module")

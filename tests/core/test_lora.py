@@ -1,16 +1,24 @@
 """LoRA-aware L2-SP (`l2_lora_delta`) and PEFT `modules_to_save` anchors, checked against merged weights."""
 
 import copy
-import os
 
 import pytest
 import torch
-from helpers import TokenDataset, l2_args, max_rel_diff, tiny_gpt2
+from helpers import (
+    TokenDataset,
+    gpt2_lora,
+    l2_args,
+    lora_with_saved_module,
+    max_rel_diff,
+    perturb_lora,
+    tiny_gpt2,
+    trainable_of,
+)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hf_l2 import L2Config, L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, take_anchors
+from hf_l2.anchor import take_anchors
 from hf_l2.lora import LoraDeltaPenalty, find_lora_layers
 
 ALPHA = 0.7
@@ -27,20 +35,6 @@ class MLP(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-def gpt2_lora(**config):
-    config = {"r": 2, "lora_alpha": 3, "target_modules": ["c_attn", "wte"], "fan_in_fan_out": True, **config}
-    return get_peft_model(tiny_gpt2(), LoraConfig(**config))
-
-
-def perturb_lora(model, seed=1):
-    """Move every LoRA factor, as training would (B starts at zero, so ΔW would be zero otherwise)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-
-
 def base_weights(model):
     """The adapted layers' own weights, by module name (the merged model keeps the same names)."""
     return {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(ADAPTED)}
@@ -49,11 +43,6 @@ def base_weights(model):
 def merged_weights(peft_model, adapters):
     merged = copy.deepcopy(peft_model).base_model.merge_and_unload(adapter_names=adapters)
     return {n: m.weight.detach() for n, m in merged.named_modules() if n.endswith(ADAPTED)}
-
-
-def trainable_of(model):
-    """The parameters training changes: comparing whole models would drown them in the frozen base weights."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def penalty_for(model):
@@ -149,12 +138,6 @@ def test_default_init_is_the_r_by_r_form_of_the_lora_product():
     assert penalty.value().item() == pytest.approx(expected, rel=1e-5)
 
 
-# ---- in the trainer --------------------------------------------------------------------------------------------
-def lora_with_saved_module():
-    """GPT-2 + LoRA on c_attn and wte, and a trainable copy of the position embedding (`modules_to_save`)."""
-    return gpt2_lora(modules_to_save=["wpe"])
-
-
 def test_impls_agree_and_decoupled_sgd_equals_the_gradient_step(tmp_path):
     """grad = loss (accumulation, clipping active); with SGD and no clipping, decoupled = grad as well."""
     common = dict(l2_lora_delta=True, l2_coef=5.0, gradient_accumulation_steps=2, per_device_train_batch_size=2,
@@ -200,33 +183,6 @@ def test_modules_to_save_copy_is_anchored_to_the_original_module():
     anchors, absent, _ = take_anchors(model, parameters, [name])
     assert absent == [] and torch.equal(anchors[name], wpe.original_module.weight)
     assert anchors[name].data_ptr() != wpe.original_module.weight.data_ptr()
-
-
-def test_resume_restores_lora_and_saved_module_anchors(tmp_path):
-    """Decoupled + cosine schedule + LoRA delta + modules_to_save: a resumed run ends where the full one does,
-    even when the trainer is rebuilt from a model whose adapters already moved."""
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, l2_coef=3.0, l2_impl="decoupled",
-                  l2_lora_delta=True, l2_coef_schedule="cosine", per_device_train_batch_size=4)
-    full = lora_with_saved_module()
-    L2Trainer(model=full, args=l2_args(tmp_path / "full", **common), train_dataset=TokenDataset()).train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    from safetensors.torch import load_file
-
-    saved = load_file(str(checkpoint / ANCHOR_FILE))
-    assert any("lora_B" in n for n in saved) and any("modules_to_save" in n for n in saved)
-
-    resumed = lora_with_saved_module()
-    perturb_lora(resumed, seed=7)  # the natural mistake: a trainer built after the adapters moved
-    trainer = L2Trainer(model=resumed, args=l2_args(tmp_path / "full", **common), train_dataset=TokenDataset())
-    trainer.train(resume_from_checkpoint=str(checkpoint))
-    assert max_rel_diff(trainable_of(resumed), trainable_of(full)) < 1e-6
-
-    os.remove(checkpoint / ANCHOR_FILE)  # without the file the moved adapters become θ₀, and the run ends elsewhere
-    wrong = lora_with_saved_module()
-    perturb_lora(wrong, seed=7)
-    L2Trainer(model=wrong, args=l2_args(tmp_path / "full", **common),
-              train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
-    assert max_rel_diff(trainable_of(wrong), trainable_of(full)) > 1e-3
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
