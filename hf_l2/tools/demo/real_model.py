@@ -61,7 +61,7 @@ GPU = StudySize(steps=200, batch_size=16, max_length=128, learning_rate=5e-5, lo
 # `make demo`'s comparison: the four methods of the main question, fewer steps at a higher rate, a smaller
 # evaluation (every probe question), in a few minutes on 2 cores.
 DEMO = StudySize(steps=24, batch_size=8, max_length=64, learning_rate=2e-4, lora_learning_rate=5e-4,
-                 seeds=(0,), translation_eval=32, general_blocks=16, fisher_samples=0, eval_batch_size=32,
+                 seeds=(0,), translation_eval=32, general_blocks=16, fisher_samples=64, eval_batch_size=32,
                  wise_ft_weights=(0.5,), methods=("none", "l2_sp-1", "kl-1"))
 SIZES = {"cpu": CPU, "gpu": GPU, "demo": DEMO}
 WISE_FT_WEIGHTS = sorted({t for size in SIZES.values() for t in size.wise_ft_weights})
