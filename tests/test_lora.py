@@ -10,8 +10,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hf_l2 import L2Config, L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, take_anchors
+from hf_l2.anchor import take_anchors
 from hf_l2.lora import LoraDeltaPenalty, find_lora_layers
+from hf_l2.saved_state import ANCHOR_FILE
 
 ALPHA = 0.7
 ADAPTED = ("c_attn", "wte", "up", "down")  # the LoRA-wrapped modules of the models below

@@ -14,8 +14,8 @@ from test_trainer import MaskedPairDataset, tiny_generating_marian
 from transformers import Seq2SeqTrainer, Trainer
 
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES
 from hf_l2.output_anchor import OutputAnchor
+from hf_l2.saved_state import ANCHOR_FILE, KL_ANCHOR_FILES
 
 LAMBDA, TAU = 3.0, 2.0
 
@@ -115,7 +115,8 @@ def test_reference_takes_theta0_of_parameters_the_penalty_excludes(tmp_path):
     start = copy.deepcopy(model).eval()
     trainer.train()
     shared = anchor.anchors()
-    assert all(shared[n].data_ptr() == trainer._l2.anchors[n].data_ptr() for n in anchor.shared), "no second copy"
+    anchors = trainer.l2_terms.penalty.anchors
+    assert all(shared[n].data_ptr() == anchors[n].data_ptr() for n in anchor.shared), "no second copy"
     batch = TokenDataset(n=4)[list(range(4))]
     with torch.no_grad():
         expected = start(input_ids=batch["input_ids"]).logits

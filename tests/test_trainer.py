@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from hf_l2 import L2Config, L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer, WeightNormCallback
-from hf_l2.anchor import ANCHOR_FILE
+from hf_l2.saved_state import ANCHOR_FILE
 
 
 def omega_by_hand(model, anchor, alpha):

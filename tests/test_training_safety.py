@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from hf_l2 import L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, save_anchor
+from hf_l2.saved_state import ANCHOR_FILE, save_anchor
 
 COMMON = dict(max_steps=4, save_strategy="steps", save_steps=2, l2_coef=1.0)
 QKV = "transformer.h.0.attn.c_attn.weight"  # (16, 48)
@@ -349,8 +349,7 @@ def test_parameters_unfrozen_after_building_train_unpenalized_with_a_warning(tmp
 
 
 def test_per_rank_pieces_are_checked_against_their_place_in_the_parameter(tmp_path):
-    from hf_l2.anchor import load_anchor
-    from hf_l2.anchor_checks import ExpectedAnchor
+    from hf_l2.saved_state import ExpectedAnchor, load_anchor
 
     full = torch.arange(12.0).reshape(3, 4)
     expected = {"w": ExpectedAnchor((3, 4))}

@@ -16,8 +16,7 @@ import zipfile
 
 from safetensors import SafetensorError, safe_open
 
-from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES, RANK_ANCHOR_FILE
-from hf_l2.fisher import FISHER_FILES
+from hf_l2.saved_state import ANCHOR_FILES, FISHER_FILES, KL_ANCHOR_FILES
 
 # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, as `get_last_checkpoint` matches it.
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -102,7 +101,7 @@ def missing_from_checkpoint(
     if not _sharded_or_deepspeed(folder, "optimizer"):
         optimizer = "optimizer.bin" if os.path.isfile(os.path.join(folder, "optimizer.bin")) else "optimizer.pt"
         missing += [p for p in (unreadable(os.path.join(folder, n)) for n in (optimizer, "scheduler.pt")) if p]
-    for wanted, files in ((l2_sp, (ANCHOR_FILE, RANK_ANCHOR_FILE)), (fisher, FISHER_FILES)):
+    for wanted, files in ((l2_sp, ANCHOR_FILES), (fisher, FISHER_FILES)):
         problem = _anchor_problem(folder, files) if wanted else None
         missing += [problem] if problem else []
     if l2_kl:
