@@ -231,9 +231,7 @@ def expected_anchors(model: nn.Module, names: list[str]) -> dict[str, ExpectedAn
     return {n: ExpectedAnchor(tuple(pieces[n].shape), n in resizable) for n in names}
 
 
-def _anchor_file(
-    folder: str, rank: int, world: int, files: tuple[str, str] = ANCHOR_FILES
-) -> str | None:
+def _anchor_file(folder: str, rank: int, world: int, files: tuple[str, str] = ANCHOR_FILES) -> str | None:
     """This rank's file from a sharded run, else the whole file, else None (``files``: whole, per-rank names)."""
     ranked = os.path.join(folder, files[1].format(rank=rank, world=world))
     whole = os.path.join(folder, files[0])
@@ -311,9 +309,7 @@ def load_fisher(
     loaded = load_anchor(folder, rank, world, expected, files, "F", fix)
     if loaded is None:
         return None
-    path = os.path.join(folder, files[1].format(rank=rank, world=world))
-    path = path if os.path.isfile(path) else os.path.join(folder, files[0])
-    with safe_open(path, "pt") as f:
+    with safe_open(_anchor_file(folder, rank, world, files), "pt") as f:
         source = json.loads((f.metadata() or {}).get("source", "{}"))
     return (*loaded, source)
 
