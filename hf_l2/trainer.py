@@ -502,12 +502,9 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)  # the penalty's θ₀, which the KL reads where shared
         if checkpoint is not None and self._l2_kl is not None and self._l2_kl.own:
-            self._l2_restore_kl_snapshot(checkpoint)
-
-    def _l2_restore_kl_snapshot(self, checkpoint: str) -> None:
-        saved = read_kl_snapshot(checkpoint, self._l2_kl.own)
-        if saved is not None:
-            self._l2_kl.restore(saved)
+            saved = read_kl_snapshot(checkpoint, self._l2_kl.own)
+            if saved is not None:
+                self._l2_kl.restore(saved)
 
 
 def _with_l2_config(args: tuple, kwargs: dict, trainer: L2PenaltyMixin) -> tuple[tuple, dict]:
