@@ -76,8 +76,7 @@ class L2Regularizer:
         """Attach the terms to `model`'s parameters (after `accelerator.prepare`: under FSDP / ZeRO-3 the pieces
         are this rank's shards, and θ₀ is cut to match) and, with `impl="decoupled"`, the pull to `optimizer`."""
         self.warn_if_trainable_changed(model)
-        for term in self.active_terms:
-            term.bind_model(model)
+        self.bind_terms(model)
         if self.impl == "decoupled":
             self._pull = DecoupledPull(self.active_terms, self.schedule.max_factor).attach(optimizer)
 
