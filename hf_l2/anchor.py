@@ -169,7 +169,7 @@ def l2_sp_penalty(
     parameters: dict[str, torch.Tensor],
     selection: Selection,
     coef: float,
-    head_coef: float,
+    decay_coef: float,
     anchor_weights: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
@@ -180,7 +180,7 @@ def l2_sp_penalty(
     anchors, absent, layout = take_anchors(model, parameters, selection.anchored, anchor_weights, dtype, device, field)
     anchored = [n for n in selection.anchored if n in anchors]
     penalty = L2Penalty(
-        coef, head_coef, anchored, selection.new + absent, anchors, anchors_on_cpu=device == "cpu",
+        coef, decay_coef, anchored, selection.new + absent, anchors, anchors_on_cpu=device == "cpu",
         anchor_layout=layout,
     )
     return penalty, absent

@@ -46,7 +46,7 @@ def build_penalty(
     behind ``head_params``, ``exclude``, ``anchor_weights``, ``coef`` and ``head_coef`` in messages; ``who`` starts
     each warning. ``skip`` are covered by another term with coefficient ``coef`` (the LoRA weight change).
     """
-    head_field, exclude_field, weights_field, coef_field, head_coef_field = fields
+    head_field, exclude_field, anchor_field, coef_field, head_coef_field = fields
     parameters = {n: p for n, p in model.named_parameters() if n not in skip}  # tied weights appear once
     no_decay = frozenset(parameters) - frozenset(decay_names) if decay_names is not None else frozenset()
     selection = select_parameters(
@@ -64,7 +64,7 @@ def build_penalty(
         penalty = L2Penalty(0.0, coef, [], selection.anchored + selection.new)
     else:
         penalty, absent = l2_sp_penalty(
-            model, parameters, selection, coef, head_coef, anchor_weights, dtype, device, weights_field
+            model, parameters, selection, coef, head_coef, anchor_weights, dtype, device, anchor_field
         )
         if absent:
             logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
@@ -74,10 +74,10 @@ def build_penalty(
             f"`{coef_field}` is 0" if mode == "l2" else
             f"`{coef_field}`={coef} on {len(penalty.anchored_names) + len(skip)} anchored and `{head_coef_field}`="
             f"{head_coef} on {len(penalty.new_names)} new tensors (new: matched by `{head_field}` or absent from "
-            f"`{weights_field}`)"
+            f"`{anchor_field}`)"
         )
         logger.warning(f"{who}: {why}, so the penalty is zero on every parameter it covers and training is "
-                       f"unpenalized; raise `{coef_field}`/`{head_coef_field}` or check `{weights_field}`.")
+                       f"unpenalized; raise `{coef_field}`/`{head_coef_field}` or check `{anchor_field}`.")
     return penalty
 
 
