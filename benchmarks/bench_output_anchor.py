@@ -75,7 +75,7 @@ def run(cls, mode: str, args: argparse.Namespace, device: torch.device) -> tuple
         )
         with PeakMemory(device) as peak:
             trainer = cls(model=model, args=settings, train_dataset=data)
-            penalty = [t for term in trainer._active_l2_terms() for t in term.anchors.values()]
+            penalty = [t for term in filter(None, trainer.l2_terms) for t in term.anchors.values()]
             trainer.train()
         held = trainer.held() + tensor_bytes(penalty)
     return held, peak.delta

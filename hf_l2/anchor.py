@@ -1,29 +1,20 @@
-"""Where θ₀ comes from and where it goes: pretrained weights on disk or the Hub, and the checkpoint files."""
+"""Where θ₀ comes from: the pretrained weights on disk or the Hub, or the model's current values (the files θ₀ is
+saved to are `hf_l2.saved_state`'s)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pickle
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from hf_l2.anchor_checks import ANCHOR_FIX, ExpectedAnchor, checksum_metadata, verify_anchor_file
 from hf_l2.lora import adapter_parameter_names, modules_to_save_originals
 from hf_l2.penalty import L2Penalty, Selection, snapshot
 from hf_l2.sharding import local_pieces
-
-# Saved next to optimizer.pt in every checkpoint, so that resume restores θ₀ instead of re-snapshotting it.
-ANCHOR_FILE = "l2_anchor.safetensors"
-# Sharded runs (FSDP, ZeRO-3): each rank saves its own pieces of θ₀, as FSDP and DeepSpeed save their states.
-RANK_ANCHOR_FILE = "l2_anchor-rank{rank:05d}-of-{world:05d}.safetensors"
-# θ₀ of the trainable parameters that the output anchor (`l2_kl_coef`) holds and the penalty does not, in the same
-# format. Always whole: the KL is refused under FSDP / ZeRO-3, so the per-rank name is never written.
-KL_ANCHOR_FILES = ("l2_kl_anchor.safetensors", "l2_kl_anchor-rank{rank:05d}-of-{world:05d}.safetensors")
 
 
 def read_weights(path_or_repo_id: str) -> dict[str, torch.Tensor]:
@@ -138,7 +129,7 @@ def take_anchors(
     model: nn.Module,
     parameters: dict[str, torch.Tensor],
     names: list[str],
-    weights: dict[str, torch.Tensor] | None = None,
+    anchor_weights: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     field: str = "l2_anchor_path",
@@ -146,8 +137,8 @@ def take_anchors(
     """θ₀ for ``names``, the names that have none (new parameters), and where each θ₀ sits in its full tensor.
 
     PEFT `modules_to_save` copies are anchored to the frozen original module beside them, PEFT adapter weights
-    to their current values; the other names to ``weights`` (matched by :func:`match_anchor`) or, without
-    ``weights``, to their current values: this rank's
+    to their current values; the other names to ``anchor_weights`` (matched by :func:`match_anchor`) or, without
+    ``anchor_weights``, to their current values: this rank's
     piece of them when the model is already sharded (ZeRO-3 `zero.Init`), the whole tensor otherwise.
     """
     originals = {n: t for n, t in modules_to_save_originals(model).items() if n in names}
@@ -155,7 +146,7 @@ def take_anchors(
     rest = [n for n in names if n not in originals]
     pieces = local_pieces(model)
     # Adapter weights (LoRA A/B, ...) start where PEFT put them, and no pretrained checkpoint holds them.
-    own = rest if weights is None else sorted(set(rest) & adapter_parameter_names(model), key=rest.index)
+    own = rest if anchor_weights is None else sorted(set(rest) & adapter_parameter_names(model), key=rest.index)
     anchors.update(snapshot(pieces, own, dtype, device))
     layout = {n: (pieces[n].start, pieces[n].shape) for n in own}
     rest = [n for n in rest if n not in layout]
@@ -164,7 +155,7 @@ def take_anchors(
     found, absent = match_anchor(
         {n: pieces[n].shape for n in rest},
         rest,
-        weights,
+        anchor_weights,
         getattr(model, "base_model_prefix", ""),
         embedding_parameter_names(model, parameters),
         field,
@@ -178,109 +169,18 @@ def l2_sp_penalty(
     parameters: dict[str, torch.Tensor],
     selection: Selection,
     coef: float,
-    head_coef: float,
-    weights: dict[str, torch.Tensor] | None = None,
+    decay_coef: float,
+    anchor_weights: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     field: str = "l2_anchor_path",
 ) -> tuple[L2Penalty, list[str]]:
     """The L2-SP term over ``selection`` with θ₀ from :func:`take_anchors`, and the selected names that have no
     θ₀ (they join the new parameters)."""
-    anchors, absent, layout = take_anchors(model, parameters, selection.anchored, weights, dtype, device, field)
+    anchors, absent, layout = take_anchors(model, parameters, selection.anchored, anchor_weights, dtype, device, field)
     anchored = [n for n in selection.anchored if n in anchors]
     penalty = L2Penalty(
-        coef, head_coef, anchored, selection.new + absent, anchors, anchors_on_cpu=device == "cpu",
+        coef, decay_coef, anchored, selection.new + absent, anchors, anchors_on_cpu=device == "cpu",
         anchor_layout=layout,
     )
     return penalty, absent
-
-
-def save_anchor(
-    anchors: dict[str, torch.Tensor],
-    layout: dict[str, tuple[int, torch.Size]],
-    folder: str,
-    rank: int | None = None,
-    world: int | None = None,
-    source: str | None = None,
-    files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE),
-    metadata: dict[str, str] | None = None,
-) -> str:
-    """Write θ₀ (or, with ``rank``/``world``, this rank's pieces of it) with where each piece sits in the full θ₀,
-    ``source``, the model or folder θ₀ was taken from (for the card of a resumed run), and a checksum per tensor.
-
-    ``files`` (whole, per rank) and extra ``metadata`` let tensors laid out like θ₀ (the Fisher) use the same format.
-    """
-    name = files[0] if rank is None else files[1].format(rank=rank, world=world)
-    os.makedirs(folder, exist_ok=True)
-    where = {n: [start, list(shape)] for n, (start, shape) in layout.items() if n in anchors}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in anchors.items()}
-    metadata = {
-        **(metadata or {}), "layout": json.dumps(where), **({"source": source} if source else {}),
-        **checksum_metadata(tensors),
-    }
-    save_file(tensors, os.path.join(folder, name), metadata=metadata)
-    return name
-
-
-def expected_anchors(model: nn.Module, names: list[str]) -> dict[str, ExpectedAnchor]:
-    """What θ₀ of each named parameter must look like in a checkpoint (for `load_anchor`)."""
-    pieces = local_pieces(model)
-    resizable = embedding_parameter_names(model, {n: p.param for n, p in pieces.items()})
-    return {n: ExpectedAnchor(tuple(pieces[n].shape), n in resizable) for n in names}
-
-
-def _anchor_file(
-    folder: str, rank: int, world: int, files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE)
-) -> str | None:
-    """This rank's file from a sharded run, else the whole file, else None (``files``: whole, per-rank names)."""
-    ranked = os.path.join(folder, files[1].format(rank=rank, world=world))
-    whole = os.path.join(folder, files[0])
-    return next((path for path in (ranked, whole) if os.path.isfile(path)), None)
-
-
-def anchor_source(folder: str, rank: int = 0, world: int = 1) -> str | None:
-    """The model or folder that the θ₀ saved in a checkpoint was taken from, if it was recorded."""
-    path = _anchor_file(folder, rank, world)
-    if path is None:
-        return None
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("source")
-
-
-def load_anchor(
-    folder: str,
-    rank: int = 0,
-    world: int = 1,
-    expected: dict[str, ExpectedAnchor] | None = None,
-    files: tuple[str, str] = (ANCHOR_FILE, RANK_ANCHOR_FILE),
-    what: str = "θ₀",
-    fix: str = ANCHOR_FIX,
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
-    """θ₀ saved in a checkpoint, with its layout: this rank's file from a sharded run, else the whole-θ₀ file.
-
-    Returns None when the checkpoint has neither. Raises when it only has pieces saved by another number of ranks,
-    and when the file is damaged or its tensors do not fit `expected` (see `hf_l2.anchor_checks`; `what` and `fix`
-    word the error for files laid out like θ₀, such as F).
-    """
-    path = _anchor_file(folder, rank, world, files)
-    if path is None:
-        others = sorted(glob.glob(os.path.join(folder, files[1].split("{")[0] + "*-of-*.safetensors")))
-        if others:
-            raise ValueError(
-                f"{folder} holds θ₀ in per-rank pieces ({os.path.basename(others[0])}, ...) saved by a sharded run "
-                f"with another number of processes than this one ({world}): resume with the same number of "
-                "processes and the same FSDP/ZeRO settings."
-            )
-        return None
-    try:
-        tensors = load_file(path)
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, ValueError) as err:
-        raise ValueError(
-            f"{path} cannot be read ({err}): it is truncated or corrupted, e.g. by a kill while it was saved. {fix}"
-        ) from err
-    where = json.loads(metadata.get("layout", "{}"))
-    layout = {n: (int(start), torch.Size(shape)) for n, (start, shape) in where.items()}
-    verify_anchor_file(path, tensors, layout, metadata, expected or {}, os.path.basename(path) == files[0], what, fix)
-    return tensors, layout

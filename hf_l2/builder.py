@@ -30,7 +30,7 @@ def build_penalty(
     exclude: Sequence[str] | str | None = None,
     decay_names: Collection[str] | None = None,
     skip: frozenset[str] = frozenset(),
-    weights: dict[str, torch.Tensor] | None = None,
+    anchor_weights: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     fields: tuple[str, ...] = ("l2_head_params", "l2_exclude", "l2_anchor_path", "l2_coef", "l2_head_coef"),
@@ -40,13 +40,13 @@ def build_penalty(
     trainable parameters, except those in ``skip``.
 
     ``decay_names`` are the names the Trainer's weight-decay rule decays (``get_decay_parameter_names``); given, the
-    others (biases, norm weights) are left out. ``weights`` are θ₀ (default: the current values), stored in
-    ``dtype`` on ``device`` (None: beside each parameter); PEFT adapter weights are anchored to their current values
-    even then, as they have no pretrained counterpart. ``fields`` name the settings behind ``head_params``,
-    ``exclude``, ``weights``, ``coef`` and ``head_coef`` in messages; ``who`` starts each warning. ``skip`` are
-    covered by another term with coefficient ``coef`` (the LoRA weight change).
+    others (biases, norm weights) are left out. ``anchor_weights`` are the saved weights θ₀ is taken from (default:
+    the current values), stored in ``dtype`` on ``device`` (None: beside each parameter); PEFT adapter weights are
+    anchored to their current values even then, as they have no pretrained counterpart. ``fields`` name the settings
+    behind ``head_params``, ``exclude``, ``anchor_weights``, ``coef`` and ``head_coef`` in messages; ``who`` starts
+    each warning. ``skip`` are covered by another term with coefficient ``coef`` (the LoRA weight change).
     """
-    head_field, exclude_field, weights_field, coef_field, head_coef_field = fields
+    head_field, exclude_field, anchor_field, coef_field, head_coef_field = fields
     parameters = {n: p for n, p in model.named_parameters() if n not in skip}  # tied weights appear once
     no_decay = frozenset(parameters) - frozenset(decay_names) if decay_names is not None else frozenset()
     selection = select_parameters(
@@ -60,24 +60,24 @@ def build_penalty(
             logger.warning(f"{who}: pattern {pattern!r} matches no trainable parameter.")
     if not selection.anchored and not selection.new and not skip:
         logger.warning(f"{who}: no trainable parameter is regularized; training is unpenalized.")
-    if mode == "l2":
+    if mode == "l2":  # no θ₀: every tensor decays toward zero with α
         penalty = L2Penalty(0.0, coef, [], selection.anchored + selection.new)
     else:
         penalty, absent = l2_sp_penalty(
-            model, parameters, selection, coef, head_coef, weights, dtype, device, weights_field
+            model, parameters, selection, coef, head_coef, anchor_weights, dtype, device, anchor_field
         )
         if absent:
             logger.info(f"L2-SP: {len(absent)} parameter(s) absent from the anchor are new, e.g. {absent[:3]}")
-    covered = (penalty.anchored_names or skip) and coef or penalty.new_names and penalty.head_coef
+    covered = (penalty.anchored_names or skip) and coef or penalty.new_names and penalty.decay_coef
     if (penalty.anchored_names or penalty.new_names or skip) and not covered:
         why = (
             f"`{coef_field}` is 0" if mode == "l2" else
             f"`{coef_field}`={coef} on {len(penalty.anchored_names) + len(skip)} anchored and `{head_coef_field}`="
             f"{head_coef} on {len(penalty.new_names)} new tensors (new: matched by `{head_field}` or absent from "
-            f"`{weights_field}`)"
+            f"`{anchor_field}`)"
         )
         logger.warning(f"{who}: {why}, so the penalty is zero on every parameter it covers and training is "
-                       f"unpenalized; raise `{coef_field}`/`{head_coef_field}` or check `{weights_field}`.")
+                       f"unpenalized; raise `{coef_field}`/`{head_coef_field}` or check `{anchor_field}`.")
     return penalty
 
 

@@ -57,8 +57,8 @@ class WeightNormCallback(TrainerCallback):
         self._snapshot: dict[str, torch.Tensor] | None = None
         # Where each snapshot tensor sits in its full parameter: whole for `reference`, this rank's piece otherwise.
         self._layout: dict[str, tuple[int, torch.Size]] = {}
-        self._measure: L2Penalty | None = None  # α = β = 0: only its statistics, over the trainable weights
-        self._measured: list[str] = []  # the names it was built for
+        self._drift_meter: L2Penalty | None = None  # over the trainable weights
+        self._metered_names: list[str] = []  # the names it was built for
         if reference is not None:
             state = reference.state_dict() if isinstance(reference, nn.Module) else reference
             self._snapshot = snapshot(state, list(state), snapshot_dtype, snapshot_device)
@@ -75,7 +75,7 @@ class WeightNormCallback(TrainerCallback):
             trainable = {n: p for n, p in local_pieces(model).items() if p.param.requires_grad}
             self._snapshot = snapshot(trainable, list(trainable), self.snapshot_dtype, self.snapshot_device)
             self._layout = {n: (p.start, p.shape) for n, p in trainable.items()}
-            self._measure = None
+            self._drift_meter = None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or model is None:
@@ -96,17 +96,17 @@ class WeightNormCallback(TrainerCallback):
         if not pieces:
             return {}
         names = list(pieces)
-        if self._measure is None or self._measured != names:
+        if self._drift_meter is None or self._metered_names != names:
             known = self._snapshot or {}
-            self._measure = L2Penalty(
-                0.0, 0.0, [n for n in pieces if n in known], [n for n in pieces if n not in known], known,
+            self._drift_meter = L2Penalty.drift_meter(
+                [n for n in pieces if n in known], [n for n in pieces if n not in known], known,
                 # a snapshot in host memory stays there (copied per measurement), as the penalty's θ₀ can
                 anchors_on_cpu=all(t.device.type == "cpu" for t in known.values()), anchor_layout=self._layout,
             )
             # The penalty cuts a full `reference` to this rank's pieces once, and keeps where they sit.
-            self._layout, self._measured = self._measure.anchor_layout, names
-        self._measure.bind(pieces)
-        groups = self._measure.group_statistics(lambda name: parameter_group(name, self.group_by))
+            self._layout, self._metered_names = self._drift_meter.anchor_layout, names
+        self._drift_meter.bind(pieces)
+        groups = self._drift_meter.group_statistics(lambda name: parameter_group(name, self.group_by))
         everything = groups.pop("all")
         out = {"weights/norm": math.sqrt(everything["weight_sq"])}
         out |= {f"weights/norm/{group}": math.sqrt(sums["weight_sq"]) for group, sums in groups.items()}
@@ -162,7 +162,7 @@ class DecoupledL2SPCallback(TrainerCallback):
             exclude=exclude,
             # The Trainer's own no-decay rule; `get_decay_parameter_names` does not use its `self`.
             decay_names=Trainer.get_decay_parameter_names(None, model) if exclude_bias_and_norm else None,
-            weights=reference.state_dict() if isinstance(reference, nn.Module) else reference,
+            anchor_weights=reference.state_dict() if isinstance(reference, nn.Module) else reference,
             fields=("head_params", "exclude", "reference", "coef", "head_coef"),
             who="DecoupledL2SPCallback",
         )

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch.utils.hooks import RemovableHandle
 
 from hf_l2.penalty import L2Penalty
+from hf_l2.penalty_term import PenaltyTerm
 
 
 def check_pull_rate(lr: float, coef: float, factor: float, symbol: str, where: str, peak_weight: float = 1.0) -> None:
@@ -70,20 +70,12 @@ class PullRate:
 
     @property
     def base_coef(self) -> float:
-        return self.term.base_coef if self.symbol == "α" else self.term.base_head_coef
+        return self.term.base_coef if self.symbol == "α" else self.term.base_decay_coef
 
     @property
     def coef(self) -> float:
         """The coefficient at this step (the schedule's factor applied)."""
-        return self.term.coef if self.symbol == "α" else self.term.head_coef
-
-
-class PenaltyTerm(Protocol):
-    """What a penalty term offers once bound (`L2Penalty`, `LoraDeltaPenalty`)."""
-
-    parameters: dict[str, torch.Tensor]
-
-    def pull_(self, lr_of) -> None: ...
+        return self.term.coef if self.symbol == "α" else self.term.decay_coef
 
 
 class DecoupledPull:

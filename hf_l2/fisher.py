@@ -8,29 +8,18 @@ never the square of the mean gradient (a known bug of hand-written EWC): each ex
 backward (a loop over batches of one, which works for any model and any collator; `torch.func`'s vmap does not
 go through Hugging Face models' mask construction). F costs about N forward+backward passes of one example.
 
-`diagonal_fisher` and `normalize_fisher` are pure torch; `trainer_fisher` feeds them a trainer's data, and
-`save_fisher` / `load_fisher` keep F beside θ₀ in checkpoints (whole, or one file per rank under sharding).
+`diagonal_fisher` and `normalize_fisher` are pure torch; `trainer_fisher` feeds them a trainer's data
+(`hf_l2.saved_state` keeps F beside θ₀ in checkpoints).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 import torch
-from safetensors import safe_open
-
-from hf_l2.anchor import load_anchor, save_anchor
-from hf_l2.anchor_checks import ANCHOR_FIX, ExpectedAnchor
-
-FISHER_FILE = "l2_fisher.safetensors"
-RANK_FISHER_FILE = "l2_fisher-rank{rank:05d}-of-{world:05d}.safetensors"
-FISHER_FILES = (FISHER_FILE, RANK_FISHER_FILE)
 
 
 def diagonal_fisher(
@@ -114,33 +103,3 @@ def trainer_fisher(trainer, dataset, names: list[str], samples: int, seed: int, 
     finally:
         model.train(was_training)
     return {n: f.to(device) for n, f in fisher.items()}, count
-
-
-def save_fisher(fisher, layout, folder: str, source: dict, rank: int | None = None, world: int | None = None) -> str:
-    """Write F beside θ₀, in θ₀'s format, with ``source`` (where F came from: data, examples) in its metadata."""
-    metadata = {"source": json.dumps(source)}
-    return save_anchor(fisher, layout, folder, rank, world, files=FISHER_FILES, metadata=metadata)
-
-
-def load_fisher(
-    folder_or_file: str, rank: int = 0, world: int = 1, expected: dict[str, ExpectedAnchor] | None = None,
-    fix: str = ANCHOR_FIX,
-):
-    """(F, its layout, its source) from a checkpoint or output folder (this rank's file under sharding, else the
-    whole one) or from a file; None when there is none.
-
-    The file is checked as θ₀ files are (checksums; with `expected`, the shape, dtype and finite values of each
-    parameter's F) and its values must not be negative; `fix` says what to do about a bad file."""
-    if os.path.isfile(folder_or_file):
-        folder, files = os.path.dirname(folder_or_file), (os.path.basename(folder_or_file), RANK_FISHER_FILE)
-    else:
-        folder, files = folder_or_file, FISHER_FILES
-    expected = {n: replace(want, nonnegative=True) for n, want in (expected or {}).items()}
-    loaded = load_anchor(folder, rank, world, expected, files, "F", fix)
-    if loaded is None:
-        return None
-    path = os.path.join(folder, files[1].format(rank=rank, world=world))
-    path = path if os.path.isfile(path) else os.path.join(folder, files[0])
-    with safe_open(path, "pt") as f:
-        source = json.loads((f.metadata() or {}).get("source", "{}"))
-    return (*loaded, source)

@@ -18,7 +18,7 @@ For any such factorization the gradient is ∇_{B_a}Ω = α·s_a·B̂·(Â·A_a�
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +103,7 @@ class _BoundLayer:
 
 
 class LoraDeltaPenalty:
-    """Ω = (α/2)·Σ‖ΔW − ΔW₀‖²_F over LoRA layers, with the interface of :class:`~hf_l2.penalty.L2Penalty`."""
+    """Ω = (α/2)·Σ‖ΔW − ΔW₀‖²_F over LoRA layers, a :class:`~hf_l2.penalty_term.PenaltyTerm`."""
 
     def __init__(self, coef: float, layers: Sequence[LoraLayerSpec], anchors: dict[str, torch.Tensor]):
         self.base_coef = self.coef = float(coef)
@@ -117,6 +117,22 @@ class LoraDeltaPenalty:
 
     def set_factor(self, factor: float) -> None:
         self.coef = self.base_coef * factor
+
+    @property
+    def penalized_names(self) -> list[str]:
+        """Every parameter the term covers: the A and B factors."""
+        return self.anchored_names
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this term: A₀ and B₀ (always whole)."""
+        return {"anchors": self.anchors}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """A₀ and B₀ as saved by a run, each in the dtype and on the device it had here; bound again on next use."""
+        for name in self.anchored_names:
+            old = self.anchors[name]
+            self.anchors[name] = state["anchors"][name].to(dtype=old.dtype, device=old.device)
+        self._bound = False
 
     # ---- binding --------------------------------------------------------------------------------------------
     def bind(self, named_parameters: dict[str, torch.Tensor]) -> None:
@@ -140,6 +156,9 @@ class LoraDeltaPenalty:
                 )
             )
         self._bound = True
+
+    def bind_model(self, model: nn.Module) -> None:
+        self.bind(dict(model.named_parameters()))
 
     @property
     def bound(self) -> bool:
@@ -173,18 +192,26 @@ class LoraDeltaPenalty:
         return self._layers[0].a[0].device if self._layers else torch.device("cpu")
 
     # ---- value, loss term, gradient, decoupled step ---------------------------------------------------------
+    def _omega(self, delta_sq: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.coef * delta_sq
+
     def value(self) -> torch.Tensor:
         with torch.no_grad():
-            return 0.5 * self.coef * self._delta_sq()
+            return self._omega(self._delta_sq())
 
     def delta_sq(self) -> torch.Tensor:
         """Σ‖ΔW − ΔW₀‖²_F, detached (logged as `l2/lora_delta`, its root)."""
         with torch.no_grad():
             return self._delta_sq()
 
+    def log_values(self) -> dict[str, torch.Tensor]:
+        """Ω and ‖ΔW − ΔW₀‖ (``lora_delta``) for a training log, as 0-d tensors."""
+        delta_sq = self.delta_sq()
+        return {"penalty": self._omega(delta_sq), "lora_delta": delta_sq.sqrt()}
+
     def loss_term(self) -> torch.Tensor:
         """Ω through autograd: a few r×r matrix products per layer, so no custom backward is needed."""
-        return 0.5 * self.coef * self._delta_sq()
+        return self._omega(self._delta_sq())
 
     @torch.no_grad()
     def gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,7 +6,8 @@ Nothing here knows about the Trainer, so every piece can be checked by hand on a
 
 With per-value weights F on the anchored tensors (``set_fisher``, the diagonal Fisher of L2-SP-Fisher / EWC), the
 first sum is (α/2)·Σ F·(θ − θ₀)²; F is stored, cut to this rank's pieces and saved like θ₀.
-For ``l2_mode="l2"`` every regularized tensor is "new" with coefficient α (no anchor is kept).
+β is a plain decay toward zero (``decay_coef``): for ``l2_mode="l2"`` every regularized tensor is "new" and
+decays with β = α (no anchor is kept). A penalty with α = β = 0 (``L2Penalty.drift_meter``) only measures.
 A coefficient schedule multiplies α and β by a factor (``set_factor``); ``pull_`` is the decoupled form, a step
 on Ω alone applied straight to the parameters.
 Per-step work runs on lists of tensors with multi-tensor (``torch._foreach_*``) kernels, in chunks of
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_l2.chunks import BLOCK_NUMEL, NORM_BLOCK, chunk_slices
-from hf_l2.sharding import Piece, world_size
+from hf_l2.sharding import Piece, local_pieces, world_size
 
 
 @dataclass
@@ -160,15 +161,15 @@ class L2Penalty:
     def __init__(
         self,
         coef: float,
-        head_coef: float,
+        decay_coef: float,
         anchored: Sequence[str],
         new: Sequence[str],
         anchors: dict[str, torch.Tensor] | None = None,
         anchors_on_cpu: bool = False,
         anchor_layout: dict[str, tuple[int, torch.Size]] | None = None,
     ):
-        self.base_coef, self.base_head_coef = float(coef), float(head_coef)
-        self.coef, self.head_coef = self.base_coef, self.base_head_coef
+        self.base_coef, self.base_decay_coef = float(coef), float(decay_coef)
+        self.coef, self.decay_coef = self.base_coef, self.base_decay_coef
         self.anchors_on_cpu = anchors_on_cpu
         self.anchored_names = list(anchored)
         self.new_names = list(new)
@@ -180,6 +181,37 @@ class L2Penalty:
         self.anchor_layout.update(anchor_layout or {})
         self.fisher: dict[str, torch.Tensor] | None = None
         self.fisher_layout: dict[str, tuple[int, torch.Size]] = {}
+        self._bound = False
+
+    @classmethod
+    def drift_meter(
+        cls, anchored: Sequence[str], new: Sequence[str], anchors: dict[str, torch.Tensor],
+        anchors_on_cpu: bool = False, anchor_layout: dict[str, tuple[int, torch.Size]] | None = None,
+    ) -> L2Penalty:
+        """A penalty with α = β = 0 that only measures: its statistics (norms, drift from ``anchors``) without Ω."""
+        return cls(0.0, 0.0, anchored, new, anchors, anchors_on_cpu, anchor_layout)
+
+    @property
+    def penalized_names(self) -> list[str]:
+        """Every parameter the term covers: anchored, then new."""
+        return self.anchored_names + self.new_names
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this term: θ₀ and F, each with where its tensors sit in the full parameters."""
+        return {"anchors": self.anchors, "anchor_layout": self.anchor_layout,
+                "fisher": self.fisher, "fisher_layout": self.fisher_layout}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """θ₀ and F, those of them ``state`` has, as saved by a run: each θ₀ keeps the dtype and device it had here,
+        and the next :meth:`bind` cuts them to this rank's pieces."""
+        anchors, layout = state.get("anchors"), state.get("anchor_layout", {})
+        for name in self.anchored_names if anchors is not None else ():
+            old = self.anchors[name]
+            self.anchors[name] = anchors[name].to(dtype=old.dtype, device=old.device)
+            self.anchor_layout[name] = layout.get(name, (0, anchors[name].shape))
+        if state.get("fisher") is not None:
+            fisher = {n: f.to(self.anchors[n].device) for n, f in state["fisher"].items()}
+            self.set_fisher(fisher, state.get("fisher_layout"))
         self._bound = False
 
     def set_fisher(
@@ -197,7 +229,7 @@ class L2Penalty:
 
     def set_factor(self, factor: float) -> None:
         """α and β become factor × their configured values (a coefficient schedule)."""
-        self.coef, self.head_coef = self.base_coef * factor, self.base_head_coef * factor
+        self.coef, self.decay_coef = self.base_coef * factor, self.base_decay_coef * factor
 
     # ---- binding --------------------------------------------------------------------------------------------
     def bind(self, pieces: Mapping[str, torch.Tensor | Piece]) -> None:
@@ -239,6 +271,10 @@ class L2Penalty:
         self._weights_a = torch.tensor([weight(p) for p, _ in self._anchored]) if self._sharded else None
         self._weights_n = torch.tensor([weight(p) for p, _ in self._new]) if self._sharded else None
         self._bound = True
+
+    def bind_model(self, model: nn.Module) -> None:
+        """:meth:`bind` to ``model``'s parameters as this rank holds them (whole, or its shards under FSDP / ZeRO-3)."""
+        self.bind(local_pieces(model))
 
     def _cut_anchor(self, name: str, piece: Piece) -> tuple[torch.Tensor, int | None]:
         """θ₀ (and F) for this rank's piece, stored back in place of the larger tensors, and the rows of the piece
@@ -368,11 +404,11 @@ class L2Penalty:
                 else:  # grad += α·F·(θ − θ₀) in one pass: a single extra read, of F
                     torch._foreach_addcmul_(grads_a[sl], diff, fisher, value=self.coef)
                 del diff, fisher  # free this chunk before the next one is formed
-        if new and self.head_coef:
+        if new and self.decay_coef:
             grads_n = [self._view(p.grad(), r, True) for p, r in self._new]
             if scale is not None:
                 new = torch._foreach_mul(new, scale)
-            torch._foreach_add_(grads_n, new, alpha=self.head_coef)
+            torch._foreach_add_(grads_n, new, alpha=self.decay_coef)
 
     # ---- decoupled step -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -397,9 +433,9 @@ class L2Penalty:
                     else:  # a step of lr·α·F per value
                         _weighted_lerp_([params[i] for i in idx], ends, [fisher[i] for i in idx], lr * self.coef)
                 del anchors, fisher
-        if self.head_coef and new:
+        if self.decay_coef and new:
             for lr, idx in group_by_value([lr_of(p.param) for p, _ in self._new]).items():
-                torch._foreach_mul_([new[i] for i in idx], 1 - lr * self.head_coef)
+                torch._foreach_mul_([new[i] for i in idx], 1 - lr * self.decay_coef)
 
     # ---- value and statistics -------------------------------------------------------------------------------
     def _drift_sq(
@@ -433,10 +469,25 @@ class L2Penalty:
         """
         anchored, new = self.tensors()
         with torch.no_grad():
-            out = 0.5 * self.coef * self._drift_sq(anchored, fisher=True, keep=keep)
-            if new:
-                out = out + 0.5 * self.head_coef * _sum_sq(new).to(out.device)
-        return out
+            weighted_drift_sq = self._drift_sq(anchored, fisher=True, keep=keep)
+            new_sq = _sum_sq(new).to(weighted_drift_sq.device) if new else torch.zeros_like(weighted_drift_sq)
+            return self.omega(weighted_drift_sq, new_sq)
+
+    def omega(self, weighted_drift_sq: torch.Tensor, new_sq: torch.Tensor) -> torch.Tensor:
+        """Ω from its sums of squares: (α/2)·Σ F·(θ − θ₀)² + (β/2)·Σ_new θ²."""
+        return 0.5 * self.coef * weighted_drift_sq + 0.5 * self.decay_coef * new_sq
+
+    def log_values(self) -> dict[str, torch.Tensor]:
+        """Ω and the norms for a training log, as 0-d tensors (global: a collective under sharding, see
+        :meth:`statistics`): ``penalty``, ``weight_norm`` and, with anchored tensors, ``drift`` and ``rel_drift``."""
+        stats = self.statistics()
+        values = {"penalty": self.omega(stats["weighted_drift_sq"], stats["new_sq"]),
+                  "weight_norm": (stats["anchored_sq"] + stats["new_sq"]).sqrt()}
+        if self.anchored_names:
+            drift = stats["drift_sq"].sqrt()
+            values["drift"] = drift
+            values["rel_drift"] = drift / stats["anchor_sq"].sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        return values
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """Sums of squares behind the logged norms, as 0-d fp32 tensors (take roots for norms); ``weighted_drift_sq``
@@ -540,7 +591,7 @@ class L2Penalty:
                     torch._foreach_mul_(diff, fisher)
                 torch._foreach_mul_(diff, self._factor(self.coef, scale))
                 grads_a += diff
-        grads_n = torch._foreach_mul(new, self._factor(self.head_coef, scale)) if new else []
+        grads_n = torch._foreach_mul(new, self._factor(self.decay_coef, scale)) if new else []
         return grads_a, grads_n
 
     @staticmethod
@@ -578,7 +629,7 @@ class L2Penalty:
                 flat(piece)[: d.numel()] = d.reshape(-1)
         if new:
             values = [self._view(p.local, r, True) for p, r in new]
-            grads = torch._foreach_mul(values, self._factor(self.head_coef, scale))
+            grads = torch._foreach_mul(values, self._factor(self.decay_coef, scale))
             for (piece, _), g in zip(new, grads):
                 target = flat(piece)
                 target[target.numel() - g.numel() :] = g.reshape(-1)
@@ -609,7 +660,7 @@ class _PenaltyFunction(torch.autograd.Function):
         # `.grad = None`, and the optimizer skips it.
         if not penalty.coef:
             grads_a = [None] * len(grads_a)
-        if not penalty.head_coef:
+        if not penalty.decay_coef:
             grads_n = [None] * len(grads_n)
         return (None, *grads_a, *grads_n)
 

@@ -14,12 +14,12 @@ from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from hf_l2._version import __version__
+from hf_l2.saved_state import SAVED_STATE_GLOBS
 
 # What the Trainer leaves out of its own pushes: private files and intermediate checkpoints.
 # θ₀ (the penalty's and the KL's) and F, as large as the model each, stay local: the Hub has the base model, and
 # `hf-l2 interpolate` reads them. `training_args.bin` is the pickled TrainingArguments, `hub_token` included.
-UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", "l2_anchor*.safetensors", "l2_kl_anchor*.safetensors",
-                          "l2_fisher*.safetensors", "training_args.bin"]
+UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", *SAVED_STATE_GLOBS, "training_args.bin"]
 
 
 class HubPublishError(RuntimeError):

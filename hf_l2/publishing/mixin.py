@@ -46,21 +46,15 @@ class L2PublishingMixin:
         if self.is_world_process_zero():
             write_model_card(self, output_dir, measurement, info)
 
-    def save_weights(self, output_dir: str | None = None) -> None:
-        """Save the model and tokenizer only: no card, no push (what checkpoints and `push_to_hub` save)."""
-        super().save_model(output_dir, _internal_call=True)
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the model and tokenizer; called by the user, also the card and plot, then push if `push_to_hub`.
 
         The stock method would push before the card exists; here the upload starts only once all is on disk.
-        `_internal_call=True` (the Trainer's own checkpoint saves) is `save_weights`.
+        `_internal_call=True` (the Trainer's own saves: checkpoints, `save_weights`) saves the weights alone.
         """
-        if not self.args.l2_enabled:
+        if not self.args.l2_enabled or _internal_call:
             return super().save_model(output_dir, _internal_call)
-        self.save_weights(output_dir)
-        if _internal_call:
-            return
+        self.save_weights(output_dir)  # `L2PenaltyMixin`'s: the weights and θ₀, no card, no push
         self._write_model_card(output_dir or self.args.output_dir, self._card_info or CardInfo())
         if self.args.push_to_hub:
             self._upload_output_dir("Model save")

@@ -24,8 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_l2.anchor import ANCHOR_FILE, load_anchor, read_weights
+from hf_l2.anchor import read_weights
 from hf_l2.publishing.card import CARD_FILE, template_path
+from hf_l2.saved_state import ANCHOR_FILE, ANCHOR_FILES, load_anchor, rank_files_glob
 
 INTERPOLATION_TEMPLATE = "interpolation.md"
 # What a run folder holds besides its weights that a model folder needs: config, tokenizer, adapter config.
@@ -99,7 +100,7 @@ def _anchor_files(run_dir: str) -> list[str]:
         whole = os.path.join(folder, ANCHOR_FILE)
         if os.path.isfile(whole):
             return [whole]
-        pieces = sorted(glob.glob(os.path.join(folder, "l2_anchor-rank*-of-*.safetensors")))
+        pieces = sorted(glob.glob(os.path.join(folder, rank_files_glob(ANCHOR_FILES))))
         if pieces:
             return pieces
     return []
@@ -112,7 +113,7 @@ def run_anchor(run_dir: str) -> tuple[dict[str, torch.Tensor], str] | None:
         return None
     if len(files) == 1 and os.path.basename(files[0]) == ANCHOR_FILE:
         return load_file(files[0]), files[0]
-    return merge_rank_files(files), os.path.join(os.path.dirname(files[0]), "l2_anchor-rank*-of-*.safetensors")
+    return merge_rank_files(files), os.path.join(os.path.dirname(files[0]), rank_files_glob(ANCHOR_FILES))
 
 
 def _card_base_model(run_dir: str) -> str | None:

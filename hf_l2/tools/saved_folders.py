@@ -8,6 +8,7 @@ whole file; a torch zip file ends with its directory), never loaded.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -16,8 +17,7 @@ import zipfile
 
 from safetensors import SafetensorError, safe_open
 
-from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES, RANK_ANCHOR_FILE
-from hf_l2.fisher import FISHER_FILES
+from hf_l2.saved_state import ANCHOR_FILES, FISHER_FILES, KL_ANCHOR_FILES, rank_files_glob
 
 # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, as `get_last_checkpoint` matches it.
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -74,7 +74,7 @@ def _sharded_or_deepspeed(folder: str, prefix: str) -> bool:
 def _anchor_problem(folder: str, files: tuple[str, str]) -> str | None:
     """θ₀ or F as `files` name it (the whole file, or the per-rank pattern): every piece there and readable."""
     whole, per_rank = files
-    pieces = [n for n in os.listdir(folder) if n.startswith(per_rank.split("{")[0])]
+    pieces = [n for n in os.listdir(folder) if fnmatch.fnmatch(n, rank_files_glob(files))]
     if not pieces:
         return unreadable(os.path.join(folder, whole))
     world = int(re.search(r"-of-(\d+)\.safetensors$", pieces[0]).group(1))
@@ -102,7 +102,7 @@ def missing_from_checkpoint(
     if not _sharded_or_deepspeed(folder, "optimizer"):
         optimizer = "optimizer.bin" if os.path.isfile(os.path.join(folder, "optimizer.bin")) else "optimizer.pt"
         missing += [p for p in (unreadable(os.path.join(folder, n)) for n in (optimizer, "scheduler.pt")) if p]
-    for wanted, files in ((l2_sp, (ANCHOR_FILE, RANK_ANCHOR_FILE)), (fisher, FISHER_FILES)):
+    for wanted, files in ((l2_sp, ANCHOR_FILES), (fisher, FISHER_FILES)):
         problem = _anchor_problem(folder, files) if wanted else None
         missing += [problem] if problem else []
     if l2_kl:

@@ -36,7 +36,7 @@ import torch
 
 from hf_l2.anchor import read_weights
 from hf_l2.config import MODES
-from hf_l2.fisher import FISHER_FILE
+from hf_l2.saved_state import FISHER_FILE
 from hf_l2.tools.interpolate import interpolate_run
 from hf_l2.tools.recipe_common import RecipeInputError, load_recipe
 from hf_l2.tools.recipe_runs import RUN_DEFAULTS, drift, run_recipe, worker_pool, write_rows

@@ -20,8 +20,9 @@ import hf_l2.penalty
 import hf_l2.trainer
 from hf_l2 import L2Trainer
 from hf_l2.chunks import chunk_slices
-from hf_l2.fisher import FISHER_FILE, normalize_fisher, save_fisher
+from hf_l2.fisher import normalize_fisher
 from hf_l2.penalty import L2Penalty
+from hf_l2.saved_state import FISHER_FILE, save_fisher
 
 
 def penalized_names(model) -> list[str]:

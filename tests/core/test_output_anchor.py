@@ -80,7 +80,8 @@ def test_reference_takes_theta0_of_parameters_the_penalty_excludes(tmp_path):
     start = copy.deepcopy(model).eval()
     trainer.train()
     shared = anchor.anchors()
-    assert all(shared[n].data_ptr() == trainer._l2.anchors[n].data_ptr() for n in anchor.shared), "no second copy"
+    anchors = trainer.l2_terms.penalty.anchors
+    assert all(shared[n].data_ptr() == anchors[n].data_ptr() for n in anchor.shared), "no second copy"
     batch = TokenDataset(n=4)[list(range(4))]
     with torch.no_grad():
         expected = start(input_ids=batch["input_ids"]).logits

@@ -21,7 +21,7 @@ class Two(nn.Module):
 def test_value_and_gradient_by_hand():
     m = Two()
     anchors = {"a": torch.tensor([0.0, -1.0])}
-    pen = L2Penalty(coef=0.3, head_coef=0.7, anchored=["a"], new=["b"], anchors=anchors)
+    pen = L2Penalty(coef=0.3, decay_coef=0.7, anchored=["a"], new=["b"], anchors=anchors)
     pen.bind(dict(m.named_parameters()))
     # Ω = 0.3/2·((1−0)² + (−2+1)²) + 0.7/2·(0.5² + 3²) = 0.15·2 + 0.35·9.25
     assert pen.value().item() == pytest.approx(0.3 + 0.35 * 9.25, rel=1e-6)

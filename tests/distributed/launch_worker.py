@@ -82,7 +82,7 @@ def train(output_dir: Path, impl: str, resume: str | None = None):
 
 def anchor_split(trainer) -> list[int]:
     """θ₀ values each rank holds."""
-    mine = torch.tensor([sum(a.numel() for a in trainer._l2.anchors.values())])
+    mine = torch.tensor([sum(a.numel() for a in trainer.l2_terms.penalty.anchors.values())])
     if world_size() == 1:
         return mine.tolist()
     device = trainer.accelerator.device
@@ -103,7 +103,7 @@ def uninterrupted_and_resumed(root: Path, impl: str) -> dict:
         "params": params,
         "log": first.state.log_history,
         "anchor_per_rank": anchor_split(first),
-        "anchored_total": sum(p.numel() for n, p in params.items() if n in first._l2.anchored_names),
+        "anchored_total": sum(p.numel() for n, p in params.items() if n in first.l2_terms.penalty.anchored_names),
         "anchor_files": sorted(f.name for f in checkpoint.glob("l2_anchor*")),
     }
     first.accelerator.wait_for_everyone()

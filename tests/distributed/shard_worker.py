@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from helpers import TokenDataset, max_rel_diff, params_of, tiny_gpt2  # noqa: E402
 
 from hf_l2 import WeightNormCallback  # noqa: E402
-from hf_l2.anchor import load_anchor, save_anchor  # noqa: E402
 from hf_l2.layer_groups import parameter_group  # noqa: E402
 from hf_l2.penalty import L2Penalty, snapshot  # noqa: E402
+from hf_l2.saved_state import load_anchor, save_anchor  # noqa: E402
 from hf_l2.sharding import clean_name, local_pieces  # noqa: E402
 
 ALPHA, BETA, STEPS, MAX_NORM = 2.0, 0.5, 3, 0.5

@@ -16,7 +16,7 @@ from helpers import (
 from marian_ddp_worker import MARIAN_RUN
 
 from hf_l2 import L2Seq2SeqConfig, L2Seq2SeqTrainer, L2Trainer
-from hf_l2.anchor import KL_ANCHOR_FILES
+from hf_l2.saved_state import KL_ANCHOR_FILES
 
 pytestmark = pytest.mark.distributed  # 2 processes under torchrun
 

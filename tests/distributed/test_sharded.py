@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import run_two_processes
 
-from hf_l2.anchor import load_anchor, save_anchor
+from hf_l2.saved_state import load_anchor, save_anchor
 
 CASES = [f"{how}-{impl}" for how in ("fsdp2", "fsdp1") for impl in ("grad", "loss")]
 

@@ -45,7 +45,7 @@ def run(stage, anchor_from, rank, world):
     if anchor_from == "pieces":  # a model already partitioned when the trainer is built (`zero.Init`)
         names = penalty.anchored_names
         layout = {n: (pieces[n].start, pieces[n].shape) for n in names}
-        penalty = L2Penalty(ALPHA, penalty.head_coef, names, penalty.new_names,
+        penalty = L2Penalty(ALPHA, penalty.decay_coef, names, penalty.new_names,
                             snapshot(pieces, names, torch.float32, None), anchor_layout=layout)
     penalty.bind(pieces)
     anchor_local = sum(a.numel() for a in penalty.anchors.values())

@@ -30,8 +30,8 @@ from transformers import HfArgumentParser  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
 from hf_l2 import L2Config  # noqa: E402
-from hf_l2.anchor import ANCHOR_FILE  # noqa: E402
 from hf_l2.integrations.trl import L2DPOConfig, L2DPOTrainer, L2SFTConfig, L2SFTTrainer, L2TRLMixin  # noqa: E402
+from hf_l2.saved_state import ANCHOR_FILE  # noqa: E402
 from hf_l2.tools.local_tokenizers import train_chat_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -296,7 +296,7 @@ def test_sft_with_peft_config_lora_matches_a_hand_written_loop(tokenizer, tmp_pa
                                  l2_coef=ALPHA, l2_lora_delta=lora_delta, max_grad_norm=0.005)
         results[impl] = {n: p for n, p in params_of(trainer.model).items() if "lora_" in n}
         assert min(grad_norms(trainer)) > 0.005, "clipping is active"
-    assert (trainer._l2_lora is not None) == lora_delta
+    assert (trainer.l2_terms.lora is not None) == lora_delta
     reference = get_peft_model(model_for(tokenizer), LoraConfig(**LORA))
     missing, unexpected = reference.load_state_dict(start, strict=False)  # the trainer's LoRA initialization
     assert not unexpected and missing == ["base_model.model.lm_head.weight"]  # tied to the embedding
@@ -325,7 +325,8 @@ def test_dpo_penalizes_the_policy_only_and_matches_a_hand_written_loop(tokenizer
         untouched = params_of(model_for(tokenizer))
         assert all(torch.equal(p, untouched[n]) for n, p in params_of(ref_model).items())
     ref_names = {id(p) for p in ref_model.parameters()}
-    assert not any(id(p) in ref_names for p in trainer._l2.parameters.values()), "the reference is not penalized"
+    penalized = trainer.l2_terms.penalty.parameters.values()
+    assert not any(id(p) in ref_names for p in penalized), "the reference is not penalized"
     expected = dpo_reference(model_for(tokenizer), ref_model, trainer, beta=0.5)
     assert max_rel_diff(results["grad"], expected) < 1e-6
     assert max_rel_diff(results["loss"], expected) < 1e-6
@@ -361,7 +362,8 @@ def test_resume_restores_the_anchor_and_the_card_keeps_trl_tags(tokenizer, tmp_p
                            train_dataset=conversations("messages"), processing_class=tokenizer)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     start = params_of(model_for(tokenizer))
-    assert all(torch.equal(resumed._l2.anchors[n], start[n]) for n in resumed._l2.anchored_names)
+    penalty = resumed.l2_terms.penalty
+    assert all(torch.equal(penalty.anchors[n], start[n]) for n in penalty.anchored_names)
     assert max_rel_diff(params_of(resumed.model), params_of(whole.model)) < 1e-6
 
     # TRL writes the card at each checkpoint (through hf_l2's `create_model_card`); a user's call adds the dataset.
@@ -404,7 +406,7 @@ def test_any_trl_trainer_composes_with_the_mixin(tokenizer, tmp_path):
         output_dir="x", use_cpu=True).logging_steps
     trainer = L2RewardTrainer(model=model, args=args, train_dataset=preferences(), processing_class=tokenizer)
     trainer.train()
-    assert "score.weight" in trainer._l2.new_names
+    assert "score.weight" in trainer.l2_terms.penalty.new_names
     assert trainer.state.log_history[0]["l2/penalty"] > 0
 
 

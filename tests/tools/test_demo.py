@@ -223,7 +223,7 @@ def test_sweep_computes_the_fisher_once_and_the_reuse_changes_nothing(method_swe
     """The seed-1 run loaded seed 0's F; a standalone seed-1 run computes its own: the same final weights."""
     from hf_l2.recipes import gpt2_generation
 
-    from hf_l2.fisher import load_fisher
+    from hf_l2.saved_state import load_fisher
 
     runs = method_sweep["out"] / "runs"
     assert load_fisher(str(runs / "l2_sp_fisher-1-seed1"))[2]["path"] == str(runs / "l2_sp_fisher-1-seed0" /

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from hf_l2 import L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, save_anchor
+from hf_l2.saved_state import ANCHOR_FILE, save_anchor
 from hf_l2.tools.cli import main
 from hf_l2.tools.local_tokenizers import train_bpe_tokenizer
 

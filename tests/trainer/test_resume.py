@@ -35,8 +35,15 @@ from transformers import PretrainedConfig, PreTrainedModel, Trainer
 
 import hf_l2.trainer
 from hf_l2 import DecoupledL2SPCallback, L2Trainer
-from hf_l2.anchor import ANCHOR_FILE, KL_ANCHOR_FILES, RANK_ANCHOR_FILE, load_anchor, save_anchor
-from hf_l2.fisher import FISHER_FILE, save_fisher
+from hf_l2.saved_state import (
+    ANCHOR_FILE,
+    FISHER_FILE,
+    KL_ANCHOR_FILES,
+    RANK_ANCHOR_FILE,
+    load_anchor,
+    save_anchor,
+    save_fisher,
+)
 from hf_l2.tools.recipe_common import RecipeInputError, load_recipe
 from hf_l2.tools.saved_folders import missing_from_checkpoint
 
@@ -582,7 +589,7 @@ def test_what_a_complete_checkpoint_holds_depends_on_the_save_settings(crashed_r
 
 
 def test_an_l2_sp_fisher_checkpoint_is_complete_only_with_its_fisher(crashed_run, tmp_path):
-    from hf_l2.fisher import FISHER_FILE, RANK_FISHER_FILE
+    from hf_l2.saved_state import FISHER_FILE, RANK_FISHER_FILE
 
     checkpoint = tmp_path / "checkpoint-4"
     shutil.copytree(crashed_run / "checkpoint-4", checkpoint)
@@ -599,7 +606,7 @@ def test_an_l2_sp_fisher_rerun_skips_a_checkpoint_without_its_fisher(workdir, cr
     """Resuming from a checkpoint without F would compute F again at the checkpoint's weights, not at θ₀."""
     from safetensors.torch import load_file
 
-    from hf_l2.fisher import FISHER_FILES
+    from hf_l2.saved_state import FISHER_FILES
 
     out = copy_of(crashed_run, tmp_path)
     anchor = load_file(str(out / "checkpoint-2" / ANCHOR_FILE))

@@ -11,7 +11,7 @@ from helpers import QKV, TokenDataset, gpt2_from_checkpoint, l2_args, tiny_gpt2
 from transformers import TrainerCallback
 
 from hf_l2 import L2Trainer
-from hf_l2.anchor import save_anchor
+from hf_l2.saved_state import save_anchor
 
 
 # ---- item 2: a decoupled pull that overshoots; non-finite statistics ----------------------------------------------
@@ -209,8 +209,7 @@ def test_parameters_unfrozen_after_building_train_unpenalized_with_a_warning(tmp
 
 
 def test_per_rank_pieces_are_checked_against_their_place_in_the_parameter(tmp_path):
-    from hf_l2.anchor import load_anchor
-    from hf_l2.anchor_checks import ExpectedAnchor
+    from hf_l2.saved_state import ExpectedAnchor, load_anchor
 
     full = torch.arange(12.0).reshape(3, 4)
     expected = {"w": ExpectedAnchor((3, 4))}
