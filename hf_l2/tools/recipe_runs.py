@@ -22,11 +22,15 @@ RUN_DEFAULTS = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm"
 
 
 def drift(model_dir: str | Path, start: dict[str, torch.Tensor]) -> float:
-    """‖θ − θ₀‖ over the floating-point weights the two saved models share."""
-    weights = read_weights(str(model_dir))
+    """‖θ − θ₀‖ between a saved model and the starting weights (`weights_drift`)."""
+    return weights_drift(read_weights(str(model_dir)), start, str(model_dir))
+
+
+def weights_drift(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor], what: str = "the model") -> float:
+    """‖θ − θ₀‖ over the floating-point weights both share (same name and shape); for LoRA, pass merged weights."""
     shared = [n for n, v in weights.items() if n in start and v.is_floating_point() and v.shape == start[n].shape]
     if not shared:
-        raise RuntimeError(f"{model_dir} shares no weight (same name and shape) with the starting model.")
+        raise RuntimeError(f"{what} shares no weight (same name and shape) with the starting model.")
     return math.sqrt(sum((weights[n].double() - start[n].double()).pow(2).sum().item() for n in shared))
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hf_l2.tools.demo import chat_eval, real_model
 from hf_l2.tools.demo.probe import QUESTIONS, is_correct
 from hf_l2.tools.local_tokenizers import train_chat_tokenizer
+from hf_l2.tools.recipe_runs import weights_drift
 
 TINY = real_model.StudySize(steps=2, batch_size=2, max_length=256, learning_rate=1e-3, lora_learning_rate=1e-2,
                             seeds=(0,), translation_eval=4, general_blocks=2, fisher_samples=2, eval_batch_size=8)
@@ -34,7 +35,7 @@ def test_wise_ft_is_the_weight_by_weight_blend():
     torch.testing.assert_close(blended["a"], torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(blended["b"], torch.tensor([1.5]))
     assert torch.equal(blended["head"], final["head"])  # nothing to blend it with
-    assert real_model.drift(final, start) == pytest.approx(math.sqrt(16 + 16 + 4))
+    assert weights_drift(final, start) == pytest.approx(math.sqrt(16 + 16 + 4))
 
 
 def test_the_summary_counts_the_probe_over_what_the_start_answers_and_averages_seeds():

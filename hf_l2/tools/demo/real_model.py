@@ -34,6 +34,7 @@ from hf_l2.tools.demo.chat_eval import GENERAL_BLOCK, PROMPT, StudyData, evaluat
 from hf_l2.tools.demo.data import DemoData, DemoDataError, prepare
 from hf_l2.tools.demo.float_path import float_path
 from hf_l2.tools.demo.smollm2 import DEFAULT_CACHE, WEIGHTS_NOTE, smollm2_folder
+from hf_l2.tools.recipe_runs import weights_drift
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,6 @@ def general_blocks_dataset(tokenizer, texts: list[str], count: int):
     return dataset
 
 
-def drift(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
-    """‖θ − θ₀‖ over the weights both have (for LoRA: the merged weights)."""
-    return math.sqrt(sum((weights[n].double() - start[n].double()).pow(2).sum().item()
-                         for n in start if n in weights and weights[n].shape == start[n].shape))
-
-
 def wise_ft(start_weights: dict[str, torch.Tensor], final: dict[str, torch.Tensor], t: float) -> dict:
     """WiSE-FT (Wortsman et al., CVPR 2022): (1 − t)·θ₀ + t·θ, weight by weight."""
     return {n: torch.lerp(start_weights[n].float(), final[n].float(), t) if n in start_weights else final[n]
@@ -221,7 +216,7 @@ def run_study(output_dir: str | Path, cache_dir: str | Path, size: StudySize,
             continue
         result = train_run(method, seed, start, data, size, output_dir / "work")
         final = result.pop("final_weights")
-        _store(path, {"method": method.name, "seed": seed, **result, "drift": drift(final, start_weights),
+        _store(path, {"method": method.name, "seed": seed, **result, "drift": weights_drift(final, start_weights),
                       "learning_rate": (size.lora_learning_rate if method.lora else size.learning_rate)
                       * method.lr_factor})
         _progress(path)
@@ -243,7 +238,7 @@ def wise_ft_runs(final, start_weights, start: Path, seed: int, tokenizer, data, 
         weights = wise_ft(start_weights, final, t)
         model.load_state_dict(weights)
         _store(path, {"method": f"wise_ft-{t:g}", "seed": seed, **evaluate(model, tokenizer, data, size),
-                      "drift": drift(weights, start_weights)})
+                      "drift": weights_drift(weights, start_weights)})
         _progress(path)
 
 
