@@ -28,16 +28,19 @@ def target_logits(
 
     Decoder-only (``shifts``): position t predicts ``labels[t + 1]``, or ``shift_labels[t]`` when a collator
     already shifted them. Encoder-decoder: decoder position t predicts ``labels[t]``.
+    Gathered as whole rows of the (batch × positions, vocab) view (`index_select`): no slice of the logits, so
+    neither a strided gather nor, in backward, a second full-size gradient for the slice.
     """
     if shift_labels is not None:
         targets = shift_labels
     elif labels is None:
         raise ValueError("`l2_kl_coef` > 0 needs `labels` in the batch: they say which tokens the KL averages over.")
-    elif shifts:
-        logits, targets = logits[:, :-1], labels[:, 1:]
+    elif shifts:  # the last position predicts nothing
+        targets = F.pad(labels[..., 1:], (0, 1), value=-100)
     else:
         targets = labels
-    return logits[targets.to(logits.device) != -100]
+    rows = (targets.to(logits.device) != -100).flatten().nonzero().squeeze(1)
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
 
 
 def token_kl_sum(
@@ -146,7 +149,13 @@ class OutputAnchor:
 
     @torch.no_grad()
     def reference_outputs(self, model: nn.Module, inputs: Mapping) -> object:
-        """``model(**inputs)`` with θ₀ in place of the trainable parameters, in eval mode, without autograd."""
+        """``model(**inputs)`` with θ₀ in place of the trainable parameters, in eval mode, without autograd.
+
+        A decoder-only model gets no ``labels``: only its logits are used, and its loss would be one more
+        log-softmax over the vocabulary (an encoder-decoder model builds its decoder inputs from them).
+        """
+        if not getattr(model.config, "is_encoder_decoder", False):
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
         with eval_mode(model):
             return functional_call(model, self.anchors(), args=(), kwargs=dict(inputs), strict=False)
 
