@@ -10,7 +10,8 @@ AdamW. Each timed step is `L2OutputAnchorMixin.compute_loss` written out: the ta
 side by side in a fresh random order per repeat: no penalty; the reference forward alone (its output unused); the
 KL anchor as `hf_l2` computes it (chunks); the KL as it was computed before (kept here only: the whole-batch
 formula, rows gathered by a boolean mask of a slice, the reference forward also computing its loss). The part
-beyond the reference forward is (KL − reference forward alone) / no penalty.
+beyond the reference forward is (KL − reference forward alone) / no penalty; on a shared machine that difference of
+two whole steps is noisy, so that part is also timed alone (`KLPart`) and given as a share of the no-penalty step.
 
 Peak memory: each variant in its own process, at `--memory_vocab` (default 128,256, Llama 3's vocabulary), over one
 step after a warm-up step; and the KL term alone (its forward and backward on given rows, beyond them).
@@ -71,11 +72,11 @@ def llama(args: argparse.Namespace, vocab: int) -> LlamaForCausalLM:
 
 
 class Step:
-    """One optimizer step of one variant on a fixed batch."""
+    """One optimizer step of one variant on a fixed batch (the variants share the model and its optimizer)."""
 
-    def __init__(self, model, anchor: OutputAnchor, variant: str, batch: dict, temperature: float):
-        self.model, self.anchor, self.variant, self.batch, self.temperature = model, anchor, variant, batch, temperature
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    def __init__(self, model, optimizer, anchor: OutputAnchor, variant: str, batch: dict, temperature: float):
+        self.model, self.optimizer, self.anchor, self.variant = model, optimizer, anchor, variant
+        self.batch, self.temperature = batch, temperature
 
     def __call__(self) -> None:
         self.loss().backward()
@@ -102,6 +103,33 @@ class Step:
         return out.loss + LAMBDA * kl_sum / max(len(policy), 1)
 
 
+class KLPart:
+    """The part of a KL step beyond the reference forward, alone: from the two models' logits to the KL's gradient
+    added into the policy's logits' gradient (which already holds the task loss's); before, also the loss that the
+    reference forward computed from the labels. Far less noisy than the difference of two whole steps."""
+
+    def __init__(self, model, variant: str, batch: dict):
+        vocab = model.config.vocab_size
+        generator = torch.Generator().manual_seed(1)
+        shape = (*batch["labels"].shape, vocab)
+        self.policy = torch.randn(shape, generator=generator).to(batch["labels"].device).requires_grad_()
+        self.policy.grad = torch.zeros_like(self.policy)  # backward adds into it, as into the task loss's gradient
+        self.reference = torch.randn(shape, generator=generator).to(self.policy.device)
+        self.model, self.variant, self.labels = model, variant, batch["labels"]
+
+    def __call__(self) -> None:
+        labels = self.labels
+        if self.variant == NOW:
+            policy = target_logits(self.policy, labels, None, shifts=True)
+            kl_sum = token_kl_sum(policy, target_logits(self.reference, labels, None, True), 1.0)
+        else:
+            with torch.no_grad():
+                self.model.loss_function(logits=self.reference, labels=labels, vocab_size=self.reference.shape[-1])
+            policy = former_target_logits(self.policy, labels)
+            kl_sum = unchunked_token_kl_sum(policy, former_target_logits(self.reference, labels), 1.0)
+        (LAMBDA * kl_sum / max(len(policy), 1)).backward()
+
+
 def batch_for(args: argparse.Namespace, vocab: int, device: torch.device) -> dict:
     ids = torch.randint(vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids.to(device), "labels": ids.to(device)}
@@ -112,8 +140,9 @@ def step_peak(args: argparse.Namespace, variant: str) -> int | None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     model = llama(args, args.memory_vocab).to(device)
-    step = Step(model, OutputAnchor(model, LAMBDA, args.temperature), variant, batch_for(args, args.memory_vocab,
-                                                                                        device), args.temperature)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    anchor = OutputAnchor(model, LAMBDA, args.temperature)
+    step = Step(model, optimizer, anchor, variant, batch_for(args, args.memory_vocab, device), args.temperature)
     step()
     with PeakMemory(device) as mem:
         step()
@@ -152,7 +181,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=4, help="timed steps of each variant")
+    parser.add_argument("--part_repeats", type=int, default=10, help="timed calls of each KL part alone")
     add_run_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -162,10 +192,14 @@ def main() -> None:
     model = llama(args, args.vocab).to(device)
     anchor = OutputAnchor(model, LAMBDA, args.temperature)
     batch = batch_for(args, args.vocab, device)
-    steps = {v: Step(model, anchor, v, batch, args.temperature) for v in VARIANTS}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    steps = {v: Step(model, optimizer, anchor, v, batch, args.temperature) for v in VARIANTS}
     wall, cpu = call_times(steps, device, args.warmup, args.repeats, order_seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    del model, anchor, steps
+    optimizer.zero_grad(set_to_none=True)
+    parts = {v: KLPart(model, v, batch) for v in KL_FORMS}
+    part_wall, part_cpu = call_times(parts, device, args.warmup, args.part_repeats, order_seed=0)
+    del model, optimizer, anchor, steps, parts
 
     def median_ms(times):
         return {v: 1e3 * statistics.median(times[v]) for v in VARIANTS}
@@ -183,6 +217,12 @@ def main() -> None:
     for form in KL_FORMS:
         beyond = [100 * (ms[form] - ms["reference forward alone"]) / ms["no penalty"] for ms in (wall_ms, cpu_ms)]
         lines.append(f"| {form} | {beyond[0]:+.1f}% / {beyond[1]:+.1f}% |")
+    lines += ["", f"The KL part alone ({args.part_repeats} repeats; `KLPart`), τ = 1:", "",
+              "| KL form | median ms (wall / CPU) | % of the no-penalty step (wall / CPU) |", "|---|---:|---:|"]
+    for form in KL_FORMS:
+        part_ms = [1e3 * statistics.median(times[form]) for times in (part_wall, part_cpu)]
+        share = [100 * ms / step["no penalty"] for ms, step in zip(part_ms, (wall_ms, cpu_ms))]
+        lines.append(f"| {form} | {part_ms[0]:,.0f} / {part_ms[1]:,.0f} | {share[0]:.1f}% / {share[1]:.1f}% |")
     timing = "\n".join(lines)
     print(timing, flush=True)
 

@@ -78,9 +78,8 @@ class _ChunkedTokenKL(torch.autograd.Function):
             q = log_q.exp()
             total += torch.linalg.vecdot(q, log_q.sub_(log_p)).sum()
             if grad is not None:  # ∂/∂z of τ²·KL(q ‖ softmax(z/τ)) = τ·(softmax(z/τ) − q), row by row
-                torch.sub(log_p.exp_(), q, out=grad[rows])
-                if temperature != 1:
-                    grad[rows] *= temperature
+                p_minus_q = log_p.exp_().sub_(q)
+                grad[rows] = p_minus_q if temperature == 1 else p_minus_q.mul_(temperature)
         ctx.save_for_backward(grad)
         return (total * temperature**2).float()
 

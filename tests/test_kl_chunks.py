@@ -1,13 +1,15 @@
-"""`token_kl_sum`: the KL anchor computed over chunks of tokens equals the whole-batch formula, value and gradient,
-and its memory beyond its input and its gradient does not grow with the number of tokens."""
+"""The KL anchor's term: `token_kl_sum` over chunks of tokens equals the whole-batch formula, value and gradient,
+and its memory beyond its input and its gradient does not grow with the number of tokens; the rows it is given
+(`target_logits`) and the reference forward that feeds it."""
 
 import json
 
 import pytest
 import torch
+from helpers import tiny_gpt2
 from torch.profiler import ProfilerActivity, profile
 
-from hf_l2.output_anchor import token_kl_sum
+from hf_l2.output_anchor import OutputAnchor, target_logits, token_kl_sum
 
 VOCAB = 1000
 
@@ -94,3 +96,33 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_tokens(tmp_path):
     whole = [peak_bytes_beyond_the_gradient(lambda p, r: kl_written_out(p, r, 2.0), n, tmp_path) for n in (64, 512)]
     assert max(chunked) <= 8 * chunk_rows * row_bytes, chunked  # a few chunk-sized temporaries
     assert whole[1] > 4 * 512 * row_bytes and whole[1] > 6 * whole[0], whole  # several N × vocab tensors
+
+
+@pytest.mark.parametrize("case", ["shifted here", "shifted by the collator", "encoder-decoder"])
+def test_target_rows_are_the_masked_positions_with_their_gradient(case):
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    labels = torch.randint(11, (3, 6))
+    labels[0, :2] = labels[2, 4] = -100
+    if case == "shifted here":  # position t predicts labels[t + 1]
+        rows = target_logits(logits, labels, None, shifts=True)
+        expected = logits[:, :-1][labels[:, 1:] != -100]
+    elif case == "shifted by the collator":
+        rows = target_logits(logits, None, labels, shifts=True)
+        expected = logits[labels != -100]
+    else:
+        rows = target_logits(logits, labels, None, shifts=False)
+        expected = logits[labels != -100]
+    assert torch.equal(rows, expected)
+    upstream = torch.randn_like(rows)
+    (got,) = torch.autograd.grad(rows, logits, upstream)
+    (want,) = torch.autograd.grad(expected, logits, upstream)
+    assert torch.equal(got, want)
+
+
+def test_the_decoder_only_reference_forward_computes_no_loss():
+    model = tiny_gpt2()
+    ids = torch.randint(64, (2, 8))
+    anchor = OutputAnchor(model, 1.0, 1.0)
+    with_labels = anchor.reference_outputs(model, {"input_ids": ids, "labels": ids})
+    assert with_labels.loss is None
+    torch.testing.assert_close(with_labels.logits, anchor.reference_outputs(model, {"input_ids": ids}).logits)
