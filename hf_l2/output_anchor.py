@@ -28,26 +28,77 @@ def target_logits(
 
     Decoder-only (``shifts``): position t predicts ``labels[t + 1]``, or ``shift_labels[t]`` when a collator
     already shifted them. Encoder-decoder: decoder position t predicts ``labels[t]``.
+    Gathered as whole rows of the (batch × positions, vocab) view (`index_select`): no slice of the logits, so
+    neither a strided gather nor, in backward, a second full-size gradient for the slice.
     """
     if shift_labels is not None:
         targets = shift_labels
     elif labels is None:
         raise ValueError("`l2_kl_coef` > 0 needs `labels` in the batch: they say which tokens the KL averages over.")
-    elif shifts:
-        logits, targets = logits[:, :-1], labels[:, 1:]
+    elif shifts:  # the last position predicts nothing
+        targets = F.pad(labels[..., 1:], (0, 1), value=-100)
     else:
         targets = labels
-    return logits[targets.to(logits.device) != -100]
+    rows = (targets.to(logits.device) != -100).flatten().nonzero().squeeze(1)
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
 
 
-def token_kl_sum(policy: torch.Tensor, reference: torch.Tensor, temperature: float) -> torch.Tensor:
+def token_kl_sum(
+    policy: torch.Tensor, reference: torch.Tensor, temperature: float, chunk_rows: int | None = None
+) -> torch.Tensor:
     """τ²·Σ_tokens KL(softmax(z₀/τ) ‖ softmax(z/τ)) over rows of (N, vocab) logits, in fp32 (Hinton et al. 2015:
-    the τ² keeps the gradient's scale independent of τ)."""
-    if temperature != 1:  # skipped at τ = 1: each division is a copy of the logits
-        policy, reference = policy / temperature, reference / temperature
-    log_p = F.log_softmax(policy.float(), dim=-1)
-    log_q = F.log_softmax(reference.float(), dim=-1)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="sum") * temperature**2
+    the τ² keeps the gradient's scale independent of τ). Gradient to ``policy`` only.
+
+    Computed ``chunk_rows`` rows at a time (default: `CPU_CHUNK_BYTES` or `DEVICE_CHUNK_BYTES` of fp32 per chunk),
+    so that its temporaries are a few chunk × vocab tensors whatever N. Each chunk's gradient is formed in the same
+    pass, as liger-kernel's fused cross-entropy does: backward keeps only ∂/∂policy (the inputs can be freed after
+    the forward) and recomputes nothing.
+    """
+    if chunk_rows is None:
+        chunk_bytes = CPU_CHUNK_BYTES if policy.device.type == "cpu" else DEVICE_CHUNK_BYTES
+        chunk_rows = max(1, chunk_bytes // (4 * max(policy.shape[-1], 1)))
+    return _ChunkedTokenKL.apply(policy, reference.detach(), float(temperature), chunk_rows)
+
+
+# Bytes of one fp32 chunk × vocab temporary. CPU: a chunk's few temporaries stay in the cache, which the passes
+# over them then hit (on 2 EPYC cores fastest at 0.4–1 MiB: 2–5 rows of a 49k vocabulary); accelerators: large
+# enough that the kernel launches per chunk are few.
+CPU_CHUNK_BYTES = 2**20
+DEVICE_CHUNK_BYTES = 256 * 2**20
+
+
+class _ChunkedTokenKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, policy, reference, temperature, chunk_rows):
+        grad = torch.empty_like(policy) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64, device=policy.device)
+        for rows in _chunks(len(policy), chunk_rows):
+            log_p = F.log_softmax(_scaled(policy[rows], temperature), dim=-1)
+            log_q = F.log_softmax(_scaled(reference[rows], temperature), dim=-1)
+            q = log_q.exp()
+            total += torch.linalg.vecdot(q, log_q.sub_(log_p)).sum()
+            if grad is not None:  # ∂/∂z of τ²·KL(q ‖ softmax(z/τ)) = τ·(softmax(z/τ) − q), row by row
+                p_minus_q = log_p.exp_().sub_(q)
+                grad[rows] = p_minus_q if temperature == 1 else p_minus_q.mul_(temperature)
+        ctx.save_for_backward(grad)
+        return (total * temperature**2).float()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        # Scaled in place: a second backward through the graph (retain_graph) is refused by autograd, since the
+        # saved tensor changed, rather than scaled twice.
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total), None, None, None
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    return (slice(start, min(start + size, n)) for start in range(0, n, size))
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z/τ in fp32; at τ = 1 an fp32 chunk is used as it is (no copy)."""
+    logits = logits.float()
+    return logits if temperature == 1 else logits / temperature
 
 
 @contextlib.contextmanager
@@ -97,7 +148,13 @@ class OutputAnchor:
 
     @torch.no_grad()
     def reference_outputs(self, model: nn.Module, inputs: Mapping) -> object:
-        """``model(**inputs)`` with θ₀ in place of the trainable parameters, in eval mode, without autograd."""
+        """``model(**inputs)`` with θ₀ in place of the trainable parameters, in eval mode, without autograd.
+
+        A decoder-only model gets no ``labels``: only its logits are used, and its loss would be one more
+        log-softmax over the vocabulary (an encoder-decoder model builds its decoder inputs from them).
+        """
+        if not getattr(model.config, "is_encoder_decoder", False):
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
         with eval_mode(model):
             return functional_call(model, self.anchors(), args=(), kwargs=dict(inputs), strict=False)
 
