@@ -118,13 +118,15 @@ def test_non_finite_kl_stops_training_naming_it_and_the_step(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "coef", "step"), [(dict(l2_coef=1e30), "`l2_coef`", 2),
-                                                      (dict(l2_mode="none", l2_kl_coef=1e30), "`l2_kl_coef`", 1)],
-                         ids=["l2_coef", "l2_kl_coef"])
+                                                      (dict(l2_mode="l2", l2_coef=1e30), "`l2_coef`", 1),
+                                                      (dict(l2_mode="none", l2_kl_coef=1e30), "`l2_kl_coef`", 2)],
+                         ids=["l2_coef", "l2_toward_zero", "l2_kl_coef"])
 def test_an_infinite_gradient_norm_stops_training_before_its_update(tmp_path, overrides, coef, step):
-    """α = 1e30: at step 1 θ = θ₀ and ∇Ω = 0; at step 2 α times a drift of about lr gives a gradient whose norm
-    overflows fp32. λ = 1e30: the KL's gradient at θ₀ is rounding noise (~1e-8), times λ it overflows at step 1.
-    Before, every such step had `grad_norm` inf, clipping zeroed the gradients, the model stopped moving, and the
-    run ended with exit 0."""
+    """L2-SP, α = 1e30: at step 1 θ = θ₀ and ∇Ω = 0; at step 2 α times a drift of about lr gives a gradient whose
+    norm overflows fp32. L2 toward zero: ∇Ω = α·θ overflows at step 1. λ = 1e30: at θ₀ the KL's gradient is exactly
+    0 (the chunked KL forms softmax(z) − softmax(z₀) from equal logits), at step 2 it overflows. Before, every such
+    step had `grad_norm` inf, clipping zeroed the gradients, the model stopped moving, and the run ended with
+    exit 0."""
     model = tiny_gpt2()
     args = l2_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=1, max_grad_norm=1.0, **overrides)
     trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset())
