@@ -77,3 +77,16 @@ def test_what_the_package_ships_says_how_to_run_it_installed():
              for path in shipped for number, line in enumerate(path.read_text().splitlines(), start=1)
              if CHECKOUT_ONLY.search(line) and "checkout" not in line]
     assert found == []
+
+
+def test_without_the_recipes_extra_the_core_imports_and_hf_l2_names_the_extra():
+    """`pip install hf_l2` alone has no `datasets` (the `recipes` extra brings it): `import hf_l2` works and the
+    `hf-l2` command says in one line what to install."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['datasets'] = None  # as if not installed\n"
+            "import hf_l2; from hf_l2.tools import main; main(['--help'])")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 1 and ran.stderr.strip().splitlines()[-1] == (
+        'hf-l2 needs `datasets`, which the core of hf_l2 does not install: pip install "hf_l2[recipes]"')
