@@ -6,7 +6,9 @@ fine-tuning-domain set over every method × strength × seed: `l2_mode` none / l
 (F from pretraining-domain data, the textbook choice), the output-space anchor (KL) at each λ and WiSE-FT of the
 `none` runs at each t. Report the target metric, the pretraining-domain metric (what was forgotten) and the drift
 from the starting model, per setting, mean ± std, and one frontier plot per task with a curve per method.
-Every number in the report comes from runs made by this invocation.
+Then (unless `--no-real_model`) the real-model comparison on SmolLM2-135M-Instruct, `hf-l2 real-model --size demo`.
+Every number in the tiny-model tables comes from runs made by this invocation; the real-model runs are stored
+and resumed as the study's are.
 """
 
 from __future__ import annotations
