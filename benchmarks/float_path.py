@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from common import RESULTS, environment, write_section
 
-PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+from hf_l2.tools.demo.float_path import PINS
+
 # A CPU with AVX2 and no AVX-512, as each library would see it.
 AVX2_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 SETTINGS = {

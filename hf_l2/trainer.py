@@ -449,7 +449,6 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
             with self._l2_kl_capture.capture():
                 out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             policy = self._l2_kl_capture.target_logits(labels, shift_labels)
-            reference_inputs.pop("labels", None)  # the reference needs the logits, not the loss
         else:
             out = super().compute_loss(model, inputs, True, num_items_in_batch)
             logits = out[1]["logits"] if isinstance(out[1], dict) else out[1][1]

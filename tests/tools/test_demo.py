@@ -382,3 +382,13 @@ def test_pretraining_pairs_are_many_and_never_a_fine_tuning_message(tmp_path):
     assert len(rows["pretrain_train"]) >= 5000 and len(rows["pretrain_validation"]) == 500
     target = {r["en"] for r in rows["target_train"] + rows["target_validation"]}
     assert not target & {r["en"] for r in rows["pretrain_train"] + rows["pretrain_validation"]}
+
+
+def test_make_demo_sets_the_pins_the_report_reads():
+    """The Makefile cannot import `PINS`: its `FLOAT_PATH` line is kept equal to it here."""
+    from helpers import ROOT
+
+    from hf_l2.tools.demo.float_path import PINS
+
+    line = next(line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("FLOAT_PATH ="))
+    assert line.split("=", 1)[1].split() == [f"{name}={value}" for name, value in PINS.items()]

@@ -12,9 +12,13 @@ import os
 
 import torch
 
+# The pins `make demo` sets (its `FLOAT_PATH`, which a test keeps equal to this).
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
 
 def float_path() -> str:
-    """What decides the floating-point path of these runs: torch's CPU kernels and the ISA pins of oneDNN and MKL
-    (`make demo` pins all three to AVX2)."""
-    pins = ", ".join(f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR") if name in os.environ)
+    """What decides the floating-point path of these runs: torch's CPU kernels (as torch reports them) and the ISA
+    pins of oneDNN and MKL, as set."""
+    pins = ", ".join(f"{name}={os.environ[name]}" for name in PINS if name != "ATEN_CPU_CAPABILITY"
+                     and name in os.environ)
     return f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}" + (f" ({pins})" if pins else "")
