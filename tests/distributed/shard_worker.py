@@ -157,4 +157,5 @@ if __name__ == "__main__":
             results[f"{how}-{impl}"] = case
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # rank 0 has saved: every rank leaves gloo together
     dist.destroy_process_group()

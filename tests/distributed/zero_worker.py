@@ -91,4 +91,5 @@ if __name__ == "__main__":
         results[f"zero{stage}-{anchor_from}"] = case
     if rank == 0:
         torch.save(results, sys.argv[1])
+    dist.barrier()  # rank 0 has saved: every rank leaves gloo together
     dist.destroy_process_group()
