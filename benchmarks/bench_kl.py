@@ -5,7 +5,7 @@
     python benchmarks/bench_kl.py --device cuda --batch_size 16 --seq_len 1024
 
 A Llama built from its config (random weights, SmolLM2-135M's shapes by default) trains on random tokens with
-AdamW. Each timed step is `L2OutputAnchorMixin.compute_loss` written out: the task loss, the reference forward with
+AdamW. Each timed step is `L2TokenLossMixin.compute_loss` written out: the task loss, the reference forward with
 θ₀ (`OutputAnchor.reference_outputs`), the KL over the target tokens, backward, optimizer step. Variants, timed
 side by side in a fresh random order per repeat: no penalty; the reference forward alone (its output unused); the
 KL anchor as `hf_l2` computes it (chunks); the KL as it was computed before (kept here only: the whole-batch
@@ -29,7 +29,8 @@ from common import PeakMemory, add_run_arguments, call_times, default_device, en
 from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_l2.output_anchor import OutputAnchor, eval_mode, target_logits, token_kl_sum
+from hf_l2.output_anchor import OutputAnchor, eval_mode, token_kl_sum
+from hf_l2.target_tokens import target_logits
 
 LAMBDA = 1.0
 

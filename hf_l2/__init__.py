@@ -8,7 +8,7 @@ from hf_l2.penalty import L2Penalty
 from hf_l2.publishing.hub import HubPublishError
 from hf_l2.publishing.mixin import L2PublishingMixin
 from hf_l2.schedule import CoefSchedule
-from hf_l2.trainer import L2OutputAnchorMixin, L2PenaltyMixin
+from hf_l2.trainer import L2PenaltyMixin, L2TokenLossMixin
 from hf_l2.trainers import L2Seq2SeqTrainer, L2Trainer, L2TrainerMixin
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "L2Seq2SeqTrainer",
     "L2TrainerMixin",
     "L2PenaltyMixin",
-    "L2OutputAnchorMixin",
+    "L2TokenLossMixin",
     "L2PublishingMixin",
     "WeightNormCallback",
     "DecoupledL2SPCallback",

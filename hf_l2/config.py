@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from hf_l2.argument_checks import check_number, compile_patterns
 from hf_l2.schedule import SCHEDULES, CoefSchedule
+from hf_l2.token_weighting import TOKEN_WEIGHTINGS
 
 logger = logging.get_logger(__name__)
 
@@ -83,6 +84,12 @@ class L2Config(TrainingArguments):
             run with θ₀ (no second model): one extra forward per micro-batch, without backward.
         l2_kl_temperature (`float`, defaults to `1.0`):
             τ > 0: both distributions are softmax(logits/τ), and the KL is multiplied by τ² (as in distillation).
+        l2_token_weighting (`str`, defaults to `"none"`):
+            `"dft"`: the task loss is Dynamic Fine-Tuning's (Wu et al. 2025): each target token's cross-entropy
+            times its probability under the current model, detached, normalized as the task loss is. With
+            `l2_kl_coef` > 0 this is Anchored SFT (ASFT, Zhu et al., ICLR 2026). The logged `loss` is then the DFT
+            loss and `l2/ce` the plain cross-entropy of the same tokens; the eval loss stays the model's own.
+            TRL's `L2SFTTrainer` runs TRL's `loss_type="dft"` for it. `"none"`: the task loss as it is.
     """
 
     l2_mode: str = field(
@@ -149,6 +156,11 @@ class L2Config(TrainingArguments):
         default=0.0, metadata={"help": "λ ≥ 0: weight of the KL to θ₀'s predictions (output-space anchor)."}
     )
     l2_kl_temperature: float = field(default=1.0, metadata={"help": "τ > 0 of the KL term (with the τ² factor)."})
+    l2_token_weighting: str = field(
+        default="none",
+        metadata={"help": "dft: weight each target token's cross-entropy by its detached probability (DFT; with "
+                  "l2_kl_coef > 0, ASFT); none: the task loss as it is.", "choices": list(TOKEN_WEIGHTINGS)},
+    )
 
     def __post_init__(self):
         self._use_cpu_for_cpu_processes()
@@ -219,6 +231,7 @@ def validate_l2_fields(config: L2Config) -> None:
     _one_of(config, "l2_impl", IMPLS)
     _one_of(config, "l2_anchor_dtype", ANCHOR_DTYPES)
     _one_of(config, "l2_anchor_device", ANCHOR_DEVICES)
+    _one_of(config, "l2_token_weighting", TOKEN_WEIGHTINGS)
     for name in ("l2_coef", "l2_head_coef", "l2_kl_coef"):
         check_number(name, getattr(config, name))
     check_number("l2_kl_temperature", config.l2_kl_temperature, strict=True)

@@ -7,7 +7,8 @@ Frozen parameters and buffers never change, so the module's own ones are θ₀ a
 the adapters as they started (B₀ = 0 for PEFT's default LoRA init, so this is the base model; also exact for
 PiSSA-style inits and adapters loaded to continue training, where disabling the adapters would not be θ₀).
 
-Nothing here knows about the Trainer: which tokens count and how the sum is normalized are the caller's.
+Nothing here knows about the Trainer: which tokens count (`hf_l2.target_tokens`) and how the sum is normalized
+are the caller's.
 """
 
 from __future__ import annotations
@@ -20,27 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-
-def target_logits(
-    logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None, shifts: bool
-) -> torch.Tensor:
-    """The (N, vocab) rows of ``logits`` that predict a label ≠ −100: the tokens the task loss averages over.
-
-    Decoder-only (``shifts``): position t predicts ``labels[t + 1]``, or ``shift_labels[t]`` when a collator
-    already shifted them. Encoder-decoder: decoder position t predicts ``labels[t]``.
-    Gathered as whole rows of the (batch × positions, vocab) view (`index_select`): no slice of the logits, so
-    neither a strided gather nor, in backward, a second full-size gradient for the slice.
-    """
-    if shift_labels is not None:
-        targets = shift_labels
-    elif labels is None:
-        raise ValueError("`l2_kl_coef` > 0 needs `labels` in the batch: they say which tokens the KL averages over.")
-    elif shifts:  # the last position predicts nothing
-        targets = F.pad(labels[..., 1:], (0, 1), value=-100)
-    else:
-        targets = labels
-    rows = (targets.to(logits.device) != -100).flatten().nonzero().squeeze(1)
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+from hf_l2.target_tokens import target_logits
 
 
 def token_kl_sum(

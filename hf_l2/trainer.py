@@ -1,5 +1,6 @@
 """The Trainer layer: `L2PenaltyMixin` (the penalty in the step, its logging, θ₀ in checkpoints) and
-`L2OutputAnchorMixin` (that plus the KL anchor). `hf_l2.trainers` adds publishing and builds `L2Trainer`."""
+`L2TokenLossMixin` (that plus DFT token weighting and the KL anchor). `hf_l2.trainers` adds publishing and builds
+`L2Trainer`."""
 
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ from hf_l2.disk_full import naming_a_full_disk
 from hf_l2.fisher import trainer_fisher
 from hf_l2.loss_kwargs import loss_reads_num_items
 from hf_l2.optimizers import in_backward_optimizer
-from hf_l2.output_anchor import BackboneCapture, OutputAnchor, target_logits, token_kl_sum
+from hf_l2.output_anchor import BackboneCapture, OutputAnchor, token_kl_sum
 from hf_l2.output_lock import holding_output_dir
 from hf_l2.penalty import L2Penalty
 from hf_l2.penalty_term import L2Terms
 from hf_l2.regularizer import FINITE_KEYS, L2Regularizer, non_finite_stop, not_finite, trainable_names
 from hf_l2.saved_state import has_fisher_file, read_fisher_path, read_kl_snapshot, save_kl_snapshot
 from hf_l2.sharding import local_pieces, world_size
+from hf_l2.target_tokens import target_ids, target_logits
+from hf_l2.token_weighting import dft_token_sums
 
 logger = logging.get_logger(__name__)
 
@@ -57,10 +60,11 @@ class L2PenaltyMixin:
     def __init__(self, *args, fisher_dataset=None, **kwargs):
         args, kwargs = _with_l2_config(args, kwargs, self)  # before `Trainer.__init__` runs
         super().__init__(*args, **kwargs)
-        if self.args.l2_kl_coef and not isinstance(self, L2OutputAnchorMixin):
+        token_terms = [f for f in ("l2_kl_coef", "l2_token_weighting") if getattr(self.args, f) not in (0, "none")]
+        if token_terms and not isinstance(self, L2TokenLossMixin):
             raise TypeError(
-                f"`l2_kl_coef` needs the output anchor's hooks: build `{type(self).__name__}` on `L2TrainerMixin` "
-                "(or `L2OutputAnchorMixin`) instead of `L2PenaltyMixin`."
+                f"`{token_terms[0]}` needs the token-level loss hooks: build `{type(self).__name__}` on "
+                "`L2TrainerMixin` (or `L2TokenLossMixin`) instead of `L2PenaltyMixin`."
             )
         self.fisher_dataset = fisher_dataset
         self._l2_regularizer: L2Regularizer | None = None  # `_l2_build_regularizer` sets it (None: no penalty)
@@ -254,7 +258,7 @@ class L2PenaltyMixin:
         return scaler._get_scale_async()  # a device tensor: no host sync
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        out = self._l2_task_loss(model, inputs, return_outputs, num_items_in_batch)
         if not (self._l2_add_to_loss and model.training):
             return out
         loss, outputs = out if return_outputs else (out, None)
@@ -265,9 +269,13 @@ class L2PenaltyMixin:
         loss = loss + term.to(loss.device) * self._loss_divisor(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def _l2_task_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The loss Ω is added to: the trainer's own (`L2TokenLossMixin` reweights it and adds the KL)."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
     # ---- logging --------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log (`l2/kl`, if any, is in `logs` already: see `L2OutputAnchorMixin.log`)
+        if "loss" in logs:  # a training log (`l2/kl`, if any, is in `logs` already: see `L2TokenLossMixin.log`)
             if self._l2_regularizer is not None and self._l2_regularizer.bound:
                 logs.update(self._l2_regularizer.log_values())
             self._l2_stop_if_not_finite(logs)
@@ -380,31 +388,71 @@ def mixed_precision_turned_off(trainer) -> str | None:
             f"fp32 on {accelerator.device.type}")
 
 
-class L2OutputAnchorMixin(L2PenaltyMixin):
-    """`L2PenaltyMixin` plus the output-space anchor `l2_kl_coef`·KL(p_θ₀ ‖ p_θ) (see `hf_l2.output_anchor`).
+class L2TokenLossMixin(L2PenaltyMixin):
+    """`L2PenaltyMixin` plus the token-level parts of the training loss, the two halves of Anchored SFT:
+    `l2_token_weighting="dft"` (the task loss's tokens weighted by their detached probabilities, see
+    `hf_l2.token_weighting`) and the output-space anchor `l2_kl_coef`·KL(p_θ₀ ‖ p_θ) (see `hf_l2.output_anchor`).
 
-    The KL is added to the training loss in `compute_loss` (never to the eval loss), normalized like the task
-    loss; the reported `loss` stays the task loss and the mean per-token KL is logged as `l2/kl`. θ₀ that the KL
-    holds beyond the penalty's goes into every checkpoint (`KL_ANCHOR_FILES`) and is restored on resume.
-    `_l2_kl_logits` says where the policy's logits come from: `"outputs"` (the model's `logits`), `"backbone"`
-    (hidden states projected by the output embeddings, for fused-head losses such as TRL's SFT) or None (refused).
+    Both are sums over the target tokens divided by what the task loss is divided by, formed in `_l2_task_loss`
+    (so Ω is added on top, as to any task loss; training only: the eval loss stays the model's own). The reported
+    `loss` is the task loss (DFT-weighted with "dft"); `l2/kl` logs the mean per-token KL and, with "dft", `l2/ce`
+    the plain cross-entropy. θ₀ that the KL holds
+    beyond the penalty's goes into every checkpoint (`KL_ANCHOR_FILES`) and is restored on resume.
+    `_l2_token_logits` says where the policy's logits come from: `"outputs"` (the model's `logits`), `"backbone"`
+    (hidden states projected by the output embeddings, for fused-head losses such as TRL's SFT) or None (the KL
+    is refused). `_l2_dft_by` says who weights the task loss for "dft": `"hf_l2"` (here), `"loss_type"` (the
+    trainer's own `loss_type="dft"`, TRL's SFT) or None (refused: the trainer's loss is not a token loss).
     """
 
-    _l2_kl_logits: str | None = "outputs"
+    _l2_token_logits: str | None = "outputs"
+    _l2_dft_by: str | None = "hf_l2"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._l2_kl: OutputAnchor | None = None
         self._l2_kl_capture: BackboneCapture | None = None
         self._l2_kl_in_loss: torch.Tensor | None = None
-        self._l2_kl_window: list[torch.Tensor] = []  # [Σ KL, tokens] since the last log
+        self._l2_dft = self._l2_check_token_weighting()
+        self._l2_token_window: dict[str, list[torch.Tensor]] = {}  # log key → [Σ, tokens] per micro-batch
+        # Decoder-only models predict the next token; not `_loss_shifts_labels`, which is False for GPT-2 (its
+        # `loss_type` is unset) although its loss shifts.
+        self._l2_shifts = not getattr(self.model.config, "is_encoder_decoder", False)
         if self.args.l2_kl_coef:
             self._l2_kl = self._build_output_anchor()
+
+    def _l2_check_token_weighting(self) -> bool:
+        """Whether `compute_loss` weights the task loss's tokens itself (DFT); refuse what it cannot do exactly."""
+        args = self.args
+        if args.l2_token_weighting == "none":
+            return False
+        name = type(self).__name__
+        if self._l2_dft_by is None:
+            raise ValueError(
+                f"`l2_token_weighting='{args.l2_token_weighting}'` weights the target tokens of a language-modeling "
+                f"loss; {name}'s loss is not one. Set `l2_token_weighting='none'`."
+            )
+        if self._l2_dft_by == "loss_type":
+            if getattr(args, "loss_type", None) != args.l2_token_weighting:
+                raise ValueError(
+                    f"{name} weights its tokens by its own `loss_type`: with `l2_token_weighting="
+                    f"'{args.l2_token_weighting}'` set `loss_type='{args.l2_token_weighting}'` too (its L2 config "
+                    "does so when built)."
+                )
+            return False
+        conflicts = [f for f, on in (("label_smoothing_factor", args.label_smoothing_factor),
+                                     ("compute_loss_func", self.compute_loss_func is not None)) if on]
+        if conflicts:
+            raise ValueError(
+                f"`l2_token_weighting='{args.l2_token_weighting}'` replaces the task loss by the weighted "
+                f"cross-entropy of the target tokens, which leaves no room for `{conflicts[0]}`: drop one of the two."
+            )
+        return True
 
     def _hp_search_setup(self, trial) -> None:
         """As the penalty (see `L2PenaltyMixin._hp_search_setup`): each trial's λ, τ and θ₀."""
         super()._hp_search_setup(trial)
         if self.model_init is not None:
+            self._l2_dft = self._l2_check_token_weighting()
             self._l2_kl = self._build_output_anchor() if self.args.l2_kl_coef else None
 
     def _build_output_anchor(self) -> OutputAnchor:
@@ -415,13 +463,10 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
                 f"`l2_kl_coef` > 0 is not supported under {where} yet: the reference forward needs θ₀ whole on "
                 "every rank. Train without FSDP/DeepSpeed (DDP works), or set `l2_kl_coef=0`."
             )
-        if self._l2_kl_logits is None:
+        if self._l2_token_logits is None:
             raise ValueError(f"`l2_kl_coef` > 0 is not supported by {type(self).__name__}: set `l2_kl_coef=0`.")
-        if self._l2_kl_logits == "backbone":
+        if self._l2_token_logits == "backbone":
             self._l2_kl_capture = BackboneCapture(self.model)
-        # Decoder-only models predict the next token; not `_loss_shifts_labels`, which is False for GPT-2 (its
-        # `loss_type` is unset) although its loss shifts.
-        self._l2_kl_shifts = not getattr(self.model.config, "is_encoder_decoder", False)
         shared = {}
         if args.l2_anchor_path is None:  # anchors taken from the model as it is now: θ₀ of the reference too
             for term in filter(None, self.l2_terms):
@@ -440,36 +485,49 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         # The returned loss is (task + KL)/d: report the task part only.
         return loss - self._l2_kl_in_loss.to(loss.device, loss.dtype) / self._loss_divisor(num_items_in_batch)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._l2_kl is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def _l2_task_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        if not model.training or (self._l2_kl is None and not self._l2_dft):
+            return super()._l2_task_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
-        reference_inputs = dict(inputs)  # before the trainer's compute_loss pops or adds keys
+        reference = None
+        if self._l2_kl is not None:  # from the batch before the trainer's compute_loss pops or adds keys
+            reference = self._l2_kl.reference_outputs(self.accelerator.unwrap_model(model), dict(inputs))["logits"]
         if self._l2_kl_capture is not None:
             with self._l2_kl_capture.capture():
-                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                out = super()._l2_task_loss(model, inputs, return_outputs, num_items_in_batch)
             policy = self._l2_kl_capture.target_logits(labels, shift_labels)
         else:
-            out = super().compute_loss(model, inputs, True, num_items_in_batch)
+            out = super()._l2_task_loss(model, inputs, True, num_items_in_batch)
             logits = out[1]["logits"] if isinstance(out[1], dict) else out[1][1]
             if not logits.requires_grad:
-                raise ValueError(f"`l2_kl_coef`: {type(self).__name__}.compute_loss returned logits without gradient.")
-            policy = target_logits(logits, labels, shift_labels, self._l2_kl_shifts)
+                raise ValueError(f"{type(self).__name__}.compute_loss returned logits without gradient: "
+                                 "`l2_kl_coef` and `l2_token_weighting` need them.")
+            policy = target_logits(logits, labels, shift_labels, self._l2_shifts)
         loss, outputs = out if return_outputs or self._l2_kl_capture is None else (out, None)
-        reference = self._l2_kl.reference_outputs(self.accelerator.unwrap_model(model), reference_inputs)["logits"]
-        kl_sum = token_kl_sum(policy, target_logits(reference, labels, shift_labels, self._l2_kl_shifts),
-                              self._l2_kl.temperature)
-        term = self._l2_kl.coef * kl_sum / self._kl_normalizer(len(policy), num_items_in_batch)
-        self._l2_kl_in_loss = term.detach()
-        self._l2_kl_window.append(torch.stack([kl_sum.detach(), kl_sum.new_tensor(float(len(policy)))]))
-        loss = loss + term.to(loss.device)
+        divisor = self._token_sum_divisor(len(policy), num_items_in_batch)
+        tokens = float(len(policy))
+        if self._l2_dft:  # the model's own loss is replaced by the weighted one over the same tokens
+            weighted, ce_sum = dft_token_sums(policy, target_ids(labels, shift_labels, self._l2_shifts))
+            loss = (weighted / divisor).to(loss.device, loss.dtype)
+            self._l2_log_tokens("l2/ce", ce_sum, tokens)
+        if reference is not None:
+            kl_sum = token_kl_sum(policy, target_logits(reference, labels, shift_labels, self._l2_shifts),
+                                  self._l2_kl.temperature)
+            term = self._l2_kl.coef * kl_sum / divisor
+            self._l2_kl_in_loss = term.detach()
+            self._l2_log_tokens("l2/kl", kl_sum.detach(), tokens)
+            loss = loss + term.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _l2_log_tokens(self, key: str, total: torch.Tensor, tokens: float) -> None:
+        self._l2_token_window.setdefault(key, []).append(torch.stack([total, total.new_tensor(tokens)]))
 
     def _l2_coef_fields(self) -> list[str]:
         return super()._l2_coef_fields() + (["l2_kl_coef"] if self._l2_kl is not None else [])
 
-    def _kl_normalizer(self, tokens: int, num_items_in_batch) -> float | torch.Tensor:
-        """What Σ KL is divided by so that it is weighted exactly like the task loss (see `Trainer.compute_loss`).
+    def _token_sum_divisor(self, tokens: int, num_items_in_batch) -> float | torch.Tensor:
+        """What a sum over the target tokens is divided by, to be weighted exactly like the task loss (see
+        `Trainer.compute_loss`).
 
         Normalized by `num_items_in_batch` (the accumulated batch's tokens, over all processes with
         `average_tokens_across_devices`, which the Trainer offsets by ×num_processes against DDP's averaging);
@@ -481,13 +539,14 @@ class L2OutputAnchorMixin(L2PenaltyMixin):
         return num_items_in_batch / (processes if self.args.average_tokens_across_devices else 1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._l2_kl_window and "loss" in logs:
-            total = torch.stack(self._l2_kl_window).sum(0)
-            self._l2_kl_window = []
-            if world_size() > 1:  # `log` runs on every process at the same step
-                dist.all_reduce(total)
-            kl_sum, tokens = total.tolist()
-            logs["l2/kl"] = kl_sum / max(tokens, 1.0)
+        if self._l2_token_window and "loss" in logs:
+            window, self._l2_token_window = self._l2_token_window, {}
+            for key, parts in window.items():
+                total = torch.stack(parts).sum(0)
+                if world_size() > 1:  # `log` runs on every process at the same step
+                    dist.all_reduce(total)
+                token_sum, tokens = total.tolist()
+                logs[key] = token_sum / max(tokens, 1.0)
         super().log(logs, start_time)
 
     # ---- checkpoints: θ₀ of the parameters the penalty does not hold ------------------------------------------

@@ -7,10 +7,10 @@ from transformers import Seq2SeqTrainer, Trainer
 
 from hf_l2.config import L2Seq2SeqConfig
 from hf_l2.publishing.mixin import L2PublishingMixin
-from hf_l2.trainer import L2OutputAnchorMixin
+from hf_l2.trainer import L2TokenLossMixin
 
 
-class L2TrainerMixin(L2OutputAnchorMixin, L2PublishingMixin):
+class L2TrainerMixin(L2TokenLossMixin, L2PublishingMixin):
     """The penalty and the card / Hub publishing for any `Trainer` subclass: `class X(L2TrainerMixin, SomeTrainer)`.
 
     `args` must be an [`L2Config`] (or a config that extends it).

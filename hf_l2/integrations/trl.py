@@ -59,7 +59,8 @@ class L2TRLMixin(L2TrainerMixin):  # the one place hf_l2.integrations.trl names 
     trainer says where its logits come from (`L2SFTTrainer`).
     """
 
-    _l2_kl_logits = None
+    _l2_token_logits = None
+    _l2_dft_by = None
 
     def __init__(self, *args, **kwargs):
         config = _bound_arguments(type(self), args, kwargs).get("args")
@@ -209,7 +210,20 @@ def add_trl_section(card_path: str, trainer) -> None:
 
 @dataclasses.dataclass
 class L2SFTConfig(SFTConfig, L2Config):
-    """[`trl.SFTConfig`] (with its defaults) plus the `l2_*` fields of [`hf_l2.L2Config`]."""
+    """[`trl.SFTConfig`] (with its defaults) plus the `l2_*` fields of [`hf_l2.L2Config`].
+
+    `l2_token_weighting="dft"` and TRL's `loss_type="dft"` are one setting: either sets the other.
+    """
+
+    def __post_init__(self):
+        if self.l2_token_weighting == "dft" or self.loss_type == "dft":
+            if self.loss_type not in ("nll", "dft"):
+                raise ValueError(
+                    f"`l2_token_weighting='dft'` is TRL's `loss_type='dft'`; `loss_type='{self.loss_type}'` is "
+                    "another loss: drop one of the two."
+                )
+            self.loss_type = self.l2_token_weighting = "dft"
+        super().__post_init__()
 
 
 class L2SFTTrainer(L2TRLMixin, SFTTrainer):
@@ -221,7 +235,8 @@ class L2SFTTrainer(L2TRLMixin, SFTTrainer):
     """
 
     default_config = L2SFTConfig
-    _l2_kl_logits = "backbone"  # TRL's SFT loss never builds the logits
+    _l2_token_logits = "backbone"  # TRL's SFT loss never builds the logits
+    _l2_dft_by = "loss_type"  # TRL's own DFT (`SFTConfig.loss_type="dft"`)
 
 
 @dataclasses.dataclass

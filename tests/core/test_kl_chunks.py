@@ -9,7 +9,8 @@ import torch
 from helpers import tiny_gpt2
 from torch.profiler import ProfilerActivity, profile
 
-from hf_l2.output_anchor import OutputAnchor, target_logits, token_kl_sum
+from hf_l2.output_anchor import OutputAnchor, token_kl_sum
+from hf_l2.target_tokens import target_logits
 
 VOCAB = 1000
 
