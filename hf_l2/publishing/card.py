@@ -155,6 +155,7 @@ def write_model_card(
         reg=_regularization(
             args, trainer.l2_terms.penalty, measurement, getattr(trainer, "l2_fisher_source", None)
         ),
+        tokens=_token_terms(args),
         eval_step=step,
         eval_rows=[(f"eval_{key}", _number(value)) for key, value in metrics.items()],
         step=trainer.state.global_step,
@@ -304,6 +305,14 @@ def _regularization(
         "lora": None if measurement.lora_delta is None else
         {"layers": measurement.lora_layers, "delta": _number(measurement.lora_delta)},
     }
+
+
+def _token_terms(args) -> dict[str, str | bool | None] | None:
+    """The token-level terms of the loss (DFT weighting, the KL anchor) for the card; None without either."""
+    dft, kl = args.l2_token_weighting == "dft", bool(args.l2_kl_coef)
+    if not (dft or kl):
+        return None
+    return {"dft": dft, "kl": _number(args.l2_kl_coef) if kl else None, "temperature": _number(args.l2_kl_temperature)}
 
 
 def _schedule(args) -> dict[str, str] | None:

@@ -2,7 +2,8 @@
 
 With `no_avg` after the impl: `average_tokens_across_devices=False`, and also the stock Trainer with Ω added to each
 micro-batch's loss by hand (over GA micro-batches that is Ω once), the reference for that setting. With `kl=λ`:
-the output anchor, `l2_kl_coef=λ`, with a checkpoint at step 2 in the output's folder."""
+the output anchor, `l2_kl_coef=λ`, with a checkpoint at step 2 in the output's folder. With `dft`:
+`l2_token_weighting="dft"`."""
 
 import os
 import sys
@@ -33,13 +34,15 @@ class HandOmega(Trainer):
 if __name__ == "__main__":
     out, impl = sys.argv[1], sys.argv[2]
     no_avg = "no_avg" in sys.argv[3:]
-    mode = next((a for a in sys.argv[3:] if a != "no_avg" and not a.startswith("kl=")), "l2_sp")
+    mode = next((a for a in sys.argv[3:] if a not in ("no_avg", "dft") and not a.startswith("kl=")), "l2_sp")
     kl_coef = next((float(a[3:]) for a in sys.argv[3:] if a.startswith("kl=")), 0.0)  # the output anchor's λ
+    weighting = "dft" if "dft" in sys.argv[3:] else "none"
     common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, max_grad_norm=0.5,
                   ddp_backend="gloo", **({"average_tokens_across_devices": False} if no_avg else {}),
                   **({"save_strategy": "steps", "save_steps": 2} if kl_coef else {}))
     model = tiny_gpt2()
-    args = l2_args(os.path.dirname(out), l2_coef=1.0, l2_impl=impl, l2_mode=mode, l2_kl_coef=kl_coef, **common)
+    args = l2_args(os.path.dirname(out), l2_coef=1.0, l2_impl=impl, l2_mode=mode, l2_kl_coef=kl_coef,
+                   l2_token_weighting=weighting, **common)
     trainer = L2Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))
     trainer.train()
     saved = {"params": params_of(model), "log": trainer.state.log_history}

@@ -79,6 +79,25 @@ def test_two_process_ddp_equals_one_process_with_the_output_anchor(tmp_path):
     assert max_rel_diff(params_of(resumed), ddp["params"]) < 5e-6  # 8.4e-3 with the step-2 weights as the KL's θ₀
 
 
+def test_two_process_ddp_equals_one_process_with_asft(tmp_path):
+    """DFT's weighted sum is divided like the task loss across processes too, and `l2/ce` is reduced over both
+    processes' tokens: with the KL (ASFT), 2 processes × batch 2 = 1 process × batch 4."""
+    out = tmp_path / "ddp.pt"
+    run_two_processes("ddp_worker.py", str(out), "loss", "kl=5.0", "dft")
+    ddp = torch.load(out, weights_only=False)
+    model = tiny_gpt2()
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, l2_coef=1.0,
+                  max_grad_norm=0.5, l2_kl_coef=5.0, l2_impl="loss", l2_token_weighting="dft")
+    single = L2Trainer(model=model, args=l2_args(tmp_path / "single", **common), train_dataset=TokenDataset(n=8))
+    single.train()
+    assert ddp["world_size"] == 2
+    assert max_rel_diff(ddp["params"], params_of(model)) < 5e-6  # gloo's summation order, as above
+    for key in ("loss", "l2/ce", "l2/kl"):
+        two = [h[key] for h in ddp["log"] if key in h and "train_loss" not in h]
+        one = [h[key] for h in single.state.log_history if key in h and "train_loss" not in h]
+        assert len(one) == 3 and two == pytest.approx(one, rel=1e-5), key
+
+
 def test_a_loss_that_ignores_num_items_in_batch_trains_on_two_processes_as_on_one(tmp_path):
     """MarianMT's forward takes `**kwargs`, so the Trainer multiplies its loss by the number of processes to offset
     a `num_items_in_batch` normalization that Marian's plain mean never did: the task gradient doubled against Ω.

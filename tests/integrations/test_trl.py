@@ -136,10 +136,11 @@ def clip_and_step(model, omega, optimizer, clip):
     optimizer.zero_grad()
 
 
-def sft_reference(model, trainer, lora_delta=False, kl=None) -> dict[str, torch.Tensor]:
+def sft_reference(model, trainer, lora_delta=False, kl=None, dft=False) -> dict[str, torch.Tensor]:
     """SFT: Σ −log p(next token) over labelled positions / the window's token count (what SFTTrainer divides by:
     `num_items_in_batch`, counted by the Trainer over the window). With ``kl=(λ, τ)``, plus λ·τ²·Σ KL(q ‖ p) over
-    the same positions / the same count, q from a frozen deep copy of the starting model."""
+    the same positions / the same count, q from a frozen deep copy of the starting model. With ``dft``, each
+    token's −log p times p, p detached (DFT)."""
     anchor = params_of(model)
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -149,7 +150,8 @@ def sft_reference(model, trainer, lora_delta=False, kl=None) -> dict[str, torch.
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
             # Without a cache, a packed row's position_ids keep its documents apart (transformers' masking_utils).
             logits = model(**inputs, use_cache=False).logits[:, :-1]
-            nll = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+            per_token = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="none")
+            nll = (per_token * torch.exp(-per_token.detach()) if dft else per_token).sum()
             if kl is not None:
                 coef, tau = kl
                 with torch.no_grad():
@@ -283,9 +285,25 @@ def test_sft_with_the_output_anchor_matches_a_hand_written_loop(tokenizer, tmp_p
     assert logged[0]["l2/kl"] == 0.0 and logged[-1]["l2/kl"] > 0 and "entropy" in logged[0]
 
 
-def test_other_trl_trainers_refuse_the_output_anchor(tokenizer, tmp_path):
+def test_sft_asft_is_trls_dft_loss_plus_the_output_anchor(tokenizer, tmp_path):
+    """`l2_token_weighting="dft"` is TRL's own `loss_type="dft"` (each sets the other); with `l2_kl_coef` it is
+    ASFT, against the hand-written loop."""
+    assert config(L2SFTConfig, tmp_path, l2_token_weighting="dft").loss_type == "dft"
+    assert config(L2SFTConfig, tmp_path, loss_type="dft").l2_token_weighting == "dft"
+    with pytest.raises(ValueError, match="`loss_type='chunked_nll'` is another loss"):
+        config(L2SFTConfig, tmp_path, loss_type="chunked_nll", l2_token_weighting="dft")
+    trainer, _ = run_sft(tokenizer, tmp_path, conversations("prompt_completion"), l2_coef=ALPHA, l2_kl_coef=4.0,
+                         l2_kl_temperature=2.0, l2_token_weighting="dft")
+    got = params_of(trainer.model)
+    assert max_rel_diff(got, sft_reference(model_for(tokenizer), trainer, kl=(4.0, 2.0), dft=True)) < 1e-6
+    assert max_rel_diff(got, sft_reference(model_for(tokenizer), trainer, kl=(4.0, 2.0))) > 1e-4, "DFT counts"
+
+
+def test_other_trl_trainers_refuse_the_output_anchor_and_dft(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="`l2_kl_coef` > 0 is not supported by L2DPOTrainer"):
         run_dpo(tokenizer, tmp_path, l2_kl_coef=1.0)
+    with pytest.raises(ValueError, match="L2DPOTrainer's loss is not one"):
+        run_dpo(tokenizer, tmp_path, l2_token_weighting="dft")
 
 
 @pytest.mark.parametrize("lora_delta", [False, True])

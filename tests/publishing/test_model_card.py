@@ -152,6 +152,25 @@ def test_cards_of_other_modes_impls_and_schedules(tmp_path, mode, extra):
         assert float(table_row(card.text, "all")[0]) == pytest.approx(drift, rel=1e-5)
 
 
+@pytest.mark.parametrize("mode, dft, kl, says", [
+    ("none", True, 0.5, "with no weight penalty and Anchored SFT (DFT token weighting and a KL anchor"),
+    ("none", False, 0.5, "with no weight penalty and a KL anchor to the starting model's predictions"),
+    ("l2_sp", True, 0.0, "with an L2-SP penalty (Li, Grandvalet & Davoine, ICML 2018) and DFT token weighting"),
+])
+def test_the_card_names_the_token_level_terms_of_the_loss(tmp_path, mode, dft, kl, says):
+    """A run with the KL anchor or DFT is no stock-Trainer baseline, whatever its `l2_mode`."""
+    args = l2_args(tmp_path, l2_mode=mode, l2_kl_coef=kl, l2_kl_temperature=2.0, max_steps=1,
+                   l2_token_weighting="dft" if dft else "none")
+    trainer = L2Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+    trainer.train()
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert says in text and "baseline" not in text
+    assert ("Dynamic Fine-Tuning" in text) == dft
+    assert ("(λ = 0.5, `l2_kl_coef`; τ = 2, `l2_kl_temperature`)" in text) == bool(kl)
+    assert ("Anchored SFT (ASFT" in text) == (dft and bool(kl))
+
+
 def test_card_of_a_lora_run_reports_the_weight_change(tmp_path):
     from peft import LoraConfig, get_peft_model
 
