@@ -16,7 +16,8 @@ Not `Trainer.hyperparameter_search`: that optimizes one objective over sampled t
 sweep here is a fixed grid whose every point is reported, with several metrics and seeds.
 
 `--l2_kl_coef` values add the output-space anchor as one more method (`kl`, run with `l2_mode none`): a curve
-beside L2-SP's on the same frontier, to see whether anchoring the weights or the predictions forgets less.
+beside L2-SP's on the same frontier, to see whether anchoring the weights or the predictions forgets less;
+`--asft_coef` values add Anchored SFT (`asft`: the same KL with DFT token weighting).
 `--wise_ft_weight` values add WiSE-FT (`wise_ft`): each `none` run interpolated back toward θ₀ at weight t and
 evaluated. With `l2_sp_fisher`, F is computed once, by the first such run, and loaded by the others.
 `--jobs N` runs N recipe calls at a time in worker processes.
@@ -42,17 +43,19 @@ from hf_l2.tools.recipe_common import RecipeInputError, load_recipe
 from hf_l2.tools.recipe_runs import RUN_DEFAULTS, drift, run_recipe, worker_pool, write_rows
 
 # Set by the sweep for every run; the recipe arguments may not set them.
-OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--l2_kl_coef", "--seed", "--output_dir", "--do_train", "--do_eval")
+OWNED_FLAGS = ("--l2_mode", "--l2_coef", "--l2_kl_coef", "--l2_token_weighting", "--seed", "--output_dir",
+               "--do_train", "--do_eval")
 SHOWN = ("perplexity", "bleu", "chrf", "pretrain_perplexity", "pretrain_bleu", "pretrain_chrf")  # progress lines
 
 
 KL = "kl"  # the sweep's name for the output-space anchor: `l2_mode none` with `l2_kl_coef` λ
+ASFT = "asft"  # Anchored SFT: the KL anchor at λ plus `l2_token_weighting dft`
 WISE_FT = "wise_ft"  # the sweep's name for WiSE-FT: each `none` run interpolated back toward θ₀ at weight t
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One method at one strength: `l2_mode` and α (0 for `none`), `kl` and λ, or `wise_ft` and t."""
+    """One method at one strength: `l2_mode` and α (0 for `none`), `kl` or `asft` and λ, or `wise_ft` and t."""
 
     mode: str
     coef: float
@@ -61,7 +64,7 @@ class Setting:
     def label(self) -> str:
         if self.mode == "none":
             return "none"
-        return f"{self.mode} {({KL: 'λ', WISE_FT: 't'}).get(self.mode, 'α')}={self.coef:g}"
+        return f"{self.mode} {({KL: 'λ', ASFT: 'λ', WISE_FT: 't'}).get(self.mode, 'α')}={self.coef:g}"
 
     @property
     def slug(self) -> str:
@@ -70,24 +73,27 @@ class Setting:
     @property
     def flags(self) -> list[str]:
         """The recipe flags of a training run (a `wise_ft` setting trains nothing: it evaluates interpolations)."""
-        if self.mode == KL:
-            return ["--l2_mode", "none", "--l2_kl_coef", repr(self.coef)]
+        if self.mode in (KL, ASFT):
+            weighting = "dft" if self.mode == ASFT else "none"
+            return ["--l2_mode", "none", "--l2_kl_coef", repr(self.coef), "--l2_token_weighting", weighting]
         return ["--l2_mode", self.mode, "--l2_coef", repr(self.coef)]
 
 
 def grid(modes: list[str], coefs: list[float], kl_coefs: list[float] = (),
-         wise_ft_weights: list[float] = ()) -> list[Setting]:
-    """`none` once, then every other mode at every α, in the order given, then `kl` at every λ, then `wise_ft` at
-    every t."""
-    bad = [c for c in kl_coefs if not (math.isfinite(c) and c >= 0)]
-    if bad:
-        raise RecipeInputError(f"`--l2_kl_coef` {bad}: every λ must be a finite number ≥ 0.")
+         wise_ft_weights: list[float] = (), asft_coefs: list[float] = ()) -> list[Setting]:
+    """`none` once, then every other mode at every α, in the order given, then `kl` at every λ, `asft` at every λ,
+    then `wise_ft` at every t."""
+    for flag, values in (("--l2_kl_coef", kl_coefs), ("--asft_coef", asft_coefs)):
+        bad = [c for c in values if not (math.isfinite(c) and c >= 0)]
+        if bad:
+            raise RecipeInputError(f"`{flag}` {bad}: every λ must be a finite number ≥ 0.")
     bad = [t for t in wise_ft_weights if not 0 <= t <= 1]
     if bad:
         raise RecipeInputError(f"`--wise_ft_weight` {bad}: every t must be in [0, 1] (0 is θ₀, 1 the `none` run).")
     if wise_ft_weights and "none" not in modes:
         raise RecipeInputError("`--wise_ft_weight` interpolates the `none` runs: add `none` to `--l2_mode`.")
     return (_weight_grid(modes, coefs) + [Setting(KL, float(c)) for c in dict.fromkeys(kl_coefs)]
+            + [Setting(ASFT, float(c)) for c in dict.fromkeys(asft_coefs)]
             + [Setting(WISE_FT, float(t)) for t in dict.fromkeys(wise_ft_weights)])
 
 
@@ -263,6 +269,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--l2_kl_coef", nargs="+", type=float, default=[],
                         help="λ values of the output-space anchor (KL to the starting model's predictions), run as "
                         "one more method, `kl`, with l2_mode none.")
+    parser.add_argument("--asft_coef", nargs="+", type=float, default=[],
+                        help="λ values of Anchored SFT, one more method, `asft`: the KL anchor at λ with DFT token "
+                        "weighting (l2_token_weighting dft), l2_mode none.")
     parser.add_argument("--wise_ft_weight", nargs="+", type=float, default=[],
                         help="t values of WiSE-FT, one more method, `wise_ft`: each `none` run interpolated toward "
                         "θ₀, (1 − t)·θ₀ + t·θ, and evaluated (needs `none` in --l2_mode).")
@@ -287,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         sys.exit(f"error: `--jobs` must be at least 1, got {args.jobs}.")
     try:
-        settings = grid(args.l2_mode, args.l2_coef, args.l2_kl_coef, args.wise_ft_weight)
+        settings = grid(args.l2_mode, args.l2_coef, args.l2_kl_coef, args.wise_ft_weight, args.asft_coef)
         rows = run_sweep(args.recipe, recipe_args, settings, args.seeds, args.output_dir, args.jobs)
     except RecipeInputError as err:
         sys.exit(f"error: {err}")

@@ -18,10 +18,10 @@ SUMMARY_METRICS = ("bleu", "perplexity", "loss")
 # Forgetting the summary allows: this fraction of what fine-tuning without a penalty forgets.
 FORGETTING_BUDGET = 0.5
 COLORS = {"none": "black", "l2": "tab:orange", "l2_sp": "tab:blue", "l2_sp_fisher": "tab:green",
-          "kl": "tab:red", "wise_ft": "tab:purple", "start": "tab:gray"}
-EXTRA_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+          "kl": "tab:red", "asft": "tab:pink", "wise_ft": "tab:purple", "start": "tab:gray"}
+EXTRA_COLORS = ("tab:brown", "tab:olive", "tab:cyan", "gold")
 # The name of each method's strength on the plot (α unless a method says otherwise).
-STRENGTH = {"l2": "α", "l2_sp": "α", "l2_sp_fisher": "α", "kl": "λ", "wise_ft": "t"}
+STRENGTH = {"l2": "α", "l2_sp": "α", "l2_sp_fisher": "α", "kl": "λ", "asft": "λ", "wise_ft": "t"}
 # Methods whose strength grows toward the starting model (WiSE-FT's t: 0 is θ₀, 1 the unpenalized run).
 TOWARD_FINE_TUNED = ("wise_ft",)
 

@@ -132,10 +132,16 @@ def test_grid_runs_none_once_and_every_other_mode_at_every_alpha():
     assert [s.label for s in grid(["l2_sp"], [0.01])] == ["l2_sp α=0.01"]
     kl = grid(["none", "l2_sp"], [0.1], [0.5, 2.0])
     assert kl[2:] == [Setting("kl", 0.5), Setting("kl", 2.0)] and kl[3].label == "kl λ=2"
-    assert kl[2].flags == ["--l2_mode", "none", "--l2_kl_coef", "0.5"]  # the output anchor alone
+    assert kl[2].flags == ["--l2_mode", "none", "--l2_kl_coef", "0.5", "--l2_token_weighting", "none"]  # KL alone
     assert kl[1].flags == ["--l2_mode", "l2_sp", "--l2_coef", "0.1"]
     with pytest.raises(RecipeInputError, match="l2_kl_coef.*finite"):
         grid(["l2_sp"], [0.1], [-1.0])
+    asft = grid(["none"], [], [1.0], [0.5], asft_coefs=[1.0])  # after the KL, before WiSE-FT
+    assert asft == [Setting("none", 0.0), Setting("kl", 1.0), Setting("asft", 1.0), Setting("wise_ft", 0.5)]
+    assert asft[2].flags == ["--l2_mode", "none", "--l2_kl_coef", "1.0", "--l2_token_weighting", "dft"]
+    assert asft[2].label == "asft λ=1"
+    with pytest.raises(RecipeInputError, match="asft_coef.*finite"):
+        grid(["none"], [], asft_coefs=[float("inf")])
     for modes, coefs, message in [(["l3"], [1.0], "l2_mode.*l3"), (["l2"], [], "at least one α"),
                                   (["l2_sp"], [float("nan")], "finite")]:
         with pytest.raises(RecipeInputError, match=message):
