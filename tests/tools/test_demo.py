@@ -184,10 +184,12 @@ def test_sweep_command_line_runs_a_recipe_and_prints_its_table(demo, tmp_path, c
     from hf_l2.tools.cli import main
     recipe_args = generation_arguments(demo)
     assert main(["sweep", "--recipe", "gpt2_generation", "--l2_mode", "l2_sp", "--l2_coef", "0", "1",
-                 "--l2_kl_coef", "1", "--seeds", "3", "--output_dir", str(tmp_path), "--", *recipe_args]) == 0
+                 "--l2_kl_coef", "1", "--asft_coef", "1", "--seeds", "3", "--output_dir", str(tmp_path), "--",
+                 *recipe_args]) == 0
     printed = capsys.readouterr().out
-    assert "[3/4] l2_sp-1-seed3" in printed and "| l2_sp α=1 | 1 |" in printed
-    assert "[4/4] kl-1-seed3" in printed and "| kl λ=1 | 1 |" in printed
+    assert "[3/5] l2_sp-1-seed3" in printed and "| l2_sp α=1 | 1 |" in printed
+    assert "[4/5] kl-1-seed3" in printed and "| kl λ=1 | 1 |" in printed
+    assert "[5/5] asft-1-seed3" in printed and "| asft λ=1 | 1 |" in printed
     header = table_rows((tmp_path / "results.md").read_text())[0]
     # No pretraining-domain file was given: no forgetting columns.
     assert header == ["setting", "runs", "target perplexity ↓", "drift ‖θ−θ₀‖"]

@@ -79,6 +79,7 @@ class Method:
     l2_mode: str = "none"
     l2_coef: float = 0.0
     kl_coef: float = 0.0
+    dft: bool = False  # with `kl_coef`: Anchored SFT
     lora: bool = False
     lora_delta: bool = False
 
@@ -92,9 +93,11 @@ def methods() -> list[Method]:
         Method("l2_sp-0.1", "l2_sp α=0.1", "l2_sp", l2_mode="l2_sp", l2_coef=0.1),
         Method("kl-1", "KL λ=1", "KL anchor", kl_coef=1.0),
         Method("lora", "LoRA r=16", "LoRA", lora=True),
+        Method("asft-1", "ASFT λ=1", "ASFT", kl_coef=1.0, dft=True),
         Method("none-lr3", "none, lr ÷ 3", "lower lr", lr_factor=1 / 3),
         Method("l2_sp-1", "l2_sp α=1", "l2_sp", l2_mode="l2_sp", l2_coef=1.0),
         Method("kl-4", "KL λ=4", "KL anchor", kl_coef=4.0),
+        Method("asft-4", "ASFT λ=4", "ASFT", kl_coef=4.0, dft=True),
         Method("l2_sp_fisher-0.1", "l2_sp_fisher α=0.1", "l2_sp_fisher", l2_mode="l2_sp_fisher", l2_coef=0.1),
         Method("lora_delta-0.1", "LoRA + l2_lora_delta α=0.1", "LoRA + l2_lora_delta", l2_mode="l2_sp",
                l2_coef=0.1, lora=True, lora_delta=True),
@@ -104,7 +107,8 @@ def methods() -> list[Method]:
     ]
 
 
-CURVES = ("none", "lower lr", "WiSE-FT", "l2_sp", "l2_sp_fisher", "KL anchor", "LoRA", "LoRA + l2_lora_delta")
+CURVES = ("none", "lower lr", "WiSE-FT", "l2_sp", "l2_sp_fisher", "KL anchor", "ASFT", "LoRA",
+          "LoRA + l2_lora_delta")
 
 
 def study_data(data: DemoData, size: StudySize) -> StudyData:
@@ -143,7 +147,7 @@ def train_run(method: Method, seed: int, start: Path, data: StudyData, size: Stu
         max_length=size.max_length, bf16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
         report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_pin_memory=False,
         l2_mode=method.l2_mode, l2_coef=method.l2_coef, l2_kl_coef=method.kl_coef, l2_lora_delta=method.lora_delta,
-        l2_fisher_samples=size.fisher_samples,
+        l2_fisher_samples=size.fisher_samples, l2_token_weighting="dft" if method.dft else "none",
     )
     extra = {}
     if method.l2_mode == "l2_sp_fisher":
