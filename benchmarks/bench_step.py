@@ -48,14 +48,16 @@ VARIANTS = {
     "L2Trainer loss": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "loss", "l2_coef": COEF}),
     "L2Trainer decoupled": (L2Trainer, L2Config, {"l2_mode": "l2_sp", "l2_impl": "decoupled", "l2_coef": COEF}),
 }
-# The other forms (`--every_form`): Fisher-weighted L2-SP (F over a few examples, before the timed steps) and the
-# output-space anchor alone (one extra no-grad forward per micro-batch).
+# The other forms (`--every_form`): Fisher-weighted L2-SP (F over a few examples, before the timed steps), the
+# output-space anchor alone (one extra no-grad forward per micro-batch), DFT token weighting, and both (ASFT).
 FORM_VARIANTS = {
     "L2Trainer l2_sp_fisher grad": (L2Trainer, L2Config, {"l2_mode": "l2_sp_fisher", "l2_coef": COEF,
                                                            "l2_fisher_samples": 4}),
     "L2Trainer l2_sp_fisher decoupled": (L2Trainer, L2Config, {"l2_mode": "l2_sp_fisher", "l2_impl": "decoupled",
                                                                 "l2_coef": COEF, "l2_fisher_samples": 4}),
     "L2Trainer KL anchor": (L2Trainer, L2Config, {"l2_mode": "none", "l2_kl_coef": 1.0}),
+    "L2Trainer DFT": (L2Trainer, L2Config, {"l2_mode": "none", "l2_token_weighting": "dft"}),
+    "L2Trainer ASFT": (L2Trainer, L2Config, {"l2_mode": "none", "l2_kl_coef": 1.0, "l2_token_weighting": "dft"}),
 }
 # Where θ₀ is kept (`--anchor_variants`): bf16 storage halves its memory; host memory moves it off the device.
 _GRAD = VARIANTS["L2Trainer grad"][2]
@@ -136,7 +138,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     parser.add_argument("--model", help="a local causal LM folder to train instead of a random GPT-2")
     parser.add_argument("--every_form", action="store_true",
-                        help="also time l2_sp_fisher (grad, decoupled) and the KL anchor")
+                        help="also time l2_sp_fisher (grad, decoupled), the KL anchor, DFT and ASFT")
     parser.add_argument("--anchor_variants", action="store_true", help="also time θ₀ stored in bf16 and in host memory")
     parser.add_argument("--json", type=Path, help="also write every round's tokens/s and peak memory to this file")
     add_run_arguments(parser)
