@@ -416,7 +416,7 @@ class L2TokenLossMixin(L2PenaltyMixin):
         self._l2_token_window: dict[str, list[torch.Tensor]] = {}  # log key → [Σ, tokens] per micro-batch
         # Decoder-only models predict the next token; not `_loss_shifts_labels`, which is False for GPT-2 (its
         # `loss_type` is unset) although its loss shifts.
-        self._l2_shifts = not getattr(self.model.config, "is_encoder_decoder", False)
+        self._l2_shifts = not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
         if self.args.l2_kl_coef:
             self._l2_kl = self._build_output_anchor()
 
