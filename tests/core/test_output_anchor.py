@@ -2,6 +2,7 @@
 (`DeepCopyReference` in helpers.py). Resume and the saved reference's checks are in trainer/test_resume.py."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -185,13 +186,19 @@ def test_bad_values_name_the_field(tmp_path, field, value, message):
         L2Config(output_dir=str(tmp_path), **{field: value})
 
 
-def test_sharded_and_deepspeed_runs_are_refused(tmp_path):
+def test_fsdp1_and_deepspeed_runs_are_refused_fsdp2_is_not(tmp_path, monkeypatch):
+    """FSDP1 and DeepSpeed hide the parameters the forward gathers: refused, naming what works. FSDP2 builds (its
+    training is tests/distributed/test_fsdp_kl.py)."""
     trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_kl_coef=1.0), train_dataset=TokenDataset())
-    for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+    for flag, name in (("is_fsdp_enabled", "FSDP1"), ("is_deepspeed_enabled", "DeepSpeed")):
         setattr(trainer, flag, True)
-        with pytest.raises(ValueError, match=f"not supported under {name}"):
+        with pytest.raises(ValueError, match=f"not supported under {name}: .* Use FSDP2 .*`fsdp_version: 2`.* or DDP"):
             trainer._build_output_anchor()
         setattr(trainer, flag, False)
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", types.SimpleNamespace(fsdp_version=2),
+                        raising=False)
+    trainer.is_fsdp_enabled = True
+    assert set(trainer._build_output_anchor().own) == set(trainer._l2_kl.own)
 
 
 def test_hyperparameter_search_takes_each_trials_coef_and_start(tmp_path):
