@@ -223,3 +223,21 @@ def test_hyperparameter_search_takes_each_trials_coef_and_start(tmp_path):
                   train_dataset=TokenDataset()).train()
         expected = params_of(alone)
         assert all(torch.equal(searched[n], expected[n]) for n in expected), f"trial {i} differs"
+
+
+def test_fsdp2_kl_swap_gives_theta0_and_restores_theta_bit_for_bit_even_from_a_narrower_theta0():
+    """The swap `hf_l2.sharded_reference` runs the reference forward in (here with no FSDP module to reshard): θ₀
+    of the parameter's dtype trades places with θ; a bf16 θ₀ of an fp32 parameter (accelerate's upcast under FSDP2
+    mixed precision) cannot hold θ, which is kept aside. Both come back bit for bit, also after an error."""
+    from hf_l2.sharded_reference import swapped_in
+
+    g = torch.Generator().manual_seed(0)
+    theta = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    theta0 = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g).bfloat16()]
+    params, anchors = [t.clone() for t in theta], [t.clone() for t in theta0]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="inside"), swapped_in([], lambda: list(zip(params, anchors))):
+            assert all(torch.equal(p, a.float()) for p, a in zip(params, theta0))
+            raise RuntimeError("inside")
+        assert all(torch.equal(p, t) for p, t in zip(params, theta))
+        assert all(torch.equal(a, t) for a, t in zip(anchors, theta0))
