@@ -3,6 +3,8 @@
 The reference forward runs the trained model itself with θ₀ in place of its trainable parameters
 (`torch.func.functional_call`, under `no_grad`, in eval mode), so no second model is kept: the memory cost is θ₀
 of the trainable parameters (shared with the L2-SP anchors where they exist) plus one forward's activations.
+Under FSDP2 each rank holds its shard of θ₀ and the forward runs through the sharded model with θ₀'s shards in
+place of θ's (`hf_l2.sharded_reference`): θ₀ / world size per rank, plus one layer gathered at a time.
 Frozen parameters and buffers never change, so the module's own ones are θ₀ already. For a PEFT model θ₀ includes
 the adapters as they started (B₀ = 0 for PEFT's default LoRA init, so this is the base model; also exact for
 PiSSA-style inits and adapters loaded to continue training, where disabling the adapters would not be θ₀).
@@ -14,6 +16,7 @@ are the caller's.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -21,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from hf_l2.sharded_reference import fsdp2_modules, swapped_in
+from hf_l2.sharding import Piece, local_pieces, world_size
 from hf_l2.target_tokens import target_logits
 
 
@@ -100,7 +105,10 @@ class OutputAnchor:
     ``shared`` maps parameter names to getters of a tensor that already holds their θ₀ (the penalty's anchors):
     those are read at each forward, never copied, so a θ₀ the penalty restores on resume is used too. A shared
     tensor must have the parameter's shape, dtype and device (else its conversion would be a full copy per step);
-    the other trainable parameters are snapshot here, as they are now.
+    the other trainable parameters are snapshot here, as they are now (``own``). ``own_layout[name] = (start,
+    shape)`` says where each snapshot begins in the full θ₀ flattened in row-major order, and the full shape: under
+    FSDP2 the first reference forward cuts ``own`` down to this rank's shards (``sharded`` then says each rank
+    holds other pieces, saved one file per rank).
     """
 
     def __init__(
@@ -113,14 +121,18 @@ class OutputAnchor:
         self.shared = {n: get for n, get in shared.items() if n in parameters and _fits(get(), parameters[n])}
         with torch.no_grad():
             self.own = {n: p.detach().clone() for n, p in parameters.items() if n not in self.shared}
+        self.own_layout = {n: (0, t.shape) for n, t in self.own.items()}
+        self.sharded = False
 
     def anchors(self) -> dict[str, torch.Tensor]:
         return {**self.own, **{n: get() for n, get in self.shared.items()}}
 
-    def restore(self, saved: Mapping[str, torch.Tensor]) -> None:
-        """Replace the snapshot by the one a run saved (resume); each tensor keeps the dtype and device it had."""
+    def restore(self, saved: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[int, torch.Size]]) -> None:
+        """Replace the snapshot by the one a run saved (resume: whole tensors, or this rank's pieces at ``layout``);
+        each tensor keeps the dtype and device it had. The next sharded forward cuts them to this rank's shards."""
         for name, old in self.own.items():
             self.own[name] = saved[name].to(dtype=old.dtype, device=old.device)
+            self.own_layout[name] = layout.get(name, (0, saved[name].shape))
 
     @property
     def own_bytes(self) -> int:
@@ -133,11 +145,53 @@ class OutputAnchor:
 
         A decoder-only model gets no ``labels``: only its logits are used, and its loss would be one more
         log-softmax over the vocabulary (an encoder-decoder model builds its decoder inputs from them).
+        Under FSDP2 it must run before the training forward of the same step (see `hf_l2.sharded_reference`).
         """
         if not getattr(model.config, "is_encoder_decoder", False):
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        modules = fsdp2_modules(model)
+        if modules:
+            with swapped_in(modules, lambda: self._local_pairs(model)), eval_mode(model):
+                return model(**inputs)
         with eval_mode(model):
             return functional_call(model, self.anchors(), args=(), kwargs=dict(inputs), strict=False)
+
+    def _local_pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(this rank's piece of θ, the same piece of θ₀) for each trainable parameter; ``own`` is cut to the pieces
+        on first use. A meta θ₀ (taken before this rank had weights) is the parameter's value before any step."""
+        pieces = local_pieces(model)
+        self.sharded = self.sharded or (any(p.sharded for p in pieces.values()) and world_size() > 1)
+        pairs = []
+        for name, piece in pieces.items():
+            if name in self.own:
+                start, shape = self.own_layout[name]
+                stored = self.own[name]
+                if stored.is_meta:
+                    stored, start = piece.local.detach().clone(), piece.start
+                anchor = _cut(name, stored, start, piece)
+                if anchor.numel() != stored.numel() or anchor.device != piece.param.device:
+                    anchor = anchor.to(piece.param.device, copy=True)  # the piece alone: the rest is freed
+                self.own[name], self.own_layout[name] = anchor, (piece.start, shape)
+            elif name in self.shared and not (anchor := self.shared[name]()).is_meta:
+                # The penalty's θ₀: whole until it binds to the shards at its first optimizer step, then its piece.
+                start = 0 if anchor.numel() == math.prod(piece.shape) else piece.start
+                anchor = _cut(name, anchor, start, piece)
+            else:
+                continue
+            pairs.append((piece.local.detach(), anchor))
+        return pairs
+
+
+def _cut(name: str, stored: torch.Tensor, start: int, piece: Piece) -> torch.Tensor:
+    """The values of ``piece``, viewed in ``stored``, which begins at ``start`` of the full flattened θ₀."""
+    offset, size = piece.start - start, piece.numel
+    if offset < 0 or offset + size > stored.numel():
+        raise ValueError(
+            f"`l2_kl_coef`: the stored θ₀ of {name!r} holds elements [{start}, {start + stored.numel()}) of the full "
+            f"tensor, but this rank's shard needs [{piece.start}, {piece.start + size}). It was saved by a run "
+            "sharded differently: resume with the same number of processes and the same FSDP settings."
+        )
+    return stored.reshape(-1)[offset : offset + size].view(piece.local.shape)
 
 
 def _fits(anchor: torch.Tensor, param: torch.Tensor) -> bool:

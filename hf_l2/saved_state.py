@@ -48,8 +48,8 @@ ANCHOR_FILES = (ANCHOR_FILE, RANK_ANCHOR_FILE)
 FISHER_FILE = "l2_fisher.safetensors"
 RANK_FISHER_FILE = "l2_fisher-rank{rank:05d}-of-{world:05d}.safetensors"
 FISHER_FILES = (FISHER_FILE, RANK_FISHER_FILE)
-# θ₀ of the trainable parameters that the output anchor (`l2_kl_coef`) holds and the penalty does not. Always
-# whole: the KL is refused under FSDP / ZeRO-3, so the per-rank name is never written.
+# θ₀ of the trainable parameters that the output anchor (`l2_kl_coef`) holds and the penalty does not: per rank
+# under FSDP2, else whole.
 KL_ANCHOR_FILES = ("l2_kl_anchor.safetensors", "l2_kl_anchor-rank{rank:05d}-of-{world:05d}.safetensors")
 
 
@@ -440,19 +440,27 @@ def _warn_saved_anchor_in_force(checkpoint: str, differ: list[str]) -> None:
 
 
 # ---- the output anchor's own snapshot ----------------------------------------------------------------------------
-def save_kl_snapshot(own: dict[str, torch.Tensor], folder: str) -> None:
-    """θ₀ that the KL holds beyond the penalty's. Written even when empty, so that a checkpoint without it is known
-    to predate it; whole (no sharding with the KL)."""
-    save_anchor(own, {}, folder, files=KL_ANCHOR_FILES)
+def save_kl_snapshot(own: dict[str, torch.Tensor], layout: dict[str, tuple[int, torch.Size]], folder: str,
+                     sharded: bool, main_process: bool) -> None:
+    """θ₀ that the KL holds beyond the penalty's, with where each tensor sits in the full θ₀ (`layout`). Written
+    even when empty, so that a checkpoint without it is known to predate it; under sharding (`sharded`) every rank
+    writes its pieces, else the main process the whole."""
+    if sharded:
+        save_anchor(own, layout, folder, dist.get_rank(), world_size(), files=KL_ANCHOR_FILES)
+    elif main_process:
+        save_anchor(own, layout, folder, files=KL_ANCHOR_FILES)
 
 
-def read_kl_snapshot(checkpoint: str, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """The run's own θ₀ for the KL's snapshot `own`, checked like the penalty's; None (with a warning) for a
+def read_kl_snapshot(
+    checkpoint: str, own: dict[str, torch.Tensor], layout: dict[str, tuple[int, torch.Size]]
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Size]]] | None:
+    """The run's own θ₀ for the KL's snapshot `own` (laid out as `layout` says) and where its tensors sit: this
+    rank's file from a sharded run, else the whole one, checked like the penalty's; None (with a warning) for a
     checkpoint saved before it existed. A trainer built from other weights (e.g. the checkpoint's) is told at
     WARNING that they are not used."""
     name = KL_ANCHOR_FILES[0]
-    expected = {n: ExpectedAnchor(tuple(t.shape)) for n, t in own.items()}  # exactly the parameter's shape
-    loaded = load_anchor(checkpoint, expected=expected, files=KL_ANCHOR_FILES)
+    expected = {n: ExpectedAnchor(tuple(layout[n][1])) for n in own}  # exactly the parameter's shape
+    loaded = load_anchor(checkpoint, _rank(), world_size(), expected, files=KL_ANCHOR_FILES)
     if loaded is None:
         logger.warning(
             f"{checkpoint} has no {name} (saved by an older hf_l2): the KL keeps θ₀ of {len(own)} tensor(s) the "
@@ -460,7 +468,7 @@ def read_kl_snapshot(checkpoint: str, own: dict[str, torch.Tensor]) -> dict[str,
             "the run started from so that the reference is right."
         )
         return None
-    saved, _ = loaded
+    saved, saved_layout = loaded
     missing = [n for n in own if n not in saved]
     if missing:
         raise ValueError(
@@ -469,7 +477,7 @@ def read_kl_snapshot(checkpoint: str, own: dict[str, torch.Tensor]) -> dict[str,
             "`l2_anchor_path`, `l2_anchor_dtype`, `l2_anchor_device`) differ from that run's. Resume with the "
             "settings of that run, or start a new run."
         )
-    differ = differing_anchors(own, {}, saved, {})
+    differ = differing_anchors(own, layout, saved, saved_layout)
     if differ:
         _warn_saved_anchor_in_force(checkpoint, differ)
-    return saved
+    return saved, saved_layout

@@ -457,11 +457,14 @@ class L2TokenLossMixin(L2PenaltyMixin):
 
     def _build_output_anchor(self) -> OutputAnchor:
         args = self.args
-        where = "FSDP" if self.is_fsdp_enabled else "DeepSpeed" if self.is_deepspeed_enabled else None
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)  # as `Trainer` tells FSDP2 from FSDP1
+        fsdp1 = self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2
+        where = "FSDP1" if fsdp1 else "DeepSpeed" if self.is_deepspeed_enabled else None
         if where:
             raise ValueError(
-                f"`l2_kl_coef` > 0 is not supported under {where} yet: the reference forward needs θ₀ whole on "
-                "every rank. Train without FSDP/DeepSpeed (DDP works), or set `l2_kl_coef=0`."
+                f"`l2_kl_coef` > 0 is not supported under {where}: the reference forward swaps θ₀ into the "
+                "parameters that the forward gathers, which only FSDP2 exposes (as DTensor shards). Use FSDP2 "
+                "(accelerate: `fsdp_version: 2`) or DDP, or set `l2_kl_coef=0`."
             )
         if self._l2_token_logits is None:
             raise ValueError(f"`l2_kl_coef` > 0 is not supported by {type(self).__name__}: set `l2_kl_coef=0`.")
@@ -490,8 +493,10 @@ class L2TokenLossMixin(L2PenaltyMixin):
             return super()._l2_task_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
         reference = None
-        if self._l2_kl is not None:  # from the batch before the trainer's compute_loss pops or adds keys
-            reference = self._l2_kl.reference_outputs(self.accelerator.unwrap_model(model), dict(inputs))["logits"]
+        if self._l2_kl is not None:  # before the training forward, which FSDP2 must gather θ for afterwards (see
+            # `hf_l2.sharded_reference`); its target rows at once, so the whole logits are freed
+            reference = self._l2_kl.reference_outputs(self.accelerator.unwrap_model(model), inputs)["logits"]
+            reference = target_logits(reference, labels, shift_labels, self._l2_shifts)
         if self._l2_kl_capture is not None:
             with self._l2_kl_capture.capture():
                 out = super()._l2_task_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -511,8 +516,7 @@ class L2TokenLossMixin(L2PenaltyMixin):
             loss = (weighted / divisor).to(loss.device, loss.dtype)
             self._l2_log_tokens("l2/ce", ce_sum, tokens)
         if reference is not None:
-            kl_sum = token_kl_sum(policy, target_logits(reference, labels, shift_labels, self._l2_shifts),
-                                  self._l2_kl.temperature)
+            kl_sum = token_kl_sum(policy, reference, self._l2_kl.temperature)
             term = self._l2_kl.coef * kl_sum / divisor
             self._l2_kl_in_loss = term.detach()
             self._l2_log_tokens("l2/kl", kl_sum.detach(), tokens)
@@ -551,18 +555,19 @@ class L2TokenLossMixin(L2PenaltyMixin):
 
     # ---- checkpoints: θ₀ of the parameters the penalty does not hold ------------------------------------------
     def _l2_save_state(self, output_dir: str) -> None:
-        """Also the KL's own snapshot, in every checkpoint (and beside the final weights with the penalty's θ₀);
-        whole on every process (no sharding with the KL), so the main one writes it."""
+        """Also the KL's own snapshot, in every checkpoint (and beside the final weights with the penalty's θ₀):
+        under FSDP2 each rank writes its shards, else the main process the whole of it."""
         super()._l2_save_state(output_dir)
-        if self._l2_kl is not None and self.args.should_save:
-            save_kl_snapshot(self._l2_kl.own, output_dir)
+        if self._l2_kl is not None:
+            save_kl_snapshot(self._l2_kl.own, self._l2_kl.own_layout, output_dir, self._l2_kl.sharded,
+                             self.args.should_save)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)  # the penalty's θ₀, which the KL reads where shared
         if checkpoint is not None and self._l2_kl is not None and self._l2_kl.own:
-            saved = read_kl_snapshot(checkpoint, self._l2_kl.own)
+            saved = read_kl_snapshot(checkpoint, self._l2_kl.own, self._l2_kl.own_layout)
             if saved is not None:
-                self._l2_kl.restore(saved)
+                self._l2_kl.restore(*saved)
 
 
 def _with_l2_config(args: tuple, kwargs: dict, trainer: L2PenaltyMixin) -> tuple[tuple, dict]:

@@ -91,7 +91,7 @@ def missing_from_checkpoint(
     With `save_only_model` the Trainer saves only weights and state; otherwise also optimizer and scheduler (FSDP
     and DeepSpeed in their own folders), with L2-SP θ₀ (`l2_sp`: one file, or one per rank under FSDP / ZeRO-3),
     with `l2_sp_fisher` also F (`fisher`, in the same layout), and with the output anchor (`l2_kl`) the θ₀ that its
-    reference holds beyond the penalty's (one file).
+    reference holds beyond the penalty's (one file, or one per rank under FSDP2).
     """
     missing = [p for p in [unreadable(os.path.join(folder, "trainer_state.json"))] if p]
     if not _sharded_or_deepspeed(folder, "pytorch_model_fsdp"):
@@ -102,11 +102,8 @@ def missing_from_checkpoint(
     if not _sharded_or_deepspeed(folder, "optimizer"):
         optimizer = "optimizer.bin" if os.path.isfile(os.path.join(folder, "optimizer.bin")) else "optimizer.pt"
         missing += [p for p in (unreadable(os.path.join(folder, n)) for n in (optimizer, "scheduler.pt")) if p]
-    for wanted, files in ((l2_sp, ANCHOR_FILES), (fisher, FISHER_FILES)):
+    for wanted, files in ((l2_sp, ANCHOR_FILES), (fisher, FISHER_FILES), (l2_kl, KL_ANCHOR_FILES)):
         problem = _anchor_problem(folder, files) if wanted else None
-        missing += [problem] if problem else []
-    if l2_kl:
-        problem = unreadable(os.path.join(folder, KL_ANCHOR_FILES[0]))
         missing += [problem] if problem else []
     return missing
 

@@ -2,6 +2,7 @@
 (`DeepCopyReference` in helpers.py). Resume and the saved reference's checks are in trainer/test_resume.py."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -185,13 +186,19 @@ def test_bad_values_name_the_field(tmp_path, field, value, message):
         L2Config(output_dir=str(tmp_path), **{field: value})
 
 
-def test_sharded_and_deepspeed_runs_are_refused(tmp_path):
+def test_fsdp1_and_deepspeed_runs_are_refused_fsdp2_is_not(tmp_path, monkeypatch):
+    """FSDP1 and DeepSpeed hide the parameters the forward gathers: refused, naming what works. FSDP2 builds (its
+    training is tests/distributed/test_fsdp_kl.py)."""
     trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_kl_coef=1.0), train_dataset=TokenDataset())
-    for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+    for flag, name in (("is_fsdp_enabled", "FSDP1"), ("is_deepspeed_enabled", "DeepSpeed")):
         setattr(trainer, flag, True)
-        with pytest.raises(ValueError, match=f"not supported under {name}"):
+        with pytest.raises(ValueError, match=f"not supported under {name}: .* Use FSDP2 .*`fsdp_version: 2`.* or DDP"):
             trainer._build_output_anchor()
         setattr(trainer, flag, False)
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", types.SimpleNamespace(fsdp_version=2),
+                        raising=False)
+    trainer.is_fsdp_enabled = True
+    assert set(trainer._build_output_anchor().own) == set(trainer._l2_kl.own)
 
 
 def test_hyperparameter_search_takes_each_trials_coef_and_start(tmp_path):
@@ -216,3 +223,21 @@ def test_hyperparameter_search_takes_each_trials_coef_and_start(tmp_path):
                   train_dataset=TokenDataset()).train()
         expected = params_of(alone)
         assert all(torch.equal(searched[n], expected[n]) for n in expected), f"trial {i} differs"
+
+
+def test_fsdp2_kl_swap_gives_theta0_and_restores_theta_bit_for_bit_even_from_a_narrower_theta0():
+    """The swap `hf_l2.sharded_reference` runs the reference forward in (here with no FSDP module to reshard): θ₀
+    of the parameter's dtype trades places with θ; a bf16 θ₀ of an fp32 parameter (accelerate's upcast under FSDP2
+    mixed precision) cannot hold θ, which is kept aside. Both come back bit for bit, also after an error."""
+    from hf_l2.sharded_reference import swapped_in
+
+    g = torch.Generator().manual_seed(0)
+    theta = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    theta0 = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g).bfloat16()]
+    params, anchors = [t.clone() for t in theta], [t.clone() for t in theta0]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="inside"), swapped_in([], lambda: list(zip(params, anchors))):
+            assert all(torch.equal(p, a.float()) for p, a in zip(params, theta0))
+            raise RuntimeError("inside")
+        assert all(torch.equal(p, t) for p, t in zip(params, theta))
+        assert all(torch.equal(a, t) for a, t in zip(anchors, theta0))

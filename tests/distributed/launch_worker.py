@@ -65,7 +65,7 @@ def full_parameters(trainer) -> dict[str, torch.Tensor]:
     }
 
 
-def train(output_dir: Path, impl: str, resume: str | None = None):
+def train(output_dir: Path, impl: str, resume: str | None = None, model=None, **overrides):
     on_gpu = torch.cuda.is_available()
     processes = int(os.environ["WORLD_SIZE"])  # set by the launcher; the process group does not exist yet
     args = l2_args(
@@ -73,9 +73,9 @@ def train(output_dir: Path, impl: str, resume: str | None = None):
         max_steps=STEPS, l2_coef=1.0, l2_impl=impl, max_grad_norm=0.5, save_strategy="steps", save_steps=SAVE_AT,
         use_cpu=not on_gpu, ddp_backend=None if on_gpu else "gloo",
         # As the launch config says (the Trainer checks a DeepSpeed config's bf16 against its own arguments).
-        bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16",
+        bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16", **overrides,
     )
-    trainer = L2Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=GLOBAL_BATCH))
+    trainer = L2Trainer(model=model or tiny_gpt2(), args=args, train_dataset=TokenDataset(n=GLOBAL_BATCH))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
