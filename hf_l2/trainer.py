@@ -396,8 +396,8 @@ class L2TokenLossMixin(L2PenaltyMixin):
     Both are sums over the target tokens divided by what the task loss is divided by, formed in `_l2_task_loss`
     (so Ω is added on top, as to any task loss; training only: the eval loss stays the model's own). The reported
     `loss` is the task loss (DFT-weighted with "dft"); `l2/kl` logs the mean per-token KL and, with "dft", `l2/ce`
-    the plain cross-entropy. θ₀ that the KL holds
-    beyond the penalty's goes into every checkpoint (`KL_ANCHOR_FILES`) and is restored on resume.
+    the plain cross-entropy. θ₀ that the KL holds beyond the penalty's goes into every checkpoint
+    (`KL_ANCHOR_FILES`, per rank under FSDP2) and is restored on resume.
     `_l2_token_logits` says where the policy's logits come from: `"outputs"` (the model's `logits`), `"backbone"`
     (hidden states projected by the output embeddings, for fused-head losses such as TRL's SFT) or None (the KL
     is refused). `_l2_dft_by` says who weights the task loss for "dft": `"hf_l2"` (here), `"loss_type"` (the
@@ -421,7 +421,7 @@ class L2TokenLossMixin(L2PenaltyMixin):
             self._l2_kl = self._build_output_anchor()
 
     def _l2_check_token_weighting(self) -> bool:
-        """Whether `compute_loss` weights the task loss's tokens itself (DFT); refuse what it cannot do exactly."""
+        """Whether `_l2_task_loss` weights the task loss's tokens itself (DFT); refuse what it cannot do exactly."""
         args = self.args
         if args.l2_token_weighting == "none":
             return False
