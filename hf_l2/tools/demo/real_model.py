@@ -86,13 +86,16 @@ class Method:
 
 def methods() -> list[Method]:
     """The study's methods, in the order they run: the comparisons that decide the verdict first, so that an
-    interrupted study has them. Each anchor at two strengths, a weak one and one ten times stronger."""
+    interrupted study has them. Each anchor at two strengths, a weak one and one ten times stronger; ASFT also at
+    λ = 0 (DFT alone) and LLaMA-Factory's default λ = 0.1."""
     return [
         Method("none", "none", "none"),
         Method("none-lr10", "none, lr ÷ 10", "lower lr", lr_factor=1 / 10),
         Method("l2_sp-0.1", "l2_sp α=0.1", "l2_sp", l2_mode="l2_sp", l2_coef=0.1),
         Method("kl-1", "KL λ=1", "KL anchor", kl_coef=1.0),
         Method("lora", "LoRA r=16", "LoRA", lora=True),
+        Method("asft-0", "ASFT λ=0", "ASFT", dft=True),  # DFT alone
+        Method("asft-0.1", "ASFT λ=0.1", "ASFT", kl_coef=0.1, dft=True),
         Method("asft-1", "ASFT λ=1", "ASFT", kl_coef=1.0, dft=True),
         Method("none-lr3", "none, lr ÷ 3", "lower lr", lr_factor=1 / 3),
         Method("l2_sp-1", "l2_sp α=1", "l2_sp", l2_mode="l2_sp", l2_coef=1.0),
