@@ -380,7 +380,7 @@ def add_real_model_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="runs/real_model", help="Runs (one JSON each), table and plot.")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE, help="The model folder and the prepared data.")
     parser.add_argument("--size", choices=list(SIZES), default="cpu",
-                        help="cpu: 1 seed, 100 steps of 8 × 64 tokens (about 90 min on 2 idle cores); gpu: 3 seeds, "
+                        help="cpu: 1 seed, 100 steps of 8 × 64 tokens (about 2 hours on 2 idle cores); gpu: 3 seeds, "
                         "200 steps of 16 × 128 tokens; demo: `make demo`'s comparison (none, l2_sp, KL, WiSE-FT).")
     parser.add_argument("--steps", type=int, default=None, help="Override the size's steps.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the size's seeds.")
