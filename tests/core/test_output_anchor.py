@@ -188,7 +188,7 @@ def test_bad_values_name_the_field(tmp_path, field, value, message):
 
 def test_fsdp1_and_deepspeed_runs_are_refused_fsdp2_is_not(tmp_path, monkeypatch):
     """FSDP1 and DeepSpeed hide the parameters the forward gathers: refused, naming what works. FSDP2 builds (its
-    training is tests/distributed/test_fsdp_kl.py)."""
+    training is in tests/distributed/test_fsdp_trainer.py)."""
     trainer = L2Trainer(model=tiny_gpt2(), args=l2_args(tmp_path, l2_kl_coef=1.0), train_dataset=TokenDataset())
     for flag, name in (("is_fsdp_enabled", "FSDP1"), ("is_deepspeed_enabled", "DeepSpeed")):
         setattr(trainer, flag, True)

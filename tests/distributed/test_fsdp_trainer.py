@@ -18,17 +18,22 @@ from hf_l2 import L2Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def fsdp2_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2") / "results.pt"
+def launch_fsdp2(worker: str, out, *args: str) -> dict:
+    """`tests/distributed/<worker>` under `accelerate launch` with the shipped `fsdp2.yaml`, 2 CPU processes; what
+    rank 0 saved to ``out``."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", os.path.join(ROOT, "recipes", "accelerate_configs", "fsdp2.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-        os.path.join(ROOT, "tests", "distributed", "launch_worker.py"), str(out), "grad,loss",
+        os.path.join(ROOT, "tests", "distributed", worker), str(out), *args,
     ]
     run_distributed(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    return launch_fsdp2("launch_worker.py", tmp_path_factory.mktemp("fsdp2") / "results.pt", "grad,loss")
 
 
 def one_process(tmp_path, impl: str, l2_mode: str = "l2_sp", **overrides):
@@ -76,15 +81,7 @@ KL = dict(l2_kl_coef=5.0, l2_kl_temperature=2.0)  # as tests/distributed/fsdp_kl
 
 @pytest.fixture(scope="module")
 def fsdp2_kl_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2-kl") / "results.pt"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", os.path.join(ROOT, "recipes", "accelerate_configs", "fsdp2.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-        os.path.join(ROOT, "tests", "distributed", "fsdp_kl_worker.py"), str(out),
-    ]
-    run_distributed(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    return torch.load(out, weights_only=False)
+    return launch_fsdp2("fsdp_kl_worker.py", tmp_path_factory.mktemp("fsdp2-kl") / "results.pt")
 
 
 @pytest.mark.distributed
